@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test services up bench lint clean
+
+# torch, torchaudio and torchvision are installed together first, pinned, so that no later
+# requirement makes pip swap torch for another build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install torch==2.11.0 torchaudio==2.11.0 torchvision==0.26.0
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/mmbatch demo
+
+up: install
+	$(BIN)/mmbatch up
+
+services:
+	@scripts/services.sh
+
+test: install services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.throughput
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,3 @@
+"""mmbatch: batch processing for multimodal machine learning."""
+
+__version__ = "0.1.0"

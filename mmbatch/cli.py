@@ -1,0 +1,324 @@
+"""The ``mmbatch`` command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mmbatch.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _default_url(settings: Settings) -> str:
+    return os.environ.get("MMBATCH_URL", f"http://{settings.host}:{settings.port}")
+
+
+@click.group()
+@click.version_option(package_name="mmbatch")
+def main() -> None:
+    """mmbatch: upload media archives, get per-item features, fused embeddings and labels."""
+    logging.basicConfig(level=os.environ.get("MMBATCH_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the Alembic migrations to MMBATCH_DATABASE_URL (or the embedded SQLite file)."""
+    from store.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.db_url, revision)
+    click.echo(f"database at revision {revision}: {_redact(settings.db_url)}")
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default MMBATCH_HOST, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default MMBATCH_PORT, 8000).")
+def up(host: str | None, port: int | None) -> None:
+    """Run the web server and a worker together, storing everything under MMBATCH_DATA_DIR."""
+    from mmbatch.stack import Stack
+    from store.migrate import upgrade
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url)
+    stack = Stack(settings, host or settings.host, port or settings.port)
+    stack.start()
+    click.echo(f"mmbatch serving {stack.url}  (data in {settings.data_dir.resolve()}; "
+               "Ctrl-C stops)")
+    try:
+        code = stack.wait()
+        click.echo(f"a child process exited with {code}; stopping", err=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+@main.command()
+@click.option("--queues", default="ingest,model", show_default=True)
+@click.option("--name", default="mmbatch", show_default=True)
+def worker(queues: str, name: str) -> None:
+    """Run one Celery worker process (solo pool: one model load, one batch at a time)."""
+    from mmbatch.stack import child_env, worker_command
+
+    settings = _settings()
+    cmd = worker_command(settings, queues, name)
+    os.execve(cmd[0], cmd, child_env(settings))
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+def web(host: str | None, port: int | None) -> None:
+    """Run the API server (gunicorn)."""
+    from mmbatch.stack import child_env, web_command
+
+    settings = _settings()
+    cmd = web_command(settings, host or settings.host, port or settings.port)
+    os.execve(cmd[0], cmd, child_env(settings))
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--kind", type=click.Choice(["embed", "classify", "train"]), required=True)
+@click.option("--model", type=int, default=None, help="Model version id (default: the default).")
+@click.option("--name", default=None, help="Name of the model a train job makes.")
+@click.option("--wait/--no-wait", default=False, help="Wait for the job, with a progress bar.")
+@click.option("--url", default=None, help="API base URL (default MMBATCH_URL or host:port).")
+def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
+           url: str | None) -> None:
+    """Upload ARCHIVE as a new job."""
+    from mmbatch.client import Client
+
+    client = Client(url or _default_url(_settings()))
+    job = _run(lambda: client.submit(archive, kind, model=model, name=name))
+    click.echo(f"job {job['id']} {job['state']}")
+    if wait:
+        job = _wait(client, job["id"])
+        _summary(client, job)
+        if job["state"] != "succeeded":
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--url", default=None)
+def status(job_id: str, url: str | None) -> None:
+    """Print a job's state as JSON."""
+    from mmbatch.client import Client
+
+    client = Client(url or _default_url(_settings()))
+    click.echo(json.dumps(_run(lambda: client.job(job_id)), indent=2))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--embeddings", is_flag=True, help="Include fused embeddings.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--url", default=None)
+def results(job_id: str, fmt: str, embeddings: bool, output: Path | None,
+            url: str | None) -> None:
+    """Write a job's per-item results as JSON lines or CSV."""
+    from mmbatch.client import Client
+
+    client = Client(url or _default_url(_settings()))
+    out = open(output, "w", newline="") if output else sys.stdout
+    try:
+        rows = _run(lambda: list(client.results(job_id, embeddings=embeddings)))
+        if fmt == "jsonl":
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+        else:
+            fields = ["item_id", "key", "modalities", "status", "label", "confidence",
+                      "given_label", "split", "error", "top_k"] + (["embedding"] if embeddings
+                                                                    else [])
+            w = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                            for k, v in row.items()} | {"modalities": "+".join(row["modalities"])})
+    finally:
+        if output:
+            out.close()
+
+
+@main.group()
+def models() -> None:
+    """Model versions."""
+
+
+@models.command("list")
+@click.option("--url", default=None)
+def models_list(url: str | None) -> None:
+    from mmbatch.client import Client
+
+    client = Client(url or _default_url(_settings()))
+    click.echo(json.dumps(_run(client.models), indent=2))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "n_train", type=int, default=240, show_default=True)
+@click.option("--unlabelled", "n_unlabelled", type=int, default=80, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample(out_dir: Path, n_train: int, n_unlabelled: int, seed: int) -> None:
+    """Write the sample archives (a labelled one and an unlabelled one) to OUT_DIR."""
+    from mmbatch.sample import write_sample
+
+    s = write_sample(out_dir, n_train=n_train, n_unlabelled=n_unlabelled, seed=seed)
+    click.echo(f"train: {s.train}\nunlabelled: {s.unlabelled}\ntruth: {s.truth}")
+
+
+@main.command()
+@click.option("--train", "n_train", type=int, default=240, show_default=True)
+@click.option("--unlabelled", "n_unlabelled", type=int, default=80, show_default=True)
+@click.option("--port", type=int, default=None, help="Port (default: a free one).")
+def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
+    """Start the embedded stack, train on the sample, classify the unlabelled sample."""
+    from mmbatch.client import Client
+    from mmbatch.sample import write_sample
+    from mmbatch.stack import Stack
+    from store.migrate import upgrade
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    click.echo(f"writing the sample archives under {settings.data_dir / 'sample'}")
+    sample_set = write_sample(settings.data_dir / "sample", n_train=n_train,
+                              n_unlabelled=n_unlabelled)
+    upgrade(settings.db_url)
+    stack = Stack(settings, "127.0.0.1", port or _free_port(),
+                  log_dir=settings.data_dir / "logs")
+    click.echo(f"starting web and worker on {stack.url} (logs in {stack.log_dir})")
+    with stack:
+        client = Client(stack.url)
+        click.echo("training a fusion classifier on the labelled sample")
+        train = client.submit(sample_set.train, "train", name="demo")
+        train = _wait(client, train["id"])
+        _summary(client, train)
+        if train["state"] != "succeeded":
+            sys.exit(1)
+        model = client.model(train["model"]["id"])
+        click.echo("classifying the unlabelled sample with model "
+                   f"{model['name']} v{model['version']} (id {model['id']})")
+        job = client.submit(sample_set.unlabelled, "classify", model=model["id"])
+        job = _wait(client, job["id"])
+        rows = list(client.results(job["id"]))
+        peak = stack.worker_peak_rss()
+    _summary(client, job, rows=rows, show=20)
+    truth = dict(csv.reader(open(sample_set.truth)))
+    truth.pop("key", None)
+    scored = [r for r in rows if r["status"] == "ok" and r["key"] in truth]
+    correct = sum(1 for r in scored if r["label"] == truth[r["key"]])
+    seconds = _duration(job)
+    click.echo("")
+    click.echo(f"validation accuracy (train job): {model['metrics'].get('val_accuracy')}")
+    click.echo(f"accuracy on the unlabelled sample: {correct}/{len(scored)} = "
+               f"{correct / max(1, len(scored)):.3f}  (chance: {1 / len(model['classes']):.2f})")
+    if seconds:
+        click.echo(f"classify job: {job['total']} items in {seconds:.1f}s = "
+                   f"{job['total'] / seconds:.1f} items/s (ingest to finish)")
+    if peak:
+        click.echo(f"worker peak RSS: {peak / 2**20:.0f} MiB")
+    if job["state"] != "succeeded":
+        sys.exit(1)
+
+
+def _run(fn: Any) -> Any:
+    from mmbatch.client import ApiError
+
+    import requests
+
+    try:
+        return fn()
+    except ApiError as exc:
+        raise click.ClickException(str(exc))
+    except requests.ConnectionError as exc:
+        raise click.ClickException(f"cannot reach the API: {exc}")
+
+
+def _wait(client: Any, job_id: str) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  transient=False) as progress:
+        bar = progress.add_task(f"job {job_id[:8]} queued", total=None)
+
+        def update(job: dict[str, Any]) -> None:
+            stage = f"{job['state']}" + (f"/{job['stage']}" if job.get("stage") else "")
+            progress.update(bar, description=f"job {job_id[:8]} {stage}",
+                            total=job["total"] or None, completed=job["done"] + job["failed"])
+
+        return _run(lambda: client.wait(job_id, update))
+
+
+def _duration(job: dict[str, Any]) -> float | None:
+    import datetime as dt
+
+    if not job.get("finished_at"):
+        return None
+    start = dt.datetime.fromisoformat(job["created_at"])
+    end = dt.datetime.fromisoformat(job["finished_at"])
+    return (end - start).total_seconds()
+
+
+def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None = None,
+             show: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"job {job['id']}: [bold]{job['state']}[/bold]  kind={job['kind']}  "
+                  f"total={job['total']} done={job['done']} failed={job['failed']}"
+                  + (f"  error={job['error']}" if job.get("error") else ""))
+    if job.get("model"):
+        console.print(f"model: {job['model']['name']} v{job['model']['version']} "
+                      f"(id {job['model']['id']})")
+    if rows is None:
+        rows = list(client.results(job["id"], page_size=show)) if job["total"] else []
+        rows = rows[:show]
+    table = Table("key", "modalities", "status", "label", "confidence", "given", "error")
+    for r in rows[:show]:
+        table.add_row(r["key"], "+".join(r["modalities"]), r["status"], r["label"] or "",
+                      f"{r['confidence']:.3f}" if r["confidence"] is not None else "",
+                      r["given_label"] or "", (r["error"] or "")[:60])
+    if rows:
+        console.print(table)
+        if len(rows) > show:
+            console.print(f"… {len(rows) - show} more (mmbatch results {job['id']})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""A small HTTP client for the mmbatch API (used by the command line and the demo)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import requests
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class Client:
+    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.http = requests.Session()
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, self.base + path, timeout=self.timeout, **kwargs)
+        if response.status_code >= 400:
+            try:
+                err = response.json()["error"]
+                raise ApiError(response.status_code, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(response.status_code, "http_error", response.text[:500])
+        return response.json()
+
+    def health(self) -> Any:
+        return self._call("GET", "/healthz")
+
+    def submit(self, archive: Path, kind: str, model: int | None = None,
+               **options: Any) -> dict[str, Any]:
+        data = {"kind": kind, **{k: str(v) for k, v in options.items() if v is not None}}
+        if model is not None:
+            data["model"] = str(model)
+        with open(archive, "rb") as f:
+            return self._call("POST", "/api/v1/jobs", data=data,
+                              files={"archive": (Path(archive).name, f)})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/jobs/{job_id}")
+
+    def wait(self, job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
+             interval: float = 0.5, timeout: float = 3600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job["state"] in ("succeeded", "failed"):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f}s")
+            time.sleep(interval)
+
+    def results(self, job_id: str, embeddings: bool = False,
+                page_size: int = 500) -> Iterator[dict[str, Any]]:
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if embeddings:
+                params["embeddings"] = 1
+            if cursor:
+                params["cursor"] = cursor
+            page = self._call("GET", f"/api/v1/jobs/{job_id}/results", params=params)
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/models")["models"]
+
+    def model(self, model_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/models/{model_id}")

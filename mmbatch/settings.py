@@ -1,0 +1,118 @@
+"""Typed settings read from the environment (prefix ``MMBATCH_``).
+
+A leaf module: it imports nothing of the project, and nothing reads configuration at module level.
+Build one ``Settings`` with :meth:`Settings.from_env` and pass it to what needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+PREFIX = "MMBATCH_"
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the embedded default when nothing is set."""
+
+    data_dir: Path = Path("var")
+    # Empty means the embedded default under data_dir (SQLite; kombu's SQLAlchemy transport).
+    database_url: str = ""
+    broker_url: str = ""
+    blob_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batch_size: int = 32
+    ingest_chunk: int = 500
+    top_k: int = 5
+    device: str = "auto"
+    torch_threads: int = 0
+    max_upload_bytes: int = 4 * 1024**3
+    max_image_pixels: int = 64_000_000
+    audio_max_seconds: float = 30.0
+    text_max_chars: int = 100_000
+    train_epochs: int = 300
+    train_seed: int = 0
+    default_page_size: int = 100
+    max_page_size: int = 1000
+    log_level: str = "INFO"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes",
+                    "max_image_pixels", "text_max_chars", "train_epochs",
+                    "default_page_size", "max_page_size")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        if self.audio_max_seconds <= 0:
+            raise SettingsError(f"{PREFIX}AUDIO_MAX_SECONDS must be positive")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu or cuda[:N], not {self.device!r}")
+
+    # Derived values: the embedded default lives entirely under data_dir.
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'mmbatch.db').resolve()}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def blobs(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url and not self.broker_url
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None or value == "":
+                continue
+            env[PREFIX + f.name.upper()] = str(value)
+        return env
+
+
+def _parse(name: str, type_name: object, raw: str) -> object:
+    kind = str(type_name)
+    try:
+        if kind.startswith("Path"):
+            return Path(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r}: {exc}") from exc
+    return raw

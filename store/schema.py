@@ -1,0 +1,140 @@
+"""The relational schema: jobs, items, cached features, results and model versions.
+
+Created only by Alembic migrations (``migrations/``); tests compare the two.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        MetaData, String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JOB_KINDS = ("embed", "classify", "train")
+JOB_STATES = ("queued", "ingesting", "running", "succeeded", "failed")
+TERMINAL_STATES = ("succeeded", "failed")
+# Results of jobs that run no classifier (embed with no model) use this model_version_id.
+NO_MODEL = 0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    archive_blob: Mapped[str] = mapped_column(String(64))
+    archive_name: Mapped[str] = mapped_column(String(255), default="")
+    archive_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    onupdate=utcnow)
+
+
+class Item(Base):
+    """One key of an archive: its media files (by content hash), and its label if given."""
+
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("job_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(1024))
+    # {"image": {"blob": sha256, "name": "animals/cat_001.jpg"}, ...}
+    media: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    label: Mapped[str | None] = mapped_column(String(255))
+    split: Mapped[str | None] = mapped_column(String(16))
+
+
+class Feature(Base):
+    """Encoder output for one media file, keyed by its content and the encoder's version."""
+
+    __tablename__ = "features"
+    __table_args__ = (UniqueConstraint("blob", "encoder"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    blob: Mapped[str] = mapped_column(String(64))
+    encoder: Mapped[str] = mapped_column(String(128))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little endian
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Result(Base):
+    """The outcome for one item under one model version (NO_MODEL when none ran)."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("item_id", "model_version_id"),
+        Index("ix_results_job_id_item_id", "job_id", "item_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(Integer, default=NO_MODEL)
+    status: Mapped[str] = mapped_column(String(16))  # "ok" | "failed"
+    error: Mapped[str | None] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(String(255))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    top_k: Mapped[list[Any] | None] = mapped_column()
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, little endian
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelVersion(Base):
+    """A trained fusion classifier: its config, classes, metrics and safetensors checkpoint."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    fusion: Mapped[str] = mapped_column(String(32))
+    classes: Mapped[list[Any]] = mapped_column()
+    encoders: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    checkpoint_blob: Mapped[str] = mapped_column(String(64))
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+
+Index("ix_items_job_id_id", Item.job_id, Item.id)

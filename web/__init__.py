@@ -1,0 +1,1 @@
+"""The Flask API. Build it with ``web.app.create_app(settings)``."""

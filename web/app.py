@@ -1,0 +1,43 @@
+"""The Flask app factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from mmbatch.settings import Settings
+from store.blobs import BlobStore
+from store.db import Database
+from web import errors
+from web.uploads import StreamingRequest, discard_uploads
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    blobs: BlobStore
+    celery: Any
+
+
+def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask:
+    settings = settings or Settings.from_env()
+    if celery is None:
+        from worker.app import create_celery  # the factory only: no tasks, no torch
+
+        celery = create_celery(settings)
+    app = Flask(__name__)
+    app.request_class = StreamingRequest
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["mmbatch"] = Services(settings, Database(settings.db_url),
+                                         BlobStore(settings.blobs), celery)
+    errors.register(app)
+    app.teardown_request(discard_uploads)
+
+    from web.api import api
+
+    app.register_blueprint(api)
+    return app

@@ -1,0 +1,31 @@
+"""Multipart uploads streamed straight into blob storage, never held whole in memory."""
+
+from __future__ import annotations
+
+from typing import IO
+
+from flask import Request, current_app, g
+
+from store.blobs import BlobWriter
+
+
+class StreamingRequest(Request):
+    """Each uploaded file part is written into a hashing blob writer as it arrives."""
+
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None,
+                         content_length: int | None = None) -> IO[bytes]:
+        writer = current_app.extensions["mmbatch"].blobs.writer()
+        g.setdefault("upload_writers", []).append(writer)
+        return writer  # type: ignore[return-value]
+
+
+def discard_uploads(_exc: BaseException | None = None) -> None:
+    """Remove what an upload left behind unless it was committed to a job."""
+    for writer in g.pop("upload_writers", []):
+        writer.discard()
+
+
+def writer_of(storage: object) -> BlobWriter | None:
+    stream = getattr(storage, "stream", None)
+    return stream if isinstance(stream, BlobWriter) else None

@@ -1,0 +1,78 @@
+"""Ingest: walk a job's archive, store its media once, insert its items, plan its batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import IO
+
+from store import jobs
+from worker.archive import ArchiveError, walk
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
+    """Turn the archive into items; returns the batches of item ids to process.
+
+    Safe to run twice: a redelivered ingest either starts over (still ingesting) or, once the
+    items are in, returns the batches that have no result yet.
+    """
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state == "running":
+            return _batches(rt, job_id, jobs.item_ids(s, job_id, pending_only=True))
+        if job.state not in ("queued", "ingesting"):
+            return []
+        jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
+        jobs.reset_items(s, job_id)
+        kind, archive_blob = job.kind, job.archive_blob
+    log.info("job_state job=%s state=ingesting", job_id)
+
+    def store(f: IO[bytes]) -> str:
+        return rt.blobs.put_stream(f)
+
+    try:
+        found = walk(rt.blobs.path(archive_blob), store)
+    except ArchiveError as exc:
+        _fail(rt, job_id, str(exc))
+        return []
+    if not found.items:
+        _fail(rt, job_id, "the archive holds no image, text or audio files "
+                          "(images: jpg png webp bmp gif; text: txt; audio: wav flac ogg mp3)")
+        return []
+    if kind == "train":
+        classes = {found.labels[k][0] for k in found.items if k in found.labels}
+        if not found.labels:
+            _fail(rt, job_id, "a train job needs labels.csv (key,label[,split]) at the archive root")
+            return []
+        if len(classes) < 2:
+            _fail(rt, job_id, "a train job needs labelled items of at least two classes; "
+                              f"found {len(classes)}")
+            return []
+
+    rows = ({"key": key, "media": media,
+             "label": found.labels.get(key, (None, None))[0],
+             "split": found.labels.get(key, (None, None))[1]}
+            for key, media in found.items.items())
+    with rt.db.session() as s:
+        total = jobs.add_items(s, job_id, rows)
+        moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
+                                report=found.report(), started_at=jobs.utcnow(),
+                                stage="extracting" if kind == "train" else None)
+        ids = jobs.item_ids(s, job_id) if moved else []
+    if moved:
+        log.info("job_state job=%s state=running total=%d skipped=%d", job_id, total,
+                 found.skipped_count)
+    return _batches(rt, job_id, ids)
+
+
+def _batches(rt: Runtime, job_id: str, ids: list[int]) -> list[list[int]]:
+    size = rt.settings.batch_size
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def _fail(rt: Runtime, job_id: str, error: str) -> None:
+    with rt.db.session() as s:
+        jobs.fail_job(s, job_id, error)
+    log.info("job_state job=%s state=failed error=%r", job_id, error)

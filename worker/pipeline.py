@@ -1,0 +1,243 @@
+"""Process one batch: decode, encode each modality over the whole batch, fuse, classify, write.
+
+The database session is closed while models run: read inputs, close, compute, open, write.
+Encoder outputs are cached by (content hash, encoder version), so only files never seen before
+are decoded and encoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from store import features as feature_cache
+from store import jobs
+from store.registry import get_model
+from store.schema import NO_MODEL
+from worker import media
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("image", "text", "audio")
+
+
+@dataclass
+class BatchInput:
+    job_id: str
+    kind: str
+    items: list[dict[str, Any]]  # id, key, media, label
+    model: dict[str, Any] | None  # id, checkpoint_blob, config, classes
+
+
+@dataclass
+class Encoded:
+    """Per item: the features of each modality present, or the error that failed it."""
+
+    features: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    new_done: int
+    new_failed: int
+    completed: bool
+    next_step: str | None  # "train" when this batch finished a train job's extraction
+
+
+def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchReport:
+    batch = _read(rt, job_id, item_ids)
+    if batch is None:
+        return BatchReport(0, 0, False, None)
+    encoded = encode_items(rt, batch.items)
+    outcomes = _outcomes(rt, batch, encoded)
+    model_version_id = batch.model["id"] if batch.model else NO_MODEL
+    with rt.db.session() as s:
+        return _commit(s, job_id, batch.kind, model_version_id, outcomes)
+
+
+def _commit(s: Any, job_id: str, kind: str, model_version_id: int,
+            outcomes: Sequence[jobs.ItemOutcome]) -> BatchReport:
+    """Write outcomes and counters; the batch that completes the job finishes it."""
+    commit = jobs.record_outcomes(s, job_id, model_version_id, outcomes)
+    next_step = None
+    if commit.completed:
+        if kind == "train":
+            if jobs.enter_stage(s, job_id, "extracting", "training"):
+                next_step = "train"
+        elif jobs.finish_job(s, job_id):
+            log.info("job_state job=%s state=succeeded", job_id)
+    return BatchReport(commit.new_done, commit.new_failed, commit.completed, next_step)
+
+
+def _read(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchInput | None:
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state != "running":
+            log.info("batch_skipped job=%s state=%s items=%d", job_id, job.state, len(item_ids))
+            return None
+        items = [{"id": it.id, "key": it.key, "media": it.media, "label": it.label}
+                 for it in jobs.items_by_id(s, item_ids) if it.job_id == job_id]
+        model = None
+        if job.model_version_id is not None and job.kind != "train":
+            m = get_model(s, job.model_version_id)
+            model = {"id": m.id, "checkpoint_blob": m.checkpoint_blob, "config": m.config,
+                     "classes": list(m.classes), "encoders": dict(m.encoders)}
+        return BatchInput(job_id, job.kind, items, model)
+
+
+def encode_items(rt: Runtime, items: Sequence[dict[str, Any]]) -> Encoded:
+    """Features for every present modality of every item, from the cache or the encoders."""
+    out = Encoded()
+    for modality in MODALITIES:
+        wanted = {it["id"]: it["media"][modality] for it in items
+                  if modality in it["media"] and it["id"] not in out.errors}
+        if not wanted:
+            continue
+        encoder = rt.encoder(modality)
+        version = encoder.spec.version
+        blobs = {ref["blob"] for ref in wanted.values()}
+        with rt.db.session() as s:
+            cached = feature_cache.get_features(s, version, blobs)
+        missing = sorted(blobs - set(cached))
+        fresh, errors = _encode_blobs(rt, modality, encoder, missing,
+                                      {ref["blob"]: ref["name"] for ref in wanted.values()})
+        if fresh:
+            with rt.db.session() as s:
+                feature_cache.put_features(s, version, fresh)
+        vectors = {**cached, **fresh}
+        for item_id, ref in wanted.items():
+            if ref["blob"] in errors:
+                out.errors[item_id] = errors[ref["blob"]]
+                out.features.pop(item_id, None)
+            else:
+                out.features.setdefault(item_id, {})[modality] = vectors[ref["blob"]]
+    return out
+
+
+def _encode_blobs(rt: Runtime, modality: str, encoder: Any, blobs: Sequence[str],
+                  names: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Decode and preprocess in the thread pool (in order), then encode in model-sized chunks."""
+    if not blobs:
+        return {}, {}
+    decode = _decoder(rt, modality)
+
+    def prepare(blob: str) -> Any:
+        raw = decode(rt.blobs.read(blob), names[blob])
+        return encoder.preprocess(raw)
+
+    futures = [rt.pool.submit(prepare, blob) for blob in blobs]
+    ready: list[tuple[str, Any]] = []
+    errors: dict[str, str] = {}
+    for blob, fut in zip(blobs, futures):
+        try:
+            ready.append((blob, fut.result()))
+        except media.MediaError as exc:
+            errors[blob] = str(exc)
+        except Exception as exc:  # a decoder bug must fail the item, not the batch
+            log.exception("decode_error modality=%s name=%s", modality, names[blob])
+            errors[blob] = f"{modality} {names[blob]}: cannot decode ({type(exc).__name__}: {exc})"
+    vectors: dict[str, np.ndarray] = {}
+    size = rt.settings.batch_size
+    for start in range(0, len(ready), size):
+        chunk = ready[start:start + size]
+        feats = encoder.encode([x for _, x in chunk]).numpy()
+        for (blob, _), vec in zip(chunk, feats):
+            vectors[blob] = vec.astype("<f4")
+    return vectors, errors
+
+
+def _decoder(rt: Runtime, modality: str) -> Callable[[bytes, str], Any]:
+    s = rt.settings
+    if modality == "image":
+        return lambda data, name: media.decode_image(data, name, max_pixels=s.max_image_pixels)
+    if modality == "text":
+        return lambda data, name: media.decode_text(data, name, max_chars=s.text_max_chars)
+    return lambda data, name: media.decode_audio(data, name, max_seconds=s.audio_max_seconds)
+
+
+def _outcomes(rt: Runtime, batch: BatchInput, encoded: Encoded) -> list[jobs.ItemOutcome]:
+    outcomes = [jobs.ItemOutcome(it["id"], error=encoded.errors[it["id"]])
+                for it in batch.items if it["id"] in encoded.errors]
+    ok = [it for it in batch.items if it["id"] not in encoded.errors]
+    if not ok:
+        return outcomes
+    if batch.kind == "train":
+        outcomes += [jobs.ItemOutcome(it["id"], label=it["label"]) for it in ok]
+        return outcomes
+    feats = [encoded.features[it["id"]] for it in ok]
+    if batch.model is None:
+        outcomes += [jobs.ItemOutcome(it["id"], embedding=plain_embedding(rt, f))
+                     for it, f in zip(ok, feats)]
+        return outcomes
+    predictions = classify(rt, batch.model, feats)
+    for it, (probs, fused) in zip(ok, predictions):
+        order = np.argsort(-probs)[: rt.settings.top_k]
+        classes = batch.model["classes"]
+        outcomes.append(jobs.ItemOutcome(
+            it["id"], label=classes[order[0]], confidence=float(probs[order[0]]),
+            top_k=[{"label": classes[i], "probability": round(float(probs[i]), 6)}
+                   for i in order],
+            embedding=fused))
+    return outcomes
+
+
+def plain_embedding(rt: Runtime, feats: dict[str, np.ndarray]) -> np.ndarray:
+    """With no trained fusion: each modality L2-normalised, concatenated, zeros where missing."""
+    parts = []
+    for modality in MODALITIES:
+        dim = rt.encoder(modality).spec.dim
+        vec = feats.get(modality)
+        if vec is None:
+            parts.append(np.zeros(dim, dtype="<f4"))
+        else:
+            parts.append((vec / max(float(np.linalg.norm(vec)), 1e-12)).astype("<f4"))
+    return np.concatenate(parts)
+
+
+def classify(rt: Runtime, model: dict[str, Any], feats: Sequence[dict[str, np.ndarray]]
+             ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Class probabilities and fused embeddings for items given their per-modality features."""
+    import torch
+
+    from models.training import predict
+
+    net = rt.classifier(model["id"], model["checkpoint_blob"], model["config"])
+    tensors, mask = stack_features(net.cfg.input_dims, feats)
+    device = rt.device
+    probs, fused = predict(net, {m: t.to(device) for m, t in tensors.items()}, mask.to(device),
+                           temperature=float(model["config"].get("temperature", 1.0)))
+    return list(zip(probs.cpu().numpy(), fused.cpu().numpy()))
+
+
+def stack_features(input_dims: dict[str, int], feats: Sequence[dict[str, np.ndarray]]
+                   ) -> tuple[dict[str, Any], Any]:
+    """Per-modality (N, D) tensors with zeros where missing, and the (N, M) presence mask."""
+    import torch
+
+    n = len(feats)
+    tensors = {m: torch.zeros(n, d) for m, d in input_dims.items()}
+    mask = torch.zeros(n, len(input_dims), dtype=torch.bool)
+    for i, f in enumerate(feats):
+        for j, m in enumerate(input_dims):
+            if m in f:
+                tensors[m][i] = torch.from_numpy(np.asarray(f[m], dtype=np.float32))
+                mask[i, j] = True
+    return tensors, mask
+
+
+def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) -> BatchReport:
+    """Record every item of a batch that could not be processed as failed, with the reason."""
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state != "running":
+            return BatchReport(0, 0, False, None)
+        kind = job.kind
+        model_version_id = job.model_version_id if kind != "train" and job.model_version_id \
+            else NO_MODEL
+        outcomes = [jobs.ItemOutcome(i, error=error) for i in item_ids]
+        return _commit(s, job_id, kind, model_version_id, outcomes)

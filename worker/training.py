@@ -1,0 +1,127 @@
+"""Train a fusion classifier from a train job's cached features and register it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from store import features as feature_cache
+from store import jobs
+from store.registry import register_model
+from store.schema import NO_MODEL, Item, Result
+from worker.pipeline import MODALITIES, stack_features
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(Exception):
+    """The labelled data cannot train a model; the job fails with this message."""
+
+
+def train_job(rt: Runtime, job_id: str) -> int | None:
+    """Fit, evaluate and register a model for a train job in its training stage."""
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state != "running" or job.stage != "training":
+            return None
+        rows = s.execute(
+            select(Item.key, Item.media, Item.label, Item.split)
+            .join(Result, (Result.item_id == Item.id) & (Result.model_version_id == NO_MODEL))
+            .where(Item.job_id == job_id, Result.status == "ok", Item.label.is_not(None))
+            .order_by(Item.id)).all()
+        name = str(job.options.get("name") or "fusion")
+        epochs = int(job.options.get("epochs") or rt.settings.train_epochs)
+        seed = int(job.options.get("seed") if job.options.get("seed") is not None
+                   else rt.settings.train_seed)
+    try:
+        model_id = _train(rt, job_id, rows, name=name, epochs=epochs, seed=seed)
+    except TrainingError as exc:
+        with rt.db.session() as s:
+            jobs.fail_job(s, job_id, str(exc))
+        log.info("job_state job=%s state=failed error=%r", job_id, str(exc))
+        return None
+    return model_id
+
+
+def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
+           seed: int) -> int:
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.fusion import FusionConfig
+    from models.training import FeatureSet, TrainConfig, evaluate, fit, stratified_split
+
+    if not rows:
+        raise TrainingError("no labelled item could be decoded; nothing to train on")
+    encoders = {m: rt.encoder(m).spec for m in MODALITIES}
+    present = [m for m in MODALITIES if any(m in r.media for r in rows)]
+    with rt.db.session() as s:
+        vectors = {m: feature_cache.get_features(s, encoders[m].version,
+                                                 [r.media[m]["blob"] for r in rows
+                                                  if m in r.media])
+                   for m in present}
+    feats = [{m: vectors[m][r.media[m]["blob"]] for m in present if m in r.media} for r in rows]
+    classes = sorted({r.label for r in rows})
+    if len(classes) < 2:
+        raise TrainingError(f"need at least two classes with decodable items; found {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [r.label for r in rows]
+
+    if any(r.split for r in rows):
+        train_idx = [i for i, r in enumerate(rows) if r.split != "val"]
+        val_idx = [i for i, r in enumerate(rows) if r.split == "val"]
+        split_source = "labels.csv"
+    else:
+        train_idx, val_idx = stratified_split(labels, 0.2, seed)
+        split_source = f"stratified, seed {seed}"
+    if not train_idx:
+        raise TrainingError("the train split is empty")
+
+    input_dims = {m: encoders[m].dim for m in present}
+
+    def subset(idx: list[int]) -> FeatureSet | None:
+        if not idx:
+            return None
+        tensors, mask = stack_features(input_dims, [feats[i] for i in idx])
+        return FeatureSet(tensors, mask, torch.tensor([index[labels[i]] for i in idx]))
+
+    train_set, val_set = subset(train_idx), subset(val_idx)
+    cfg = FusionConfig(input_dims=input_dims, num_classes=len(classes))
+    log.info("training job=%s items=%d train=%d val=%d classes=%d", job_id, len(rows),
+             len(train_idx), len(val_idx), len(classes))
+    model, fit_metrics = fit(train_set, val_set, cfg, TrainConfig(epochs=epochs, seed=seed))
+    metrics: dict[str, Any] = dict(fit_metrics)
+    metrics["split"] = split_source
+    if val_set is not None:
+        metrics["validation"] = evaluate(model, val_set, classes)
+    data, config = save_checkpoint(model.cpu())
+    blob = rt.blobs.put_bytes(data)
+    with rt.db.session() as s:
+        mv = register_model(
+            s, name=name, fusion=cfg.strategy, classes=classes,
+            encoders={m: {"name": encoders[m].name, "version": encoders[m].version,
+                          "dim": encoders[m].dim} for m in present},
+            metrics=_jsonable(metrics), config=config, checkpoint_blob=blob, job_id=job_id)
+        jobs.get_job(s, job_id).model_version_id = mv.id
+        s.flush()
+        jobs.finish_job(s, job_id)
+        model_id = mv.id
+    log.info("job_state job=%s state=succeeded model=%s val_accuracy=%s", job_id, model_id,
+             metrics.get("val_accuracy"))
+    return model_id
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
