@@ -28,6 +28,7 @@ up: install
 
 services:
 	@scripts/services.sh
+	@scripts/test-deps.sh
 
 test: install services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -61,6 +62,8 @@ def up(host: str | None, port: int | None) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     stack = Stack(settings, host or settings.host, port or settings.port)
+    # SIGTERM ends `up` like Ctrl-C does: through the finally below, which stops both children.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     stack.start()
     click.echo(f"mmbatch serving {stack.url}  (data in {settings.data_dir.resolve()}; "
                "Ctrl-C stops)")

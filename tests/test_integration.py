@@ -1,0 +1,191 @@
+"""End to end with real processes: the API server, a Celery worker, a real broker and database.
+
+Once on the embedded default (``mmbatch up``: SQLite and kombu's SQLAlchemy transport) and once on
+Redis + PostgreSQL. Upload the sample, poll to succeeded, check that every item has exactly one
+result and that the counters add up; train, then classify with accuracy clearly above chance.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+from sqlalchemy import func, select
+
+from mmbatch.client import Client
+from mmbatch.settings import Settings
+from mmbatch.stack import Stack, child_env
+from store.db import Database
+from store.migrate import upgrade
+from store.schema import Result
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, wait: float = 180) -> None:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mmbatch up exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"mmbatch up did not answer within {wait}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Settings]]:
+    """``mmbatch up`` as a user runs it, with nothing configured but the data directory."""
+    data_dir = tmp_path_factory.mktemp("embedded")
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir)})
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMBATCH_")}
+    env["MMBATCH_DATA_DIR"] = str(data_dir)
+    log = data_dir / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mmbatch.cli", "up", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        assert settings.embedded
+        yield Client(url), settings
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str,
+                redis_url: str) -> Iterator[tuple[Client, Settings]]:
+    """Redis as the broker, PostgreSQL as the database, blobs on local disk."""
+    data_dir = tmp_path_factory.mktemp("distributed")
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
+                                  "MMBATCH_DATABASE_URL": pg_url_module,
+                                  "MMBATCH_BROKER_URL": redis_url})
+    assert not settings.embedded
+    upgrade(settings.db_url)
+    stack = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs")
+    stack.start(wait=180)
+    try:
+        yield Client(stack.url), settings
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def deployment(request: pytest.FixtureRequest) -> tuple[Client, Settings]:
+    return request.getfixturevalue(request.param)
+
+
+def _results_per_item(settings: Settings, job_id: str) -> list[int]:
+    db = Database(settings.db_url)
+    try:
+        with db.session() as s:
+            rows = s.execute(select(func.count()).select_from(Result)
+                             .where(Result.job_id == job_id).group_by(Result.item_id)).all()
+            return [n for (n,) in rows]
+    finally:
+        db.dispose()
+
+
+def _check_complete(client: Client, settings: Settings, job: dict[str, Any]) -> list[dict]:
+    assert job["state"] == "succeeded", job
+    assert job["total"] > 0 and job["done"] + job["failed"] == job["total"]
+    assert job["progress"] == 1.0
+    rows = list(client.results(job["id"], page_size=7))  # several pages
+    assert len(rows) == job["total"]
+    assert len({r["item_id"] for r in rows}) == job["total"]
+    assert sum(r["status"] == "ok" for r in rows) == job["done"]
+    assert sum(r["status"] == "failed" for r in rows) == job["failed"]
+    per_item = _results_per_item(settings, job["id"])
+    assert len(per_item) == job["total"] and set(per_item) == {1}
+    return rows
+
+
+def test_train_then_classify(deployment: tuple[Client, Settings], sample_dir: Any) -> None:
+    client, settings = deployment
+    train = client.submit(sample_dir.train, "train", name="sample")
+    train = client.wait(train["id"], timeout=600)
+    rows = _check_complete(client, settings, train)
+    assert train["failed"] == 0
+    assert {r["split"] for r in rows} == {"train", "val"}
+    model = client.model(train["model"]["id"])
+    assert model["fusion"] == "concat" and len(model["classes"]) == 4
+    assert set(model["encoders"]) == {"image", "text", "audio"}
+    assert model["metrics"]["val_accuracy"] >= 0.6, model["metrics"]
+    assert "validation" in model["metrics"] and "macro_f1" in model["metrics"]["validation"]
+
+    job = client.submit(sample_dir.unlabelled, "classify", model=model["id"])
+    job = client.wait(job["id"], timeout=600)
+    rows = _check_complete(client, settings, job)
+    assert job["model"]["id"] == model["id"]
+    truth = {k: v for k, v in csv.reader(open(sample_dir.truth)) if k != "key"}
+    assert {r["key"] for r in rows} == set(truth)
+    correct = sum(r["label"] == truth[r["key"]] for r in rows)
+    assert correct / len(rows) >= 0.6, f"{correct}/{len(rows)} correct; chance is 0.25"
+    for r in rows:
+        assert r["top_k"][0]["label"] == r["label"]
+        assert abs(r["top_k"][0]["probability"] - r["confidence"]) < 1e-5
+        assert 0 < len(r["top_k"]) <= 4 and r["modalities"]
+    with_emb = next(client.results(job["id"], embeddings=True))
+    assert len(with_emb["embedding"]) > 0
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_corrupt_image_fails_its_item_and_the_job_goes_on(
+        embedded: tuple[Client, Settings], tmp_path: Path) -> None:
+    client, settings = embedded
+    good = _png((200, 30, 30))
+    files = {"x/good_1.png": good, "x/good_1.txt": b"a red square",
+             "x/good_2.png": _png((30, 200, 30)), "x/broken.jpg": good[:40] + b"\x00" * 100,
+             "x/text_only.txt": "caf\u00e9 menu".encode(), "x/notes.md": b"ignored"}
+    archive = tmp_path / "mixed.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    job = client.wait(client.submit(archive, "embed")["id"], timeout=300)
+    rows = _check_complete(client, settings, job)
+    assert (job["total"], job["done"], job["failed"]) == (4, 3, 1)
+    assert job["skipped_files"] == 1
+    broken = next(r for r in rows if r["key"] == "x/broken")
+    assert broken["status"] == "failed" and "x/broken.jpg" in broken["error"]
+    ok = {r["key"]: r for r in client.results(job["id"], embeddings=True) if r["status"] == "ok"}
+    assert set(ok["x/good_1"]["modalities"]) == {"image", "text"}
+    assert len(ok["x/good_1"]["embedding"]) == len(ok["x/text_only"]["embedding"])
