@@ -290,7 +290,7 @@ def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(f"job {job['id']}: [bold]{job['state']}[/bold]  kind={job['kind']}  "
                   f"total={job['total']} done={job['done']} failed={job['failed']}"
                   + (f"  error={job['error']}" if job.get("error") else ""))
