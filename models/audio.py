@@ -1,0 +1,217 @@
+"""Audio features: log-mel statistics plus a small frozen CNN over the log-mel spectrogram.
+
+No pretrained audio weights are available offline, so the CNN is initialised deterministically
+from a fixed seed and kept frozen: its random features are weak on their own, which is why the
+per-band log-mel mean and standard deviation are returned alongside them. The seed is part of
+the spec's version; a trained checkpoint would get a new version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torchaudio
+from torch import nn
+
+from models.registry import SPECS, EncoderSpec
+
+SAMPLE_RATE = 16_000
+N_FFT = 400
+HOP = 160  # 10 ms frames
+N_MELS = 64
+LOG_EPS = 1e-6
+MIN_SAMPLES = SAMPLE_RATE // 10  # shorter clips are zero-padded to 0.1 s
+MAX_SECONDS = 600.0  # longer clips are truncated: bounds memory per item
+CNN_SEED = 1234
+CNN_CHANNELS = (16, 32, 64, 128)
+# Fixed input scaling of log-mel values (roughly their range for speech and everyday sounds),
+# so the randomly initialised convolutions see inputs of order one.
+LOGMEL_CENTER = -6.0
+LOGMEL_SCALE = 4.0
+CNN_DIM = CNN_CHANNELS[-1]
+
+MIN_FRAMES = MIN_SAMPLES // HOP + 1  # frames of the shortest (padded) clip
+
+SPEC = SPECS["audio"]  # its version records CNN_SEED and MAX_SECONDS: bump it with them
+
+
+def frame_count(num_samples: int) -> int:
+    """Frames the (centered) STFT makes from ``num_samples`` samples."""
+    return num_samples // HOP + 1
+
+
+def masked_band_stats(logmel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-band mean and (population) std over each item's valid frames.
+
+    logmel: (B, F, T) padded along T; lengths: (B,) valid frames -> (B, 2F)
+    """
+    steps = torch.arange(logmel.shape[-1], device=logmel.device)  # (T,)
+    valid = (steps[None, :] < lengths[:, None]).to(logmel.dtype)[:, None, :]  # (B, 1, T)
+    count = lengths.to(logmel.dtype)[:, None]  # (B, 1)
+    mean = (logmel * valid).sum(-1) / count  # (B, F)
+    var = (((logmel - mean[..., None]) * valid) ** 2).sum(-1) / count  # (B, F)
+    return torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)  # (B, 2F)
+
+
+class ConvBlock(nn.Module):
+    """Conv 3x3 -> BN -> ReLU -> max pool, keeping padded frames out of valid ones."""
+
+    def __init__(self, in_ch: int, out_ch: int, pool_time: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False)
+        # With the seeded init the running statistics are the identity; the layer is here so
+        # that a trained checkpoint of this architecture drops in unchanged.
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.act = nn.ReLU()
+        self.pool_time = pool_time
+        self.pool = nn.MaxPool2d(kernel_size=(2, 2) if pool_time else (2, 1))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (B, C, F, T); lengths: (B,) valid frames
+        steps = torch.arange(x.shape[-1], device=x.device)  # (T,)
+        valid = (steps[None, :] < lengths[:, None]).to(x.dtype)[:, None, None, :]  # (B, 1, 1, T)
+        # Zeroing padded frames makes the convolution see exactly the zero padding it would see
+        # at the end of the item alone.
+        x = self.act(self.bn(self.conv(x * valid)))  # (B, C', F, T)
+        x = self.pool(x)  # (B, C', F/2, T/2 or T)
+        # Pooling floors, so a window never mixes a valid frame with a padded one.
+        return x, (lengths // 2 if self.pool_time else lengths)
+
+
+class AudioCNN(nn.Module):
+    """Four conv blocks over a log-mel spectrogram, then masked mean + max over time.
+
+    Time is pooled only in the first two blocks so the shortest clip (0.1 s, 11 frames) keeps
+    at least two frames.
+    """
+
+    def __init__(self, n_mels: int = N_MELS, channels: Sequence[int] = CNN_CHANNELS) -> None:
+        super().__init__()
+        if n_mels < 2 ** len(channels):
+            raise ValueError(f"n_mels must be >= {2 ** len(channels)}, got {n_mels}")
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be positive, got {tuple(channels)}")
+        widths = (1, *channels)
+        self.blocks = nn.ModuleList(
+            ConvBlock(widths[i], widths[i + 1], pool_time=i < 2) for i in range(len(channels))
+        )
+        self.out_dim = widths[-1]
+
+    def forward(self, logmel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # logmel: (B, F, T) padded along T; lengths: (B,) valid frames
+        x = ((logmel - LOGMEL_CENTER) / LOGMEL_SCALE).unsqueeze(1)  # (B, 1, F, T)
+        for block in self.blocks:
+            x, lengths = block(x, lengths)  # (B, C, F', T')
+        x = x.mean(dim=2)  # (B, C, T')
+        steps = torch.arange(x.shape[-1], device=x.device)  # (T',)
+        valid = steps[None, None, :] < lengths[:, None, None]  # (B, 1, T')
+        mean = (x * valid).sum(-1) / lengths[:, None].to(x.dtype)  # (B, C)
+        peak = x.masked_fill(~valid, float("-inf")).amax(-1)  # (B, C)
+        return mean + peak  # (B, C)
+
+
+def seeded_cnn(seed: int = CNN_SEED) -> AudioCNN:
+    """The CNN with weights drawn from ``seed`` only, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):  # module construction draws from the global RNG
+        model = AudioCNN()
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(
+                module.weight, mode="fan_in", nonlinearity="relu", generator=gen
+            )
+    return model
+
+
+class AudioEncoder:
+    """16 kHz mono waveforms -> 256-d features: CNN (128) + band means (64) + band stds (64)."""
+
+    spec: EncoderSpec = SPEC
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        max_batch: int = 32,
+        max_batch_frames: int = 32 * 3000,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_batch_frames < 1:
+            raise ValueError(f"max_batch_frames must be >= 1, got {max_batch_frames}")
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+        self.max_batch_frames = max_batch_frames
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS
+        )  # stays on the CPU: preprocessing runs in worker threads
+        self.model = seeded_cnn().eval().requires_grad_(False).to(self.device)
+
+    def preprocess(self, wave: np.ndarray) -> torch.Tensor:
+        """1-D float waveform at 16 kHz -> log-mel (64, T)."""
+        if not isinstance(wave, np.ndarray):
+            raise TypeError(f"expected a numpy array, got {type(wave).__name__}")
+        if wave.ndim != 1:
+            raise ValueError(f"expected a 1-D mono waveform, got shape {wave.shape}")
+        if wave.size == 0:
+            raise ValueError("audio is empty")
+        if not np.issubdtype(wave.dtype, np.floating):
+            raise ValueError(f"expected float samples, got {wave.dtype}")
+        samples = torch.from_numpy(
+            np.ascontiguousarray(wave[: int(MAX_SECONDS * SAMPLE_RATE)], dtype=np.float32)
+        )
+        if not torch.isfinite(samples).all():
+            raise ValueError("audio contains NaN or infinite samples")
+        if samples.numel() < MIN_SAMPLES:
+            samples = torch.nn.functional.pad(samples, (0, MIN_SAMPLES - samples.numel()))
+        with torch.no_grad():
+            return torch.log(self.mel(samples) + LOG_EPS)  # (64, T)
+
+    def _chunks(self, lengths: list[int]) -> list[list[int]]:
+        """Indices grouped by similar length, each group within the batch and frame budgets."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            # Sorted ascending, so item i is the longest of the group if added.
+            if current and (
+                len(current) >= self.max_batch
+                or (len(current) + 1) * lengths[i] > self.max_batch_frames
+            ):
+                chunks.append(current)
+                current = []
+            current.append(i)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def encode(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(items) == 0:
+            return torch.zeros(0, self.spec.dim)  # (0, D)
+        for i, item in enumerate(items):
+            if (
+                not isinstance(item, torch.Tensor)
+                or item.ndim != 2
+                or item.shape[0] != N_MELS
+                or item.shape[1] < MIN_FRAMES
+            ):
+                shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+                raise ValueError(
+                    f"item {i}: expected a ({N_MELS}, T >= {MIN_FRAMES}) log-mel tensor "
+                    f"from preprocess(), got {shape}"
+                )
+        lengths = [int(item.shape[1]) for item in items]
+        out = torch.empty(len(items), self.spec.dim, dtype=torch.float32)  # (B, 256)
+        with torch.inference_mode():
+            for chunk in self._chunks(lengths):
+                longest = max(lengths[i] for i in chunk)
+                batch = torch.stack(
+                    [torch.nn.functional.pad(items[i], (0, longest - lengths[i])) for i in chunk]
+                ).to(self.device)  # (b, 64, T)
+                valid = torch.tensor([lengths[i] for i in chunk], device=self.device)  # (b,)
+                features = torch.cat(
+                    [self.model(batch, valid), masked_band_stats(batch, valid)], dim=1
+                )  # (b, 256)
+                out[torch.tensor(chunk)] = features.float().cpu()
+        return out  # allocated outside inference mode: an ordinary tensor

