@@ -32,6 +32,7 @@ def main() -> None:
     """mmbatch: upload media archives, get per-item features, fused embeddings and labels."""
     logging.basicConfig(level=os.environ.get("MMBATCH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @main.group()
@@ -234,7 +235,9 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
     correct = sum(1 for r in scored if r["label"] == truth[r["key"]])
     seconds = _duration(job)
     click.echo("")
-    click.echo(f"validation accuracy (train job): {model['metrics'].get('val_accuracy')}")
+    val_accuracy = model["metrics"].get("val_accuracy")
+    if val_accuracy is not None:
+        click.echo(f"validation accuracy (train job): {val_accuracy:.3f}")
     click.echo(f"accuracy on the unlabelled sample: {correct}/{len(scored)} = "
                f"{correct / max(1, len(scored)):.3f}  (chance: {1 / len(model['classes']):.2f})")
     if seconds:

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each prints its measurements and writes them as JSON."""
