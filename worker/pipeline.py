@@ -53,6 +53,9 @@ def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchRep
     batch = _read(rt, job_id, item_ids)
     if batch is None:
         return BatchReport(0, 0, False, None)
+    mismatch = encoder_mismatch(rt, batch.model) if batch.model else None
+    if mismatch:
+        return fail_batch(rt, job_id, [it["id"] for it in batch.items], mismatch)
     encoded = encode_items(rt, batch.items)
     outcomes = _outcomes(rt, batch, encoded)
     model_version_id = batch.model["id"] if batch.model else NO_MODEL
@@ -88,6 +91,16 @@ def _read(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchInput | Non
             model = {"id": m.id, "checkpoint_blob": m.checkpoint_blob, "config": m.config,
                      "classes": list(m.classes), "encoders": dict(m.encoders)}
         return BatchInput(job_id, job.kind, items, model)
+
+
+def encoder_mismatch(rt: Runtime, model: dict[str, Any]) -> str | None:
+    """Why this worker's encoders cannot feed a model trained on other encoder versions, if so."""
+    for modality, trained in sorted(model["encoders"].items()):
+        current = rt.encoder(modality).spec.version
+        if trained.get("version") != current:
+            return (f"model {model['id']} was trained on {modality} encoder "
+                    f"{trained.get('version')!r}; this worker has {current!r}: retrain the model")
+    return None
 
 
 def encode_items(rt: Runtime, items: Sequence[dict[str, Any]]) -> Encoded:

@@ -1,0 +1,117 @@
+"""ingest and process_batch as plain functions (no Celery), on a real SQLite database."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mmbatch.settings import Settings
+from store import jobs
+from store.migrate import upgrade
+from store.registry import register_model
+from worker.ingest import ingest_job
+from worker.pipeline import process_batch
+from worker.runtime import Runtime
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    data = tmp_path_factory.mktemp("pipeline")
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data), "MMBATCH_BROKER_URL": "memory://",
+                                  "MMBATCH_BATCH_SIZE": "2"})
+    upgrade(settings.db_url)
+    runtime = Runtime(settings)
+    yield runtime
+    runtime.close()
+
+
+def _job(rt: Runtime, files: dict[str, bytes], kind: str = "embed",
+         model_version_id: int | None = None) -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    digest = rt.blobs.put_bytes(buf.getvalue())
+    with rt.db.session() as s:
+        return jobs.create_job(s, kind=kind, archive_blob=digest, archive_name="t.tar",
+                               archive_bytes=len(buf.getvalue()),
+                               model_version_id=model_version_id).id
+
+
+def test_ingest_then_batches_finish_the_job_and_redelivery_changes_nothing(rt: Runtime) -> None:
+    files = {"a.png": _png((255, 0, 0)), "a.txt": b"red", "b.txt": b"blue", "c.txt": b"green"}
+    job_id = _job(rt, files)
+    batches = ingest_job(rt, job_id)
+    assert [len(b) for b in batches] == [2, 1]  # MMBATCH_BATCH_SIZE=2
+    assert ingest_job(rt, job_id) == batches  # redelivered after fan-out: the same pending work
+    first = process_batch(rt, job_id, batches[0])
+    assert (first.new_done, first.completed) == (2, False)
+    again = process_batch(rt, job_id, batches[0])
+    assert (again.new_done, again.new_failed) == (0, 0)
+    last = process_batch(rt, job_id, batches[1])
+    assert last.completed
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        assert (job.state, job.total, job.done, job.failed) == ("succeeded", 3, 3, 0)
+    assert process_batch(rt, job_id, batches[1]).new_done == 0  # after the end: a no-op
+
+
+def test_identical_files_are_encoded_once(rt: Runtime) -> None:
+    from sqlalchemy import func, select
+
+    from store.schema import Feature
+
+    with rt.db.session() as s:
+        before = s.scalar(select(func.count()).select_from(Feature))
+    job_id = _job(rt, {"x.txt": b"same words", "y.txt": b"same words", "z.txt": b"other words"})
+    for batch in ingest_job(rt, job_id):
+        process_batch(rt, job_id, batch)
+    with rt.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Feature)) - before == 2
+
+
+def test_a_job_with_no_media_fails_with_a_reason(rt: Runtime) -> None:
+    job_id = _job(rt, {"readme.md": b"# nothing to see"})
+    assert ingest_job(rt, job_id) == []
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.state == "failed" and "no image, text or audio" in job.error
+
+
+def test_train_without_labels_fails_with_a_reason(rt: Runtime) -> None:
+    job_id = _job(rt, {"a.txt": b"x", "b.txt": b"y"}, kind="train")
+    assert ingest_job(rt, job_id) == []
+    with rt.db.session() as s:
+        assert "labels.csv" in jobs.get_job(s, job_id).error
+
+
+def test_a_model_trained_on_other_encoder_versions_fails_items_with_the_reason(rt: Runtime) -> None:
+    with rt.db.session() as s:
+        model = register_model(s, name="old", fusion="concat", classes=["a", "b"],
+                               encoders={"text": {"name": "minilm", "version": "older-v0",
+                                                  "dim": 384}},
+                               metrics={}, config={}, checkpoint_blob="0" * 64, job_id=None)
+        model_id = model.id
+    job_id = _job(rt, {"a.txt": b"x"}, kind="classify", model_version_id=model_id)
+    [batch] = ingest_job(rt, job_id)
+    report = process_batch(rt, job_id, batch)
+    assert (report.new_done, report.new_failed, report.completed) == (0, 1, True)
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.state == "succeeded" and job.failed == 1
+        [(_, result)] = jobs.results_page(s, job, after=0, limit=5)
+        assert "older-v0" in result.error and "retrain" in result.error
