@@ -99,6 +99,7 @@ class ItemOutcome:
     confidence: float | None = None
     top_k: list[dict[str, Any]] | None = None
     embedding: np.ndarray | None = None
+    explanation: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,7 @@ def record_outcomes(session: Session, job_id: str, model_version_id: int,
         "top_k": o.top_k,
         "embedding": None if o.embedding is None
         else np.asarray(o.embedding, dtype="<f4").tobytes(),
+        "explanation": o.explanation,
         "created_at": utcnow(),
     } for o in outcomes]
     inserted = insert_new(session, Result.__table__, rows, ("item_id", "model_version_id"),

@@ -113,6 +113,8 @@ class Result(Base):
     confidence: Mapped[float | None] = mapped_column(Float)
     top_k: Mapped[list[Any] | None] = mapped_column()
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, little endian
+    # How much each present modality drove the decision: {"weights": {m: w}, "drop": {m: Δp}, …}
+    explanation: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

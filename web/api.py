@@ -250,7 +250,7 @@ def result_payload(item: Any, result: Any, with_embeddings: bool) -> dict[str, A
     }
     if result is not None:
         out.update(label=result.label, confidence=result.confidence, top_k=result.top_k,
-                   error=result.error)
+                   error=result.error, explanation=result.explanation)
         if with_embeddings:
             out["embedding"] = None if result.embedding is None else \
                 np.frombuffer(result.embedding, dtype="<f4").round(6).tolist()
