@@ -39,6 +39,15 @@ class Settings:
     max_image_pixels: int = 64_000_000
     audio_max_seconds: float = 30.0
     text_max_chars: int = 100_000
+    # Hostile archives and media (docs/reliability.md): limits on what one archive may unpack to,
+    # what audio longer than audio_max_seconds does ("cut" it, or "fail" the item), and how long
+    # one file may take to decode in the decode sandbox (worker.media.DecodeSandbox).
+    max_archive_members: int = 100_000
+    max_member_bytes: int = 256 * 1024**2
+    max_unpacked_bytes: int = 16 * 1024**3
+    max_compression_ratio: float = 100.0
+    audio_too_long: str = "cut"
+    decode_timeout_seconds: float = 60.0
     train_epochs: int = 300
     train_seed: int = 0
     default_page_size: int = 100
@@ -71,6 +80,16 @@ class Settings:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         if self.audio_max_seconds <= 0:
             raise SettingsError(f"{PREFIX}AUDIO_MAX_SECONDS must be positive")
+        for name in ("max_archive_members", "max_member_bytes", "max_unpacked_bytes"):
+            if int(getattr(self, name)) <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        if self.max_compression_ratio < 1:
+            raise SettingsError(f"{PREFIX}MAX_COMPRESSION_RATIO must be at least 1")
+        if self.audio_too_long not in ("cut", "fail"):
+            raise SettingsError(f"{PREFIX}AUDIO_TOO_LONG must be cut or fail, "
+                                f"not {self.audio_too_long!r}")
+        if self.decode_timeout_seconds <= 0:
+            raise SettingsError(f"{PREFIX}DECODE_TIMEOUT_SECONDS must be positive")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu or cuda[:N], not {self.device!r}")
 

@@ -136,7 +136,8 @@ def test_decode_image_random_bytes_is_media_error() -> None:
     data = np.random.default_rng(1).bytes(5000)
     with pytest.raises(
         MediaError,
-        match=r"^image x/noise\.jpg: cannot identify image file \(truncated or not an image\)$",
+        match=r"^image x/noise\.jpg: cannot identify image file \(truncated, or not a JPEG, PNG, "
+        r"WebP, BMP or GIF image\)$",
     ):
         decode_image(data, "x/noise.jpg")
 

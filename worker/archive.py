@@ -3,8 +3,16 @@
 ``animals/cat_001.jpg``, ``animals/cat_001.txt`` and ``animals/cat_001.wav`` are the item
 ``animals/cat_001``: the key is the member's path without its last extension, and the extension
 names the modality. An optional ``labels.csv`` at the root (``key,label[,split]``) labels items.
-Members that are not media (other extensions, directories, links, hidden files) are skipped and
-listed with the reason in the job's report; none of them stops the walk.
+Members that are not media (other extensions, directories, links, devices, hidden files, nested
+archives, empty files, members over a limit) are skipped and listed with the reason in the job's
+report; none of them stops the walk.
+
+Archives come from anyone, so the walk is bounded whatever the input: nothing is ever extracted to
+a path (members only go to ``store``, content-addressed), and :class:`Limits` caps the number of
+entries, each member's size, the total unpacked size and the compression ratio. The caps are
+enforced on the bytes as they stream, not on what headers declare: a member that grows past its
+limit is cut off mid-stream and its half-written blob discarded. Whole-archive problems (not an
+archive, truncated, corrupt, a bomb) raise :class:`ArchiveError`, which fails the job.
 """
 
 from __future__ import annotations
@@ -13,14 +21,19 @@ import csv
 import gzip
 import io
 import posixpath
+import stat
+import struct
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from store.blobs import sniff_archive as sniff
 from worker.media import modality_of
+
+if TYPE_CHECKING:
+    from mmbatch.settings import Settings
 
 LABELS_FILE = "labels.csv"
 MAX_REPORTED = 1000
@@ -28,9 +41,40 @@ MAX_LABELS_BYTES = 64 * 1024 * 1024
 VAL_SPLITS = {"val", "valid", "validation", "dev", "test"}
 TRAIN_SPLITS = {"train", "training"}
 
+# Compression ratios are judged only past this much output: small files compress well legitimately.
+RATIO_GRACE_BYTES = 8 * 1024 * 1024
+# tarfile reads a long-name or pax header whole into memory; real ones are a few hundred bytes.
+MAX_TAR_HEADER_BYTES = 1024 * 1024
+MAX_TAR_HEADERS_TOTAL = 64 * 1024 * 1024
+# zipfile reads the whole central directory into memory before anything else.
+MAX_ZIP_DIRECTORY_BYTES = 64 * 1024 * 1024
+MAX_NAME_CHARS = 1024  # an item key is at most this long (store.schema.Item.key)
+NESTED_ARCHIVE_EXTS = frozenset({
+    ".zip", ".tar", ".gz", ".tgz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".zst", ".lz4",
+    ".lzma", ".7z", ".rar", ".cpio", ".iso", ".jar", ".war", ".whl", ".apk", ".cab", ".arj",
+})
+_READ_CHUNK = 1 << 20
+
 
 class ArchiveError(Exception):
     """The archive as a whole cannot be read; the job fails with this message."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one archive may unpack to. Defaults match :class:`mmbatch.settings.Settings`."""
+
+    max_members: int = 100_000
+    max_member_bytes: int = 256 * 1024**2
+    max_unpacked_bytes: int = 16 * 1024**3
+    max_ratio: float = 100.0
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "Limits":
+        return cls(max_members=settings.max_archive_members,
+                   max_member_bytes=settings.max_member_bytes,
+                   max_unpacked_bytes=settings.max_unpacked_bytes,
+                   max_ratio=settings.max_compression_ratio)
 
 
 @dataclass
@@ -42,6 +86,8 @@ class Walk:
     skipped: list[dict[str, str]] = field(default_factory=list)
     skipped_count: int = 0
     members: int = 0
+    unpacked_bytes: int = 0
+    has_labels: bool = False
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped_count += 1
@@ -62,7 +108,7 @@ class Walk:
 
 def safe_name(name: str) -> str | None:
     """The member's normalised relative path, or None if it could escape or is not a path."""
-    if not name or "\x00" in name or "\\" in name:
+    if not name or "\\" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return None
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return None
@@ -72,102 +118,396 @@ def safe_name(name: str) -> str | None:
     return norm.removeprefix("./")
 
 
-def walk(path: Path, store: Callable[[IO[bytes]], str]) -> Walk:
-    """Read every member once, in archive order; ``store`` keeps a media file, returning its hash."""
+@dataclass
+class _Entry:
+    """A member that may hold data: its raw name, the size it declares, how to open it."""
+
+    name: str
+    size: int
+    opener: Callable[[], IO[bytes]]
+    # The most bytes it may yield, and the reason given when it yields more (zip: ratio-based).
+    limit: int
+    over_limit: str
+    corrupt_is_fatal: bool  # a tar stream cannot go on past a bad member; a zip can
+
+
+class _TooLarge(Exception):
+    """A member yielded more bytes than its limit (the reason is the message)."""
+
+
+class _Corrupt(Exception):
+    """The archive library failed while reading a member's data."""
+
+
+class _Budget:
+    """Unpacked bytes over the whole archive."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.used = 0
+
+    def add(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limits.max_unpacked_bytes:
+            raise ArchiveError(
+                f"the archive unpacks to more than {self.limits.max_unpacked_bytes} bytes "
+                "(limit MMBATCH_MAX_UNPACKED_BYTES)")
+
+
+class _MemberReader:
+    """A member's bytes, cut off at its limit; library failures become :class:`_Corrupt`."""
+
+    def __init__(self, f: IO[bytes], entry: _Entry, budget: _Budget) -> None:
+        self._f = f
+        self._entry = entry
+        self._budget = budget
+        self.count = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:  # never one unbounded read: a bomb would land in memory
+            parts = []
+            while chunk := self.read(_READ_CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        try:
+            data = self._f.read(min(size, _READ_CHUNK))
+        except ArchiveError:
+            raise
+        except Exception as exc:  # zlib.error, BadZipFile (CRC), tarfile.ReadError, lzma, …
+            raise _Corrupt(f"{type(exc).__name__}: {exc}") from exc
+        self.count += len(data)
+        if self.count > self._entry.limit:
+            raise _TooLarge(self._entry.over_limit)
+        self._budget.add(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = None) -> Walk:
+    """Read every member once, in archive order; ``store`` keeps a media file, returning its hash.
+
+    ``store`` must not keep a partial blob when reading the stream it is given raises
+    (``BlobStore.put_stream`` discards it).
+    """
+    limits = limits or Limits()
     result = Walk()
     with open(path, "rb") as f:
         kind = sniff(f.read(512))
     if kind is None:
         raise ArchiveError("not a zip, tar or tar.gz archive")
+    budget = _Budget(limits)
     try:
-        for name, opener in _members(path, kind, result):
-            _take(result, name, opener, store)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        for entry in _members(path, kind, result, limits, budget):
+            _take(result, entry, store, budget)
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, _Corrupt) as exc:
         raise ArchiveError(f"cannot read the {kind} archive: {exc}") from exc
+    finally:
+        result.unpacked_bytes = budget.used
     return result
 
 
-def _members(path: Path, kind: str, result: Walk
-             ) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+def _members(path: Path, kind: str, result: Walk, limits: Limits, budget: _Budget
+             ) -> Iterator[_Entry]:
     if kind == "zip":
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                result.members += 1
-                if info.is_dir():
-                    continue
-                if info.flag_bits & 0x1:
-                    result.skip(info.filename, "encrypted")
-                    continue
-                yield info.filename, (lambda info=info: zf.open(info))
-        return
+        yield from _zip_members(path, result, limits)
+    else:
+        yield from _tar_members(path, kind, result, limits, budget)
+
+
+def _count(result: Walk, limits: Limits) -> None:
+    result.members += 1
+    if result.members > limits.max_members:
+        raise ArchiveError(f"the archive has more than {limits.max_members} entries "
+                           "(limit MMBATCH_MAX_ARCHIVE_MEMBERS)")
+
+
+# --- zip ---------------------------------------------------------------------------------------
+
+
+def _zip_members(path: Path, result: Walk, limits: Limits) -> Iterator[_Entry]:
+    with open(path, "rb") as f:
+        entries, directory_bytes = _zip_directory_size(f)
+    if entries > limits.max_members:
+        raise ArchiveError(f"the archive has {entries} entries, more than "
+                           f"{limits.max_members} (limit MMBATCH_MAX_ARCHIVE_MEMBERS)")
+    if directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise ArchiveError(f"the zip's central directory is {directory_bytes} bytes, more than "
+                           f"{MAX_ZIP_DIRECTORY_BYTES}")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise
+    except Exception as exc:  # NotImplementedError, UnicodeDecodeError, struct.error, …
+        raise ArchiveError(f"cannot read the zip archive: {type(exc).__name__}: {exc}") from exc
+    with zf:
+        for info in zf.infolist():
+            _count(result, limits)
+            if info.is_dir():
+                continue
+            if info.flag_bits & 0x1:
+                result.skip(info.filename, "encrypted")
+                continue
+            mode = info.external_attr >> 16 if info.create_system == 3 else 0
+            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+                result.skip(info.filename, _file_type_reason(mode))
+                continue
+            ratio_limit = max(RATIO_GRACE_BYTES, int(info.compress_size * limits.max_ratio))
+            if ratio_limit < limits.max_member_bytes:
+                limit, over = ratio_limit, (
+                    f"unpacks to more than {limits.max_ratio:g} times its compressed size "
+                    f"({info.compress_size} bytes; limit MMBATCH_MAX_COMPRESSION_RATIO)")
+            else:
+                limit, over = limits.max_member_bytes, _too_large(limits)
+            yield _Entry(info.filename, info.file_size, lambda info=info: zf.open(info),
+                         limit, over, corrupt_is_fatal=False)
+
+
+def _zip_directory_size(f: IO[bytes]) -> tuple[int, int]:
+    """(entries, central directory bytes) from the end records, before zipfile reads them all.
+
+    (0, 0) when there is no end record: zipfile then says what is wrong.
+    """
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    tail_len = min(size, 65_535 + 22)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or pos + 22 > len(tail):
+        return 0, 0
+    entries, directory = struct.unpack("<HI", tail[pos + 10:pos + 16])
+    if pos >= 20 and tail[pos - 20:pos - 16] == b"PK\x06\x07":  # a Zip64 end record locator
+        (offset,) = struct.unpack("<Q", tail[pos - 12:pos - 4])
+        if offset < size:
+            f.seek(offset)
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                entries, directory = struct.unpack("<QQ", record[32:48])
+    return entries, directory
+
+
+# --- tar ---------------------------------------------------------------------------------------
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Refuses long-name and pax headers that tarfile would read whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:  # the documented extension hook
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+            if self.size > MAX_TAR_HEADER_BYTES:
+                raise ArchiveError(f"the tar archive has an extended header of {self.size} "
+                                   f"bytes (more than {MAX_TAR_HEADER_BYTES})")
+            seen = getattr(tarfile_, "_mmbatch_header_bytes", 0) + self.size
+            if seen > MAX_TAR_HEADERS_TOTAL:
+                raise ArchiveError(f"the tar archive's extended headers add up to more than "
+                                   f"{MAX_TAR_HEADERS_TOTAL} bytes")
+            tarfile_._mmbatch_header_bytes = seen  # type: ignore[attr-defined]
+        return super()._proc_member(tarfile_)
+
+
+class _Counted:
+    """Counts the compressed bytes read from the upload (for the compression ratio)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.count += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class _TarStream:
+    """The uncompressed tar stream: enforces the unpacked-size and ratio limits as it flows, and
+    remembers where the last non-zero byte was (a tar must end in zero blocks and nothing else).
+    """
+
+    def __init__(self, source: IO[bytes], compressed: _Counted | None, limits: Limits) -> None:
+        self._source = source
+        self._compressed = compressed
+        self._limits = limits
+        self.pos = 0
+        self.last_nonzero_end = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        stripped = len(data.rstrip(b"\0"))
+        if stripped:
+            self.last_nonzero_end = self.pos + stripped
+        self.pos += len(data)
+        limits = self._limits
+        if self.pos > limits.max_unpacked_bytes:
+            raise ArchiveError(f"the archive unpacks to more than {limits.max_unpacked_bytes} "
+                               "bytes (limit MMBATCH_MAX_UNPACKED_BYTES)")
+        if self._compressed is not None and self.pos > RATIO_GRACE_BYTES \
+                and self.pos > limits.max_ratio * max(self._compressed.count, 1):
+            raise ArchiveError(
+                f"the archive unpacks to more than {limits.max_ratio:g} times its compressed "
+                f"size ({self.pos} bytes from {self._compressed.count}; limit "
+                "MMBATCH_MAX_COMPRESSION_RATIO)")
+        return data
+
+    def drain(self) -> None:
+        while self.read(_READ_CHUNK):
+            pass
+
+
+def _tar_members(path: Path, kind: str, result: Walk, limits: Limits, budget: _Budget
+                 ) -> Iterator[_Entry]:
     with open(path, "rb") as raw:
-        source: IO[bytes] = gzip.GzipFile(fileobj=raw) if kind == "tar.gz" else raw
-        tail = _TailTracker(source)
-        with tarfile.open(fileobj=tail, mode="r|") as tf:  # type: ignore[call-overload]
-            for member in tf:
-                result.members += 1
+        compressed = _Counted(raw) if kind == "tar.gz" else None
+        source: IO[bytes] = (gzip.GzipFile(fileobj=compressed)  # type: ignore[arg-type]
+                             if compressed else raw)
+        stream = _TarStream(source, compressed, limits)
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r|",  # type: ignore[call-overload]
+                              tarinfo=_TarInfo)
+        except (ArchiveError, tarfile.TarError, EOFError, OSError):
+            raise
+        except Exception as exc:
+            raise ArchiveError(f"cannot read the {kind} archive: {type(exc).__name__}: {exc}"
+                               ) from exc
+        with tf:
+            while True:
+                try:
+                    member = tf.next()
+                except (ArchiveError, tarfile.TarError, EOFError, OSError):
+                    raise
+                except Exception as exc:  # RecursionError, zlib.error, ValueError, …
+                    raise ArchiveError(f"cannot read the {kind} archive: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                if member is None:
+                    break
+                tf.members.clear()  # stream mode keeps every header otherwise
+                _count(result, limits)
                 if member.isdir():
                     continue
                 if not member.isfile():
-                    result.skip(member.name, "not a regular file (link or device)")
+                    result.skip(member.name, _tar_type_reason(member))
                     continue
-                yield member.name, (lambda member=member: tf.extractfile(member))  # type: ignore
-        tail.drain()  # a truncated gzip stream raises EOFError here
-        if not tail.ends_with_zero_blocks():
+                if member.issparse():
+                    result.skip(member.name, "sparse file (not supported)")
+                    continue
+                yield _Entry(member.name, member.size,
+                             lambda member=member: tf.extractfile(member),  # type: ignore
+                             limits.max_member_bytes, _too_large(limits), corrupt_is_fatal=True)
+            end = tf.offset
+        stream.drain()  # a truncated gzip stream raises EOFError here
+        if stream.last_nonzero_end > end:
+            raise ArchiveError(f"the {kind} archive is corrupt: a bad header at byte {end} "
+                               "ends it early")
+        if stream.pos - end < 1024:
             raise ArchiveError(f"the {kind} archive is truncated: it ends without the "
                                "end-of-archive marker")
 
 
-class _TailTracker:
-    """Reads through a stream, remembering its last 1,024 bytes (a tar ends with zero blocks)."""
-
-    def __init__(self, source: IO[bytes]) -> None:
-        self._source = source
-        self._tail = b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._source.read(size)
-        self._tail = (self._tail + data)[-1024:]
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def ends_with_zero_blocks(self) -> bool:
-        return len(self._tail) == 1024 and not self._tail.strip(b"\0")
+def _tar_type_reason(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    if member.ischr() or member.isblk():
+        return "device file"
+    if member.isfifo():
+        return "FIFO"
+    return "not a regular file"
 
 
-def _take(result: Walk, raw_name: str, opener: Callable[[], IO[bytes]],
-          store: Callable[[IO[bytes]], str]) -> None:
+def _file_type_reason(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    return "not a regular file"
+
+
+def _too_large(limits: Limits) -> str:
+    return f"larger than {limits.max_member_bytes} bytes (limit MMBATCH_MAX_MEMBER_BYTES)"
+
+
+# --- members -----------------------------------------------------------------------------------
+
+
+def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
+          budget: _Budget) -> None:
+    raw_name = entry.name
+    try:
+        raw_name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile keeps undecodable bytes as surrogates
+        result.skip(raw_name.encode("utf-8", "replace").decode("utf-8"),
+                    "name is not valid UTF-8")
+        return
     name = safe_name(raw_name)
     if name is None:
         result.skip(raw_name, "unsafe path")
         return
-    base = posixpath.basename(name)
-    if base.startswith(".") or name.startswith("__MACOSX/"):
+    if len(name) > MAX_NAME_CHARS:
+        result.skip(name[:MAX_NAME_CHARS] + "…", f"path longer than {MAX_NAME_CHARS} characters")
+        return
+    if any(part.startswith(".") for part in name.split("/")) or name.startswith("__MACOSX/"):
         result.skip(name, "hidden file")
         return
     if name == LABELS_FILE:
-        with opener() as f:
-            data = f.read(MAX_LABELS_BYTES + 1)
-        if len(data) > MAX_LABELS_BYTES:
-            raise ArchiveError(f"{LABELS_FILE} is larger than {MAX_LABELS_BYTES} bytes")
+        if result.has_labels:
+            result.skip(name, f"a second {LABELS_FILE} (the first one counts)")
+            return
+        result.has_labels = True
+        labels_entry = _Entry(name, entry.size, entry.opener, MAX_LABELS_BYTES,
+                              f"{LABELS_FILE} is larger than {MAX_LABELS_BYTES} bytes",
+                              entry.corrupt_is_fatal)
+        try:
+            with entry.opener() as f:
+                data = _MemberReader(f, labels_entry, budget).read()
+        except _TooLarge as exc:
+            raise ArchiveError(str(exc)) from exc
         result.labels = parse_labels(data)
+        return
+    ext = posixpath.splitext(name)[1].lower()
+    if ext in NESTED_ARCHIVE_EXTS:
+        result.skip(name, "nested archive (archives inside archives are not unpacked)")
         return
     modality = modality_of(name)
     if modality is None:
         result.skip(name, "unsupported file type")
         return
+    if entry.size == 0:
+        result.skip(name, "empty file (0 bytes)")
+        return
+    if entry.size > entry.limit:
+        result.skip(name, entry.over_limit)
+        return
     key = posixpath.splitext(name)[0]
-    media = result.items.setdefault(key, {})
+    media = result.items.get(key, {})
     if modality in media:
         result.skip(name, f"item {key} already has an {modality} file "
                           f"({media[modality]['name']})")
         return
-    with opener() as f:
-        digest = store(f)
-    media[modality] = {"blob": digest, "name": name}
+    try:
+        with entry.opener() as f:
+            digest = store(_MemberReader(f, entry, budget))  # type: ignore[arg-type]
+    except _TooLarge as exc:
+        result.skip(name, str(exc))
+        return
+    except _Corrupt as exc:
+        if entry.corrupt_is_fatal:
+            raise
+        result.skip(name, f"corrupt member ({exc})")
+        return
+    except NotImplementedError as exc:  # zip: an unsupported compression method
+        result.skip(name, f"cannot unpack ({exc})")
+        return
+    result.items.setdefault(key, media)[modality] = {"blob": digest, "name": name}
 
 
 def parse_labels(data: bytes) -> dict[str, tuple[str, str | None]]:
@@ -177,13 +517,19 @@ def parse_labels(data: bytes) -> dict[str, tuple[str, str | None]]:
     except UnicodeDecodeError as exc:
         raise ArchiveError(f"{LABELS_FILE} is not valid UTF-8: {exc}") from exc
     labels: dict[str, tuple[str, str | None]] = {}
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:  # e.g. a NUL byte, or a field over the csv module's size limit
+        raise ArchiveError(f"{LABELS_FILE} is not valid CSV: {exc}") from exc
+    for lineno, row in enumerate(rows, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
         if lineno == 1 and row[0].strip().lower() == "key":
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise ArchiveError(f"{LABELS_FILE} line {lineno}: expected key,label[,split]")
+        if len(row[1].strip()) > 255:
+            raise ArchiveError(f"{LABELS_FILE} line {lineno}: a label is at most 255 characters")
         split = row[2].strip().lower() if len(row) > 2 and row[2].strip() else None
         if split is not None and split not in VAL_SPLITS | TRAIN_SPLITS:
             raise ArchiveError(f"{LABELS_FILE} line {lineno}: unknown split {row[2]!r} "

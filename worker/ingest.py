@@ -6,7 +6,7 @@ import logging
 from typing import IO
 
 from store import jobs
-from worker.archive import ArchiveError, walk
+from worker.archive import ArchiveError, Limits, walk
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         return rt.blobs.put_stream(f)
 
     try:
-        found = walk(rt.blobs.path(archive_blob), store)
+        found = walk(rt.blobs.path(archive_blob), store, Limits.from_settings(rt.settings))
     except ArchiveError as exc:
         _fail(rt, job_id, str(exc))
         return []

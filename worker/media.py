@@ -8,10 +8,20 @@ imported lazily (only audio resampling needs it).
 
 from __future__ import annotations
 
+import codecs
 import io
+import json
 import math
 import os
-import warnings
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -20,17 +30,32 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "AUDIO_EXTS",
     "IMAGE_EXTS",
+    "IMAGE_FORMATS",
     "TEXT_EXTS",
+    "DecodeSandbox",
     "MediaError",
     "decode_audio",
     "decode_image",
     "decode_text",
     "modality_of",
+    "read_audio",
 ]
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 TEXT_EXTS = frozenset({".txt"})
 AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3"})
+
+# Only these PIL plugins ever see uploaded bytes, whatever the file is called: TIFF, EPS
+# (Ghostscript), PSD, FLI, SGI, JPEG 2000 and the rest have a long history of decoder bugs.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# libsndfile reads two dozen containers; uploads reach it only as these (checked on the bytes
+# before libsndfile parses anything, and on what libsndfile then reports).
+_AUDIO_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3"})
+AUDIO_MIN_RATE, AUDIO_MAX_RATE = 1_000, 384_000
+AUDIO_MAX_CHANNELS = 32
+# A sinc resampler's kernel is (target/g) x (rate/g) values for g = gcd(rate, target): 44,101 Hz
+# to 16 kHz would need 16,000 x 44,101. Past this many, the rate is rounded to 100 Hz first.
+_MAX_RESAMPLE_KERNEL = 4_000_000
 
 # JPEGs are decoded at a reduced DCT scale no smaller than this; the encoders crop 224 px.
 _JPEG_DRAFT_SIZE = (320, 320)
@@ -41,7 +66,7 @@ class MediaError(Exception):
     """A file that cannot be decoded.
 
     The message is user-facing, e.g.
-    ``'image animals/cat_001.jpg: cannot identify image file (truncated or not an image)'``.
+    ``'image animals/cat_001.jpg: truncated or corrupt image data (image file is truncated)'``.
     """
 
 
@@ -69,7 +94,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
         # The default max_pixels is below PIL's own warning threshold; PIL still raises
         # DecompressionBombError past twice its MAX_IMAGE_PIXELS. (No warnings.catch_warnings
         # here: it is not thread-safe, and decoding runs in a thread pool.)
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = img.size
         if width * height > max_pixels:
             raise MediaError(
@@ -84,7 +109,8 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
         raise
     except UnidentifiedImageError as exc:
         raise MediaError(
-            f"image {name}: cannot identify image file (truncated or not an image)"
+            f"image {name}: cannot identify image file "
+            "(truncated, or not a JPEG, PNG, WebP, BMP or GIF image)"
         ) from exc
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image {name}: too many pixels ({exc})") from exc
@@ -107,10 +133,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_text(data: bytes, name: str, max_chars: int = 100_000) -> str:
-    """Decode UTF-8 text (a leading BOM is dropped), truncated to ``max_chars`` characters."""
+    """Decode UTF-8 text (a leading BOM is dropped), truncated to ``max_chars`` characters.
+
+    Only the bytes that can hold the kept characters are decoded (and checked), so a huge file
+    costs no more than a short one.
+    """
     offset = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+    window = data[offset:offset + 4 * max_chars]  # a UTF-8 character is at most 4 bytes
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        text = data[offset:].decode("utf-8")
+        text = decoder.decode(window, final=offset + len(window) == len(data))
     except UnicodeDecodeError as exc:
         bad = exc.object[exc.start]
         raise MediaError(
@@ -120,39 +152,103 @@ def decode_text(data: bytes, name: str, max_chars: int = 100_000) -> str:
 
 
 def decode_audio(
-    data: bytes, name: str, target_rate: int = 16000, max_seconds: float = 30.0
+    data: bytes,
+    name: str,
+    target_rate: int = 16000,
+    max_seconds: float = 30.0,
+    too_long: str = "cut",
 ) -> np.ndarray:
-    """Decode an audio file to mono samples at ``target_rate`` Hz, cut to ``max_seconds``.
+    """Decode an audio file to mono samples at ``target_rate`` Hz.
 
-    Returns a 1-D ``float32`` array of shape ``(T,)``.
+    Audio longer than ``max_seconds`` is cut to it (``too_long="cut"``) or fails
+    (``too_long="fail"``). Returns a 1-D ``float32`` array of shape ``(T,)``.
     """
-    if not data:
-        raise MediaError(f"audio {name}: empty file")
-    try:
-        with soundfile.SoundFile(io.BytesIO(data)) as f:
-            rate = f.samplerate
-            limit = max(1, math.ceil(max_seconds * rate))
-            # frames is exact for WAV/FLAC/OGG; -1 reads to the end where it is not known.
-            frames = min(f.frames, limit) if f.frames > 0 else -1
-            samples = f.read(frames=frames, dtype="float32", always_2d=True)  # (T, C)
-    except Exception as exc:  # libsndfile reports through several exception types
-        raise MediaError(f"audio {name}: cannot decode ({_sndfile_reason(exc)})") from exc
-
-    samples = samples[:limit]
-    if samples.size == 0:
-        raise MediaError(f"audio {name}: no audio samples")
-    mono = samples.mean(axis=1, dtype=np.float32)  # (T,)
-    if not np.isfinite(mono).all():
-        raise MediaError(f"audio {name}: contains non-finite samples (corrupt file)")
+    mono, rate = read_audio(data, name, max_seconds=max_seconds, too_long=too_long)
     if rate != target_rate:
-        mono = _resample(mono, rate, target_rate)
+        mono = _resample(mono, rate, target_rate, name)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _resample(mono: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+def read_audio(
+    data: bytes, name: str, max_seconds: float = 30.0, too_long: str = "cut"
+) -> tuple[np.ndarray, int]:
+    """Mono ``float32`` samples ``(T,)`` at the file's own rate, and that rate.
+
+    Reads one second at a time, so memory follows the samples really present, not what the
+    header claims (frames, channels); the rate and channel count must be plausible.
+    """
+    if too_long not in ("cut", "fail"):
+        raise ValueError(f"too_long must be 'cut' or 'fail', not {too_long!r}")
+    if not data:
+        raise MediaError(f"audio {name}: empty file")
+    if not _looks_like_audio(data):
+        raise MediaError(f"audio {name}: cannot decode (not a WAV, FLAC, Ogg or MP3 file)")
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            if f.format not in _AUDIO_FORMATS:
+                raise MediaError(f"audio {name}: {f.format} audio is not supported "
+                                 "(WAV, FLAC, Ogg, MP3)")
+            rate, channels = f.samplerate, f.channels
+            if not AUDIO_MIN_RATE <= rate <= AUDIO_MAX_RATE:
+                raise MediaError(f"audio {name}: sample rate {rate} Hz is outside "
+                                 f"{AUDIO_MIN_RATE}..{AUDIO_MAX_RATE} Hz")
+            if not 1 <= channels <= AUDIO_MAX_CHANNELS:
+                raise MediaError(f"audio {name}: {channels} channels (at most "
+                                 f"{AUDIO_MAX_CHANNELS})")
+            limit = max(1, math.ceil(max_seconds * rate))
+            mono = _read_mono(f, limit + 1 if too_long == "fail" else limit)
+    except MediaError:
+        raise
+    except Exception as exc:  # libsndfile reports through several exception types
+        raise MediaError(f"audio {name}: cannot decode ({_sndfile_reason(exc)})") from exc
+
+    if len(mono) > limit:
+        if too_long == "fail":
+            raise MediaError(f"audio {name}: longer than {max_seconds:g} s "
+                             "(the limit MMBATCH_AUDIO_MAX_SECONDS)")
+        mono = mono[:limit]
+    if mono.size == 0:
+        raise MediaError(f"audio {name}: no audio samples")
+    if not np.isfinite(mono).all():
+        raise MediaError(f"audio {name}: contains non-finite samples (corrupt file)")
+    return mono, rate
+
+
+def _looks_like_audio(data: bytes) -> bool:
+    head = data[:12]
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return True
+    if head[:4] in (b"fLaC", b"OggS") or head[:3] == b"ID3":  # ID3: MP3 (or FLAC) with a tag
+        return True
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0  # an MPEG frame
+
+
+def _read_mono(f: soundfile.SoundFile, frames: int) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    got = 0
+    block = max(1, f.samplerate)
+    while got < frames:
+        chunk = f.read(frames=min(block, frames - got), dtype="float32", always_2d=True)  # (t, C)
+        if len(chunk) == 0:
+            break
+        parts.append(chunk.mean(axis=1, dtype=np.float32))  # (t,)
+        got += len(chunk)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def _resample(mono: np.ndarray, rate: int, target_rate: int, name: str = "") -> np.ndarray:
     import torch
     import torchaudio.functional
 
+    g = math.gcd(rate, target_rate)
+    if (rate // g) * (target_rate // g) > _MAX_RESAMPLE_KERNEL:
+        # An odd rate (44,101 Hz) would need a huge kernel; 100 Hz closer is off by < 0.3 %.
+        rate = max(100, round(rate / 100) * 100)
+        g = math.gcd(rate, target_rate)
+        if (rate // g) * (target_rate // g) > _MAX_RESAMPLE_KERNEL:
+            raise MediaError(f"audio {name}: cannot resample {rate} Hz to {target_rate} Hz")
+    if rate == target_rate:
+        return mono
     with torch.inference_mode():
         out = torchaudio.functional.resample(torch.from_numpy(mono), rate, target_rate)
     return out.numpy()
@@ -164,3 +260,293 @@ def _sndfile_reason(exc: Exception) -> str:
     if ">: " in text:
         text = text.split(">: ", 1)[1]
     return text or type(exc).__name__
+
+
+# --- decode isolation --------------------------------------------------------------------------
+#
+# PIL and libsndfile are C libraries fed bytes from strangers. In the worker's thread pool, a file
+# that makes one of them loop forever holds a thread (and the batch) forever, and one that makes it
+# crash takes the whole worker process down. DecodeSandbox runs the same decode functions in
+# long-lived child processes instead: each call has a wall-clock limit, each child an address-space
+# limit, and a child that overruns, crashes or misbehaves is killed and replaced while only its
+# item fails. Nothing crosses the process boundary but JSON headers and raw sample bytes (never a
+# pickle: a child that parsed hostile data is not trusted either), and the parent checks the shape
+# and size of everything it gets back.
+
+_FRAME = struct.Struct("!IQ")  # header length, payload length
+_MAX_REPLY_HEADER = 64 * 1024
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class _ChildFailed(Exception):
+    """The child died, timed out or broke the protocol; ``during_write``: before it had the file."""
+
+    def __init__(self, message: str, *, timed_out: bool = False, during_write: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+        self.during_write = during_write
+
+
+class _Child:
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, close_fds=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in = self.proc.stdin.fileno()
+        self._out = self.proc.stdout.fileno()
+        os.set_blocking(self._in, False)
+        self.uses = 0
+
+    def call(self, header: dict[str, Any], payload: bytes, timeout: float,
+             max_reply: int) -> tuple[dict[str, Any], bytes]:
+        deadline = time.monotonic() + timeout
+        head = json.dumps(header).encode()
+        try:
+            self._write(_FRAME.pack(len(head), len(payload)) + head, deadline)
+            self._write(payload, deadline)
+        except _ChildFailed as exc:
+            exc.during_write = True
+            raise
+        hlen, plen = _FRAME.unpack(self._read(_FRAME.size, deadline))
+        if hlen > _MAX_REPLY_HEADER or plen > max_reply:
+            raise _ChildFailed(f"the decoder sent a reply of {plen} bytes (at most {max_reply})")
+        try:
+            reply = json.loads(self._read(hlen, deadline))
+        except ValueError as exc:
+            raise _ChildFailed("the decoder sent an unreadable reply") from exc
+        if not isinstance(reply, dict):
+            raise _ChildFailed("the decoder sent an unreadable reply")
+        body = self._read(plen, deadline)
+        self.uses += 1
+        return reply, body
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self._in, select.POLLOUT)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise _ChildFailed("timed out", timed_out=True)
+            try:
+                n = os.write(self._in, view[: 1 << 16])
+            except BlockingIOError:
+                continue
+            except OSError as exc:  # EPIPE: the child is gone
+                raise _ChildFailed(self._death(f"broken pipe: {exc}")) from exc
+            view = view[n:]
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        parts: list[bytes] = []
+        poller = select.poll()
+        poller.register(self._out, select.POLLIN)
+        while n > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise _ChildFailed("timed out", timed_out=True)
+            chunk = os.read(self._out, min(n, 1 << 20))
+            if not chunk:
+                raise _ChildFailed(self._death("it closed its output"))
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    def _death(self, fallback: str) -> str:
+        try:
+            code = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return fallback
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        self.proc.wait()
+
+
+class DecodeSandbox:
+    """Decode images and audio in child processes, with a time limit per file.
+
+    Thread-safe: at most ``processes`` decodes run at once (callers beyond that wait), one per
+    child. The pipeline's thread pool calls :meth:`decode_image` / :meth:`decode_audio` where it
+    called the module functions; they take the same arguments, return the same values and raise
+    :class:`MediaError` for a file that times out, crashes its decoder or is simply bad. Text is
+    pure Python and bounded; it needs no sandbox.
+
+    ``memory_bytes`` caps each child's address space (``RLIMIT_AS``); ``max_uses`` recycles a
+    child after that many files. ``command`` replaces the child's command line (tests use it to
+    run a child whose decoder hangs or crashes on purpose).
+    """
+
+    def __init__(self, processes: int = 2, timeout: float = 60.0,
+                 memory_bytes: int = 4 * 1024**3, max_uses: int = 1000,
+                 command: list[str] | None = None) -> None:
+        if processes < 1 or timeout <= 0:
+            raise ValueError("processes must be >= 1 and timeout > 0")
+        self.timeout = timeout
+        self.max_uses = max_uses
+        self._command = command or [sys.executable, "-c",
+                                    "from worker.media import _serve; _serve()"]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
+        env.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                    "MKL_NUM_THREADS": "1", "MMBATCH_DECODE_MEMORY_BYTES": str(memory_bytes)})
+        self._env = env
+        self._slots = threading.BoundedSemaphore(processes)
+        self._lock = threading.Lock()
+        self._idle: list[_Child] = []
+        self._all: set[_Child] = set()
+        self._closed = False
+        self.restarts = 0  # children killed for a timeout, a crash or a protocol error
+
+    def decode_image(self, data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+        if not data:
+            raise MediaError(f"image {name}: empty file")
+        reply, body = self._call("image", name, {"max_pixels": max_pixels}, data,
+                                 max_reply=3 * max_pixels)
+        size = reply.get("size")
+        if not (isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, int) and v > 0 for v in size)
+                and size[0] * size[1] <= max_pixels and len(body) == 3 * size[0] * size[1]):
+            raise MediaError(f"image {name}: cannot decode (the decoder sent a malformed image)")
+        return Image.frombytes("RGB", (size[0], size[1]), body)
+
+    def decode_audio(self, data: bytes, name: str, target_rate: int = 16000,
+                     max_seconds: float = 30.0, too_long: str = "cut") -> np.ndarray:
+        if not data:
+            raise MediaError(f"audio {name}: empty file")
+        max_frames = math.ceil(max_seconds * AUDIO_MAX_RATE) + 1
+        reply, body = self._call("audio", name,
+                                 {"max_seconds": max_seconds, "too_long": too_long}, data,
+                                 max_reply=4 * max_frames)
+        rate = reply.get("rate")
+        if not (isinstance(rate, int) and AUDIO_MIN_RATE <= rate <= AUDIO_MAX_RATE
+                and 0 < len(body) and len(body) % 4 == 0
+                and len(body) // 4 <= math.ceil(max_seconds * rate)):
+            raise MediaError(f"audio {name}: cannot decode (the decoder sent malformed samples)")
+        mono = np.frombuffer(body, dtype="<f4").astype(np.float32)
+        if not np.isfinite(mono).all():
+            raise MediaError(f"audio {name}: contains non-finite samples (corrupt file)")
+        if rate != target_rate:
+            mono = _resample(mono, rate, target_rate, name)
+        return np.ascontiguousarray(mono, dtype=np.float32)
+
+    def _call(self, op: str, name: str, args: dict[str, Any], data: bytes,
+              max_reply: int) -> tuple[dict[str, Any], bytes]:
+        header = {"op": op, "name": name, **args}
+        with self._slots:
+            for attempt in (1, 2):
+                child, fresh = self._take()
+                try:
+                    reply, body = child.call(header, data, self.timeout, max_reply)
+                except _ChildFailed as exc:
+                    self._drop(child)
+                    if exc.during_write and not fresh and attempt == 1:
+                        continue  # it had died while idle: not this file's doing
+                    if exc.timed_out:
+                        raise MediaError(f"{op} {name}: decoding took longer than "
+                                         f"{self.timeout:g} s (stopped)") from None
+                    raise MediaError(f"{op} {name}: the decoder crashed ({exc})") from None
+                self._give_back(child)
+                break
+        if not reply.get("ok"):
+            raise MediaError(str(reply.get("error") or f"{op} {name}: cannot decode"))
+        return reply, body
+
+    def _take(self) -> tuple[_Child, bool]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decode sandbox is closed")
+            if self._idle:
+                return self._idle.pop(), False
+            child = _Child(self._command, self._env)
+            self._all.add(child)
+            return child, True
+
+    def _give_back(self, child: _Child) -> None:
+        with self._lock:
+            if self._closed or child.uses >= self.max_uses:
+                self._all.discard(child)
+                child.kill()
+            else:
+                self._idle.append(child)
+
+    def _drop(self, child: _Child) -> None:
+        with self._lock:
+            self._all.discard(child)
+            self.restarts += 1
+        child.kill()
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.proc.pid for c in self._all]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            children, self._all, self._idle = list(self._all), set(), []
+        for child in children:
+            child.kill()
+
+    def __enter__(self) -> "DecodeSandbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve() -> None:
+    """A sandbox child: decode requests from stdin, replies on the original stdout."""
+    import resource
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a C library prints goes to stderr, not into the replies
+    memory = int(os.environ.get("MMBATCH_DECODE_MEMORY_BYTES", "0"))
+    if memory > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    inp = sys.stdin.buffer
+    while True:
+        head = inp.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return  # the parent closed the pipe
+        hlen, plen = _FRAME.unpack(head)
+        header = json.loads(inp.read(hlen))
+        payload = inp.read(plen)
+        op, name = header["op"], header["name"]
+        body = b""
+        try:
+            if op == "image":
+                img = decode_image(payload, name, max_pixels=header["max_pixels"])
+                reply: dict[str, Any] = {"ok": True, "size": list(img.size)}
+                body = img.tobytes()
+            elif op == "audio":
+                mono, rate = read_audio(payload, name, max_seconds=header["max_seconds"],
+                                        too_long=header["too_long"])
+                reply = {"ok": True, "rate": rate}
+                body = np.ascontiguousarray(mono, dtype="<f4").tobytes()
+            else:
+                reply = {"ok": False, "error": f"unknown operation {op!r}"}
+        except MediaError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except MemoryError:
+            reply = {"ok": False, "error": f"{op} {name}: cannot decode (out of memory)"}
+        except Exception as exc:  # a decoder bug fails the file, not the child
+            reply = {"ok": False, "error": f"{op} {name}: cannot decode "
+                                           f"({type(exc).__name__}: {exc})"}
+        data = json.dumps(reply).encode()
+        out.write(_FRAME.pack(len(data), len(body)) + data)
+        out.write(body)
+        out.flush()
