@@ -170,7 +170,8 @@ def _decoder(rt: Runtime, modality: str) -> Callable[[bytes, str], Any]:
         return lambda data, name: media.decode_image(data, name, max_pixels=s.max_image_pixels)
     if modality == "text":
         return lambda data, name: media.decode_text(data, name, max_chars=s.text_max_chars)
-    return lambda data, name: media.decode_audio(data, name, max_seconds=s.audio_max_seconds)
+    return lambda data, name: media.decode_audio(data, name, max_seconds=s.audio_max_seconds,
+                                                 too_long=s.audio_too_long)
 
 
 def _outcomes(rt: Runtime, batch: BatchInput, encoded: Encoded) -> list[jobs.ItemOutcome]:
