@@ -89,7 +89,7 @@ def test_not_an_archive_and_truncated_archive(tmp_path: Path) -> None:
     good = _write(tmp_path / "a.tar.gz", "tar.gz", {f"k{i}.txt": b"x" * 5000 for i in range(50)})
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ArchiveError, match="cannot read"):
+    with pytest.raises(ArchiveError, match="truncated"):
         walk(cut, blobs.put_stream)
 
 

@@ -204,6 +204,9 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
     except ArchiveError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, _Corrupt) as exc:
+        if isinstance(exc, EOFError) or isinstance(exc.__cause__, EOFError):
+            raise ArchiveError(f"the {kind} archive is truncated: {exc.__cause__ or exc}"
+                               ) from exc
         raise ArchiveError(f"cannot read the {kind} archive: {exc}") from exc
     finally:
         result.unpacked_bytes = budget.used
@@ -516,6 +519,8 @@ def parse_labels(data: bytes) -> dict[str, tuple[str, str | None]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ArchiveError(f"{LABELS_FILE} is not valid UTF-8: {exc}") from exc
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL
+        raise ArchiveError(f"{LABELS_FILE} is not valid CSV: it contains a NUL byte")
     labels: dict[str, tuple[str, str | None]] = {}
     try:
         rows = list(csv.reader(io.StringIO(text)))
