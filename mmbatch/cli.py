@@ -26,6 +26,14 @@ def _default_url(settings: Settings) -> str:
     return os.environ.get("MMBATCH_URL", f"http://{settings.host}:{settings.port}")
 
 
+def _client(url: str | None) -> Any:
+    from mmbatch.client import Client
+    from mmbatch.keyfile import client_key
+
+    settings = _settings()
+    return Client(url or _default_url(settings), api_key=client_key(settings))
+
+
 @click.group()
 @click.version_option(package_name="mmbatch")
 def main() -> None:
@@ -59,10 +67,16 @@ def up(host: str | None, port: int | None) -> None:
     from mmbatch.stack import Stack
     from store.migrate import upgrade
 
+    from mmbatch.keyfile import ensure_first_key, key_path
+
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
-    stack = Stack(settings, host or settings.host, port or settings.port)
+    first = ensure_first_key(settings)
+    if first:
+        click.echo(f"created the first API key (saved to {key_path(settings)}; "
+                   f"the command line uses it):\n  {first}")
+    stack = Stack(settings, host or settings.host, port or settings.port, beat=True)
     # SIGTERM ends `up` like Ctrl-C does: through the finally below, which stops both children.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     stack.start()
@@ -107,14 +121,16 @@ def web(host: str | None, port: int | None) -> None:
 @click.option("--model", type=int, default=None, help="Model version id (default: the default).")
 @click.option("--name", default=None, help="Name of the model a train job makes.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the job, with a progress bar.")
+@click.option("--idempotency-key", default=None, help="Submitting again with it returns the same job.")
+@click.option("--callback-url", default=None, help="POSTed (signed) when the job ends.")
 @click.option("--url", default=None, help="API base URL (default MMBATCH_URL or host:port).")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
-           url: str | None) -> None:
+           idempotency_key: str | None, callback_url: str | None, url: str | None) -> None:
     """Upload ARCHIVE as a new job."""
-    from mmbatch.client import Client
-
-    client = Client(url or _default_url(_settings()))
-    job = _run(lambda: client.submit(archive, kind, model=model, name=name))
+    client = _client(url)
+    job = _run(lambda: client.submit(archive, kind, model=model, name=name,
+                                     idempotency_key=idempotency_key,
+                                     callback_url=callback_url))
     click.echo(f"job {job['id']} {job['state']}")
     if wait:
         job = _wait(client, job["id"])
@@ -128,42 +144,143 @@ def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: 
 @click.option("--url", default=None)
 def status(job_id: str, url: str | None) -> None:
     """Print a job's state as JSON."""
-    from mmbatch.client import Client
-
-    client = Client(url or _default_url(_settings()))
+    client = _client(url)
     click.echo(json.dumps(_run(lambda: client.job(job_id)), indent=2))
 
 
 @main.command()
 @click.argument("job_id")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl")
 @click.option("--embeddings", is_flag=True, help="Include fused embeddings.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write (default: standard output; required for parquet).")
 @click.option("--url", default=None)
 def results(job_id: str, fmt: str, embeddings: bool, output: Path | None,
             url: str | None) -> None:
-    """Write a job's per-item results as JSON lines or CSV."""
-    from mmbatch.client import Client
+    """Export a job's per-item results (streamed by the server) as JSON lines, CSV or Parquet."""
+    client = _client(url)
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet needs --output FILE")
+    if output is None:
+        _run(lambda: client.export(job_id, fmt, sys.stdout.buffer, embeddings))
+        return
+    with open(output, "wb") as out:
+        _run(lambda: client.export(job_id, fmt, out, embeddings))
+    click.echo(f"wrote {output}", err=True)
 
-    client = Client(url or _default_url(_settings()))
-    out = open(output, "w", newline="") if output else sys.stdout
+
+@main.command()
+@click.argument("job_id")
+@click.option("--url", default=None)
+def cancel(job_id: str, url: str | None) -> None:
+    """Cancel a job: outstanding batches stop; results already written stay."""
+    job = _run(lambda: _client(url).cancel(job_id))
+    click.echo(f"job {job['id']} {job['state']}")
+
+
+@main.command("jobs")
+@click.option("--state", default=None)
+@click.option("--kind", default=None)
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--url", default=None)
+def list_jobs(state: str | None, kind: str | None, limit: int, url: str | None) -> None:
+    """List recent jobs."""
+    filters = {k: v for k, v in {"state": state, "kind": kind, "limit": limit}.items() if v}
+    for job in _run(lambda: _client(url).jobs(**filters)):
+        click.echo(f"{job['id']}  {job['kind']:<9} {job['state']:<10} "
+                   f"{job['done'] + job['failed']}/{job['total']}  {job['created_at']}")
+
+
+@main.command()
+@click.option("--now", is_flag=True,
+              help="Plan the reprocess jobs in this process and enqueue their batches, instead of "
+                   "asking a worker to.")
+@click.option("--model", type=int, default=None, help="Model version (default: the default).")
+@click.option("--limit", type=int, default=None, help="At most this many items per tenant.")
+def reprocess(now: bool, model: int | None, limit: int | None) -> None:
+    """Reprocess items whose result is missing, failed, or from an older model, for every tenant."""
+    from worker.app import TASK_PROCESS_BATCH, TASK_REPROCESS, create_celery
+
+    settings = _settings()
+    celery = create_celery(settings)
+    if not now:
+        celery.send_task(TASK_REPROCESS, kwargs={"model_id": model, "limit": limit})
+        click.echo("reprocessing requested; a worker will start it (see: mmbatch jobs --kind reprocess)")
+        return
+    from store import jobs as job_store
+    from worker import reprocess as reprocessing
+    from worker.runtime import Runtime
+
+    rt = Runtime(settings)
     try:
-        rows = _run(lambda: list(client.results(job_id, embeddings=embeddings)))
-        if fmt == "jsonl":
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-        else:
-            fields = ["item_id", "key", "modalities", "status", "label", "confidence",
-                      "given_label", "split", "error", "top_k"] + (["embedding"] if embeddings
-                                                                    else [])
-            w = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
-                            for k, v in row.items()} | {"modalities": "+".join(row["modalities"])})
+        for tenant in reprocessing.tenants_with_models(rt):
+            result = reprocessing.start(rt, tenant, model, limit)
+            click.echo(f"tenant {tenant}: {result.reason}"
+                       + (f" (job {result.job_id}, {result.items} items)" if result.items else ""))
+            if result.reason == "started" and result.job_id:
+                with rt.db.session() as s:
+                    ids = job_store.item_ids(s, result.job_id)
+                for i in range(0, len(ids), settings.batch_size):
+                    celery.send_task(TASK_PROCESS_BATCH,
+                                     args=[result.job_id, ids[i:i + settings.batch_size]])
     finally:
-        if output:
-            out.close()
+        rt.close()
+
+
+@main.group()
+def keys() -> None:
+    """API keys (stored hashed; a new key is printed once)."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="What the key is for.")
+@click.option("--tenant", default=None, help="Existing or new tenant (default: a new tenant).")
+def keys_create(name: str, tenant: str | None) -> None:
+    from store import keys as key_store
+    from store.db import Database
+    from store.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    db = Database(settings.db_url)
+    try:
+        with db.session() as s:
+            new = key_store.create_key(s, name, tenant)
+    finally:
+        db.dispose()
+    click.echo(f"tenant: {new.tenant}\nkey: {new.key}\nwebhook secret: {new.webhook_secret}\n"
+               "(shown once: store them now)")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    from store import keys as key_store
+    from store.db import Database
+
+    db = Database(_settings().db_url)
+    try:
+        with db.session() as s:
+            for key, tenant in key_store.list_keys(s):
+                state = "revoked" if key.revoked_at else "active"
+                click.echo(f"{key.id}  {key.prefix}…  {key.name:<20} tenant={tenant:<20} {state}")
+    finally:
+        db.dispose()
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    from store import keys as key_store
+    from store.db import Database
+
+    db = Database(_settings().db_url)
+    try:
+        with db.session() as s:
+            if not key_store.revoke(s, key_id):
+                raise click.ClickException(f"no active key {key_id}")
+    finally:
+        db.dispose()
+    click.echo(f"revoked key {key_id}")
 
 
 @main.group()
@@ -174,9 +291,7 @@ def models() -> None:
 @models.command("list")
 @click.option("--url", default=None)
 def models_list(url: str | None) -> None:
-    from mmbatch.client import Client
-
-    client = Client(url or _default_url(_settings()))
+    client = _client(url)
     click.echo(json.dumps(_run(client.models), indent=2))
 
 
@@ -200,6 +315,7 @@ def sample(out_dir: Path, n_train: int, n_unlabelled: int, seed: int) -> None:
 def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
     """Start the embedded stack, train on the sample, classify the unlabelled sample."""
     from mmbatch.client import Client
+    from mmbatch.keyfile import client_key, ensure_first_key
     from mmbatch.sample import write_sample
     from mmbatch.stack import Stack
     from store.migrate import upgrade
@@ -210,11 +326,12 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
     sample_set = write_sample(settings.data_dir / "sample", n_train=n_train,
                               n_unlabelled=n_unlabelled)
     upgrade(settings.db_url)
+    ensure_first_key(settings)
     stack = Stack(settings, "127.0.0.1", port or _free_port(),
                   log_dir=settings.data_dir / "logs")
     click.echo(f"starting web and worker on {stack.url} (logs in {stack.log_dir})")
     with stack:
-        client = Client(stack.url)
+        client = Client(stack.url, api_key=client_key(settings))
         click.echo("training a fusion classifier on the labelled sample")
         train = client.submit(sample_set.train, "train", name="demo")
         train = _wait(client, train["id"])

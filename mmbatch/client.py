@@ -16,9 +16,11 @@ class ApiError(RuntimeError):
 
 
 class Client:
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.base = base_url.rstrip("/")
         self.http = requests.Session()
+        if api_key:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -35,13 +37,35 @@ class Client:
         return self._call("GET", "/healthz")
 
     def submit(self, archive: Path, kind: str, model: int | None = None,
-               **options: Any) -> dict[str, Any]:
+               idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
         data = {"kind": kind, **{k: str(v) for k, v in options.items() if v is not None}}
         if model is not None:
             data["model"] = str(model)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with open(archive, "rb") as f:
-            return self._call("POST", "/api/v1/jobs", data=data,
+            return self._call("POST", "/api/v1/jobs", data=data, headers=headers,
                               files={"archive": (Path(archive).name, f)})
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
+
+    def jobs(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/jobs", params=filters)["jobs"]
+
+    def reprocess(self, model: int | None = None, limit: int | None = None) -> Any:
+        body = {k: v for k, v in {"model": model, "limit": limit}.items() if v is not None}
+        return self._call("POST", "/api/v1/reprocess", json=body)
+
+    def export(self, job_id: str, fmt: str, out: Any, embeddings: bool = False) -> None:
+        params: dict[str, Any] = {"format": fmt}
+        if embeddings:
+            params["embeddings"] = 1
+        with self.http.get(f"{self.base}/api/v1/jobs/{job_id}/results", params=params,
+                           stream=True, timeout=self.timeout) as response:
+            if response.status_code >= 400:
+                self._call("GET", f"/api/v1/jobs/{job_id}/results", params=params)
+            for chunk in response.iter_content(1 << 16):
+                out.write(chunk)
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}")
@@ -53,7 +77,7 @@ class Client:
             job = self.job(job_id)
             if on_progress:
                 on_progress(job)
-            if job["state"] in ("succeeded", "failed"):
+            if job["state"] in ("succeeded", "failed", "cancelled"):
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f}s")

@@ -27,6 +27,8 @@ class Settings:
     # Empty means the embedded default under data_dir (SQLite; kombu's SQLAlchemy transport).
     database_url: str = ""
     broker_url: str = ""
+    # Prefix for every Redis key the broker uses, so deployments can share one Redis.
+    broker_prefix: str = ""
     blob_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -53,6 +55,21 @@ class Settings:
     default_page_size: int = 100
     max_page_size: int = 1000
     log_level: str = "INFO"
+    # Strangers: requests per API key per minute (0 turns the limit off).
+    rate_limit_per_minute: int = 600
+    # Lifecycle: poison items, stale jobs, nightly reprocessing, webhooks.
+    poison_limit: int = 3
+    stale_after_seconds: int = 600
+    sweep_interval_seconds: int = 60
+    reprocess_cron: str = "0 2 * * *"
+    reprocess_limit: int = 10_000
+    reprocess_max_attempts: int = 3
+    webhook_secret: str = ""
+    # Comma-separated hosts or CIDRs webhooks may reach even though they are private/loopback.
+    webhook_allow: str = ""
+    webhook_max_attempts: int = 8
+    # Fault injection for tests only: a worker given an item whose key contains this exits.
+    fault_crash_key: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -73,6 +90,8 @@ class Settings:
 
     def validate(self) -> None:
         positive = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes",
+                    "poison_limit", "stale_after_seconds", "sweep_interval_seconds",
+                    "reprocess_limit", "reprocess_max_attempts", "webhook_max_attempts",
                     "max_image_pixels", "text_max_chars", "train_epochs",
                     "default_page_size", "max_page_size")
         for name in positive:

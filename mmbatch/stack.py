@@ -38,13 +38,22 @@ def worker_command(settings: Settings, queues: str = "ingest,model",
             "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"]
 
 
+def beat_command(settings: Settings) -> list[str]:
+    schedule = settings.data_dir.resolve() / "celerybeat-schedule"
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat",
+            "--schedule", str(schedule), "--loglevel", settings.log_level]
+
+
 class Stack:
-    """A web process and a worker process; ``stop()`` ends both."""
+    """A web process, a worker process and optionally beat; ``stop()`` ends them all."""
 
     def __init__(self, settings: Settings, host: str, port: int,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, beat: bool = False,
+                 worker_args: list[str] | None = None) -> None:
         self.settings, self.host, self.port = settings, host, port
         self.log_dir = log_dir
+        self.beat = beat
+        self.worker_args = worker_args or []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -54,8 +63,11 @@ class Stack:
     def start(self, wait: float = 120.0) -> "Stack":
         env = child_env(self.settings)
         cwd = Path(__file__).resolve().parent.parent
-        for name, cmd in (("worker", worker_command(self.settings)),
-                          ("web", web_command(self.settings, self.host, self.port))):
+        commands = [("worker", worker_command(self.settings) + self.worker_args),
+                    ("web", web_command(self.settings, self.host, self.port))]
+        if self.beat:
+            commands.append(("beat", beat_command(self.settings)))
+        for name, cmd in commands:
             out = None
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ import numpy as np
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from store.schema import NO_MODEL, TERMINAL_STATES, Item, Job, Result, utcnow
+from store.schema import (ACTIVE_STATES, NO_MODEL, TERMINAL_STATES, Item, Job, JobMember, Result,
+                          WebhookDelivery, utcnow)
 from store.upsert import insert_new
 
 INSERT_CHUNK = 500
@@ -24,36 +25,76 @@ class JobNotFound(LookupError):
     pass
 
 
-def get_job(session: Session, job_id: str) -> Job:
+ANY_TENANT = -1  # worker code acts on the ids it was given
+
+
+def get_job(session: Session, job_id: str, tenant_id: int | None = ANY_TENANT) -> Job:
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (tenant_id != ANY_TENANT and job.tenant_id != tenant_id):
         raise JobNotFound(job_id)
     return job
 
 
+def result_model(job: Job) -> int:
+    """The model version a job's results are keyed by (a train job's are its features')."""
+    if job.kind == "train" or job.model_version_id is None:
+        return NO_MODEL
+    return job.model_version_id
+
+
 def create_job(session: Session, *, kind: str, archive_blob: str, archive_name: str,
                archive_bytes: int, model_version_id: int | None,
-               options: dict[str, Any] | None = None) -> Job:
-    job = Job(kind=kind, state="queued", archive_blob=archive_blob, archive_name=archive_name,
+               options: dict[str, Any] | None = None, tenant_id: int | None = None,
+               api_key_id: int | None = None, idempotency_key: str | None = None,
+               callback_url: str | None = None, state: str = "queued") -> Job:
+    job = Job(kind=kind, state=state, archive_blob=archive_blob, archive_name=archive_name,
               archive_bytes=archive_bytes, model_version_id=model_version_id,
-              options=options or {}, report={})
+              options=options or {}, report={}, tenant_id=tenant_id, api_key_id=api_key_id,
+              idempotency_key=idempotency_key, callback_url=callback_url)
     session.add(job)
     session.flush()
     return job
 
 
+def find_by_idempotency_key(session: Session, tenant_id: int | None, key: str) -> Job | None:
+    return session.scalar(select(Job).where(
+        Job.tenant_id.is_(None) if tenant_id is None else Job.tenant_id == tenant_id,
+        Job.idempotency_key == key))
+
+
 def transition(session: Session, job_id: str, expected: Sequence[str], new: str,
                **values: Any) -> bool:
-    """Move a job from one of ``expected`` to ``new``; False if it was not in those states."""
+    """Move a job from one of ``expected`` to ``new``; False if it was not in those states.
+
+    Entering a terminal state also queues the job's webhook, in the same transaction (an outbox:
+    the callback is sent if and only if the state change committed).
+    """
     stmt = (update(Job).where(Job.id == job_id, Job.state.in_(list(expected)))
             .values(state=new, updated_at=utcnow(), **values))
-    return session.execute(stmt).rowcount == 1
+    moved = session.execute(stmt).rowcount == 1
+    if moved and new in TERMINAL_STATES:
+        _queue_webhook(session, job_id, f"job.{new}")
+    return moved
+
+
+def _queue_webhook(session: Session, job_id: str, event: str) -> None:
+    url = session.scalar(select(Job.callback_url).where(Job.id == job_id))
+    if url:
+        insert_new(session, WebhookDelivery.__table__,
+                   [{"job_id": job_id, "event": event, "url": url, "state": "pending",
+                     "attempts": 0, "next_attempt_at": utcnow(), "created_at": utcnow()}],
+                   ("job_id", "event"))
 
 
 def fail_job(session: Session, job_id: str, error: str) -> bool:
-    non_terminal = ("queued", "ingesting", "running")
-    return transition(session, job_id, non_terminal, "failed", error=error,
+    return transition(session, job_id, ACTIVE_STATES, "failed", error=error,
                       finished_at=utcnow(), stage=None)
+
+
+def cancel_job(session: Session, job_id: str) -> bool:
+    """Stop a job: outstanding batches see the state and skip; results written stay."""
+    return transition(session, job_id, ACTIVE_STATES, "cancelled", finished_at=utcnow(),
+                      stage=None)
 
 
 def reset_items(session: Session, job_id: str) -> None:
@@ -74,14 +115,41 @@ def add_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) ->
     return count
 
 
-def item_ids(session: Session, job_id: str, *, pending_only: bool = False,
-             model_version_id: int = NO_MODEL) -> list[int]:
-    stmt = select(Item.id).where(Item.job_id == job_id).order_by(Item.id)
+def _members(job: Job) -> Any:
+    """The select of a job's item ids: its own, or a reprocess job's members."""
+    if job.kind == "reprocess":
+        return select(JobMember.item_id).where(JobMember.job_id == job.id)
+    return select(Item.id).where(Item.job_id == job.id)
+
+
+def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> list[int]:
+    """A job's item ids in order; ``pending_only``: those it has not written a result for."""
+    job = get_job(session, job_id)
+    ids = sorted(session.scalars(_members(job)))
     if pending_only:
-        done = select(Result.item_id).where(Result.job_id == job_id,
-                                            Result.model_version_id == model_version_id)
-        stmt = stmt.where(Item.id.not_in(done))
-    return list(session.scalars(stmt))
+        written = select(Result.item_id).where(Result.model_version_id == result_model(job),
+                                               Result.item_id.in_(_members(job)))
+        if job.kind == "reprocess":  # an older failed result for the same model is not ours
+            written = written.where(Result.job_id == job.id)
+        done = set(session.scalars(written))
+        ids = [i for i in ids if i not in done]
+    return ids
+
+
+def belongs(session: Session, job: Job, ids: Sequence[int]) -> list[int]:
+    """Of ``ids``, those that are the job's items."""
+    return list(session.scalars(_members(job).where(
+        (JobMember.item_id if job.kind == "reprocess" else Item.id).in_(list(ids)))))
+
+
+def reset_attempts(session: Session, ids: Sequence[int]) -> None:
+    session.execute(update(Item).where(Item.id.in_(list(ids))).values(attempts=0))
+
+
+def add_attempt(session: Session, ids: Sequence[int]) -> int:
+    """Count one more delivery of these items to a worker; returns the highest count."""
+    session.execute(update(Item).where(Item.id.in_(list(ids))).values(attempts=Item.attempts + 1))
+    return int(session.scalar(select(func.max(Item.attempts)).where(Item.id.in_(list(ids)))) or 0)
 
 
 def items_by_id(session: Session, ids: Sequence[int]) -> list[Item]:
@@ -110,10 +178,12 @@ class BatchCommit:
 
 
 def record_outcomes(session: Session, job_id: str, model_version_id: int,
-                    outcomes: Sequence[ItemOutcome]) -> BatchCommit:
+                    outcomes: Sequence[ItemOutcome], *, replace_failed: bool = False
+                    ) -> BatchCommit:
     """Insert results and move the job's counters, in the caller's transaction.
 
     Only rows that were new count, so a batch delivered twice changes nothing the second time.
+    ``replace_failed`` (reprocessing) overwrites an earlier failed result for the same model.
     """
     rows = [{
         "item_id": o.item_id,
@@ -130,7 +200,9 @@ def record_outcomes(session: Session, job_id: str, model_version_id: int,
         "created_at": utcnow(),
     } for o in outcomes]
     inserted = insert_new(session, Result.__table__, rows, ("item_id", "model_version_id"),
-                          ("status",))
+                          ("status",),
+                          replace_where=(Result.__table__.c.status == "failed") if replace_failed
+                          else None)
     new_failed = sum(1 for (status,) in inserted if status == "failed")
     new_done = len(inserted) - new_failed
     if inserted:
@@ -158,14 +230,50 @@ def enter_stage(session: Session, job_id: str, expected: str | None, stage: str)
     return session.execute(stmt).rowcount == 1
 
 
-def results_page(session: Session, job: Job, *, after: int, limit: int
-                 ) -> list[tuple[Item, Result | None]]:
+def results_page(session: Session, job: Job, *, after: int, limit: int,
+                 failed_only: bool = False) -> list[tuple[Item, Result | None]]:
     """Items of a job with their result (None while pending), ordered by item id."""
     stmt = (select(Item, Result)
-            .outerjoin(Result, and_(Result.item_id == Item.id, Result.job_id == job.id))
-            .where(Item.job_id == job.id, Item.id > after)
-            .order_by(Item.id).limit(limit))
+            .outerjoin(Result, and_(Result.item_id == Item.id,
+                                    Result.model_version_id == result_model(job)))
+            .where(Item.id > after).order_by(Item.id).limit(limit))
+    if job.kind == "reprocess":
+        stmt = stmt.join(JobMember, and_(JobMember.item_id == Item.id, JobMember.job_id == job.id))
+    else:
+        stmt = stmt.where(Item.job_id == job.id)
+    if failed_only:
+        stmt = stmt.where(Result.status == "failed")
     return [(item, result) for item, result in session.execute(stmt)]
+
+
+def list_jobs(session: Session, tenant_id: int | None, *, before: tuple[Any, str] | None,
+              limit: int, state: str | None = None, kind: str | None = None,
+              created_after: Any = None, created_before: Any = None) -> list[Job]:
+    """Newest first; ``before`` is the (created_at, id) of the last job of the previous page."""
+    stmt = select(Job).where(Job.tenant_id.is_(None) if tenant_id is None
+                             else Job.tenant_id == tenant_id)
+    if state:
+        stmt = stmt.where(Job.state == state)
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at >= created_after)
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < created_before)
+    if before is not None:
+        at, job_id = before
+        stmt = stmt.where((Job.created_at < at) | and_(Job.created_at == at, Job.id < job_id))
+    return list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def stale_jobs(session: Session, older_than: Any) -> list[Job]:
+    """Active jobs that have not moved since ``older_than``: their messages may be lost."""
+    return list(session.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES),
+                                                  Job.updated_at < older_than)))
+
+
+def touch(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))
 
 
 def is_terminal(job: Job) -> bool:

@@ -14,39 +14,56 @@ class ModelNotFound(LookupError):
     pass
 
 
-def get_model(session: Session, model_id: int) -> ModelVersion:
+ANY_TENANT = -1  # for worker code, which acts on ids it was given
+
+
+def _owned(tenant_id: int | None):  # type: ignore[no-untyped-def]
+    """Models are per tenant; tenant None is the unauthenticated (pre-keys) scope."""
+    if tenant_id is None:
+        return ModelVersion.tenant_id.is_(None)
+    return ModelVersion.tenant_id == tenant_id
+
+
+def get_model(session: Session, model_id: int, tenant_id: int | None = ANY_TENANT
+              ) -> ModelVersion:
     model = session.get(ModelVersion, model_id)
-    if model is None:
+    if model is None or (tenant_id != ANY_TENANT and model.tenant_id != tenant_id):
         raise ModelNotFound(model_id)
     return model
 
 
-def default_model(session: Session) -> ModelVersion | None:
-    return session.scalars(select(ModelVersion).where(ModelVersion.is_default.is_(True))
+def default_model(session: Session, tenant_id: int | None = None) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion)
+                           .where(ModelVersion.is_default.is_(True), _owned(tenant_id))
                            .order_by(ModelVersion.id.desc()).limit(1)).first()
 
 
-def list_models(session: Session) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+def list_models(session: Session, tenant_id: int | None = None) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(_owned(tenant_id))
+                                .order_by(ModelVersion.id)))
 
 
 def register_model(session: Session, *, name: str, fusion: str, classes: list[str],
                    encoders: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any],
-                   checkpoint_blob: str, job_id: str | None) -> ModelVersion:
-    """Add the next version of ``name``; it becomes the default when there is none yet."""
-    latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
+                   checkpoint_blob: str, job_id: str | None,
+                   tenant_id: int | None = None) -> ModelVersion:
+    """Add the next version of ``name``; it becomes the tenant's default when it has none."""
+    latest = session.scalar(select(func.max(ModelVersion.version))
+                            .where(ModelVersion.name == name, _owned(tenant_id)))
     model = ModelVersion(name=name, version=(latest or 0) + 1, fusion=fusion, classes=classes,
                          encoders=encoders, metrics=metrics, config=config,
-                         checkpoint_blob=checkpoint_blob, job_id=job_id,
-                         is_default=default_model(session) is None)
+                         checkpoint_blob=checkpoint_blob, job_id=job_id, tenant_id=tenant_id,
+                         is_default=default_model(session, tenant_id) is None)
     session.add(model)
     session.flush()
     return model
 
 
-def promote(session: Session, model_id: int) -> ModelVersion:
-    model = get_model(session, model_id)
-    session.execute(update(ModelVersion).where(ModelVersion.id != model_id)
+def promote(session: Session, model_id: int, tenant_id: int | None = ANY_TENANT
+            ) -> ModelVersion:
+    model = get_model(session, model_id, tenant_id)
+    session.execute(update(ModelVersion).where(ModelVersion.id != model_id,
+                                               _owned(model.tenant_id))
                     .values(is_default=False))
     model.is_default = True
     return model

@@ -22,8 +22,11 @@ NAMING = {
 }
 
 JOB_KINDS = ("embed", "classify", "train")
-JOB_STATES = ("queued", "ingesting", "running", "succeeded", "failed")
-TERMINAL_STATES = ("succeeded", "failed")
+# Kinds the service creates itself (a client cannot POST them).
+INTERNAL_KINDS = ("reprocess",)
+JOB_STATES = ("queued", "ingesting", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "ingesting", "running")
 # Results of jobs that run no classifier (embed with no model) use this model_version_id.
 NO_MODEL = 0
 
@@ -41,10 +44,42 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
+class Tenant(Base):
+    """Who owns jobs and models; an API key belongs to exactly one tenant."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A bearer key, stored as its SHA-256 (keys are 256 random bits, so a fast hash suffices)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    # Shared secret for signing this key's webhooks (HMAC-SHA256); shown once with the key.
+    webhook_secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
     kind: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     stage: Mapped[str | None] = mapped_column(String(32))
@@ -74,6 +109,8 @@ class Item(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(1024))
+    # Deliveries of this item to a worker that did not end in a result (crash, time-out).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     # {"image": {"blob": sha256, "name": "animals/cat_001.jpg"}, ...}
     media: Mapped[dict[str, Any]] = mapped_column(default=dict)
     label: Mapped[str | None] = mapped_column(String(255))
@@ -124,6 +161,7 @@ class ModelVersion(Base):
     __tablename__ = "model_versions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int] = mapped_column(Integer)
     fusion: Mapped[str] = mapped_column(String(32))
@@ -136,7 +174,48 @@ class ModelVersion(Base):
     job_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (UniqueConstraint("name", "version"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+
+
+class JobMember(Base):
+    """Items a job processes that another job ingested (a reprocess job's items)."""
+
+    __tablename__ = "job_members"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"),
+                                         primary_key=True)
+
+
+class Lease(Base):
+    """A named lock with an expiry: a holder that crashes loses it when the lease runs out."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One job's callback: attempts, the last answer, and when it was delivered."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "event"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 Index("ix_items_job_id_id", Item.job_id, Item.id)
+Index("ix_jobs_tenant_id_created_at", Job.tenant_id, Job.created_at)

@@ -82,15 +82,20 @@ def redis_server() -> str:
 
 @pytest.fixture(scope="module")
 def redis_url(redis_server: str) -> Iterator[str]:
-    """A Redis database number of its own, flushed before and after."""
+    """Redis for one module; pair it with ``broker_prefix`` so that runs sharing the server
+    (several suites at once on one machine) never see each other's queues."""
+    yield f"{redis_server}/11"
+
+
+@pytest.fixture(scope="module")
+def broker_prefix(redis_url: str) -> Iterator[str]:
     import redis
 
-    db = 11
-    url = f"{redis_server}/{db}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    prefix = f"mmbatch-test-{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
 
 
 def embedded_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -103,3 +108,18 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     from mmbatch.sample import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample"), n_train=96, n_unlabelled=32, seed=7)
+
+
+def make_key(db_url: str, name: str = "test", tenant: str | None = None) -> str:
+    """A new API key in the database at ``db_url`` (migrated first)."""
+    from store import keys
+    from store.db import Database
+    from store.migrate import upgrade
+
+    upgrade(db_url)
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            return keys.create_key(s, name, tenant).key
+    finally:
+        db.dispose()

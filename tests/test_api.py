@@ -18,6 +18,7 @@ import pytest
 
 from mmbatch.settings import Settings
 from store.migrate import upgrade
+from tests.conftest import make_key
 from web.app import create_app
 
 
@@ -38,9 +39,15 @@ def settings(tmp_path: Path) -> Settings:
     return s
 
 
+def authed(app, key: str):  # type: ignore[no-untyped-def]
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
+
+
 @pytest.fixture
 def client(settings: Settings):  # type: ignore[no-untyped-def]
-    return create_app(settings).test_client()
+    return authed(create_app(settings), make_key(settings.db_url))
 
 
 def _error(response) -> dict:  # type: ignore[no-untyped-def]
@@ -120,8 +127,7 @@ def test_bad_query_arguments_are_400(client) -> None:  # type: ignore[no-untyped
 def test_upload_over_the_limit_is_413(tmp_path: Path) -> None:
     s = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path), "MMBATCH_BROKER_URL": "memory://",
                            "MMBATCH_MAX_UPLOAD_BYTES": "1000"})
-    upgrade(s.db_url)
-    client = create_app(s).test_client()
+    client = authed(create_app(s), make_key(s.db_url))
     r = client.post("/api/v1/jobs", data={"kind": "embed", "archive": (
         io.BytesIO(_tar({"a.txt": b"x" * 5000})), "a.tar")})
     assert r.status_code == 413 and _error(r)["code"] == "request_entity_too_large"
@@ -132,10 +138,16 @@ def test_the_web_process_never_imports_torch(tmp_path: Path) -> None:
 import io, json, sys, tarfile
 from mmbatch.settings import Settings
 from store.migrate import upgrade
+from tests.conftest import make_key
 from web.app import create_app
 s = Settings.from_env({{"MMBATCH_DATA_DIR": {str(tmp_path)!r}, "MMBATCH_BROKER_URL": "memory://"}})
 upgrade(s.db_url)
+from store import keys
+from store.db import Database
+with Database(s.db_url).session() as session:
+    key = keys.create_key(session, "t").key
 c = create_app(s).test_client()
+c.environ_base["HTTP_AUTHORIZATION"] = "Bearer " + key
 buf = io.BytesIO()
 with tarfile.open(fileobj=buf, mode="w") as tf:
     info = tarfile.TarInfo("a.txt"); info.size = 1; tf.addfile(info, io.BytesIO(b"x"))

@@ -28,6 +28,7 @@ from mmbatch.stack import Stack, child_env
 from store.db import Database
 from store.migrate import upgrade
 from store.schema import Result
+from tests.conftest import make_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -72,7 +73,9 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client,
     try:
         _wait_healthy(url, proc, log)
         assert settings.embedded
-        yield Client(url), settings
+        key = (data_dir / "api-key").read_text().strip()  # made by `mmbatch up` on first start
+        assert key in log.read_text()
+        yield Client(url, api_key=key), settings
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -84,18 +87,19 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client,
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str,
-                redis_url: str) -> Iterator[tuple[Client, Settings]]:
+                redis_url: str, broker_prefix: str) -> Iterator[tuple[Client, Settings]]:
     """Redis as the broker, PostgreSQL as the database, blobs on local disk."""
     data_dir = tmp_path_factory.mktemp("distributed")
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
                                   "MMBATCH_DATABASE_URL": pg_url_module,
-                                  "MMBATCH_BROKER_URL": redis_url})
+                                  "MMBATCH_BROKER_URL": redis_url,
+                                  "MMBATCH_BROKER_PREFIX": broker_prefix})
     assert not settings.embedded
-    upgrade(settings.db_url)
+    key = make_key(settings.db_url)
     stack = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs")
     stack.start(wait=180)
     try:
-        yield Client(stack.url), settings
+        yield Client(stack.url, api_key=key), settings
     finally:
         stack.stop()
 

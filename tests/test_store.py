@@ -17,7 +17,8 @@ from store.migrate import downgrade, upgrade
 from store.registry import default_model, promote, register_model
 from store.schema import Base
 
-TABLES = {"jobs", "items", "features", "results", "model_versions", "alembic_version"}
+TABLES = {"jobs", "items", "features", "results", "model_versions", "alembic_version",
+          "tenants", "api_keys", "job_members", "leases", "webhook_deliveries"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

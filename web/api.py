@@ -8,17 +8,22 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, current_app, jsonify, request, url_for
-from sqlalchemy import select, text
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
+from mmbatch.netpolicy import DestinationRefused, check_url
 from store import jobs
 from store.blobs import sniff_archive
 from store.registry import ModelNotFound, default_model, get_model, list_models
-from store.schema import JOB_KINDS, Job, ModelVersion
+from store.schema import JOB_KINDS, JOB_STATES, Job, ModelVersion
+from web import auth
 from web.errors import ApiError
 from web.uploads import writer_of
-from worker.app import TASK_INGEST
+from worker.app import TASK_INGEST, TASK_REPROCESS, TASK_WEBHOOKS
 
 api = Blueprint("api", __name__)
+health = Blueprint("health", __name__)
+api.before_request(auth.authenticate)
 
 TRUE = {"1", "true", "yes", "on"}
 
@@ -27,7 +32,7 @@ def services() -> Any:
     return current_app.extensions["mmbatch"]
 
 
-@api.get("/healthz")
+@health.get("/healthz")
 def healthz():  # type: ignore[no-untyped-def]
     with services().db.session() as s:
         s.execute(text("SELECT 1"))
@@ -37,10 +42,27 @@ def healthz():  # type: ignore[no-untyped-def]
 @api.post("/api/v1/jobs")
 def create_job():  # type: ignore[no-untyped-def]
     svc = services()
+    tenant = auth.tenant_id()
+    idem = request.headers.get("Idempotency-Key", "").strip() or None
+    if idem is not None and len(idem) > 255:
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters")
+    if idem is not None:
+        with svc.db.session() as s:
+            existing = jobs.find_by_idempotency_key(s, tenant, idem)
+            if existing is not None:
+                return _accepted(job_payload(s, existing), status=200)
     kind = request.form.get("kind", "")
     if kind not in JOB_KINDS:
         raise ApiError(400, "invalid_kind",
                        f"kind must be one of {', '.join(JOB_KINDS)}; got {kind!r}")
+    callback = request.form.get("callback_url", "").strip() or None
+    if callback is not None:
+        if len(callback) > 2048:
+            raise ApiError(400, "invalid_callback_url", "callback_url is at most 2048 characters")
+        try:
+            check_url(callback, svc.settings.webhook_allow)
+        except DestinationRefused as exc:
+            raise ApiError(400, "invalid_callback_url", str(exc))
     upload = request.files.get("archive")
     writer = writer_of(upload) if upload is not None else None
     if writer is None or writer.size == 0:
@@ -56,12 +78,22 @@ def create_job():  # type: ignore[no-untyped-def]
     with svc.db.session() as s:
         model_id = _resolve_model(s, kind, request.form.get("model"))
     digest = writer.commit()
-    with svc.db.session() as s:
-        job = jobs.create_job(s, kind=kind, archive_blob=digest,
-                              archive_name=(upload.filename or "archive")[:255],
-                              archive_bytes=writer.size, model_version_id=model_id,
-                              options=options)
-        job_id = job.id
+    try:
+        with svc.db.session() as s:
+            job = jobs.create_job(s, kind=kind, archive_blob=digest,
+                                  archive_name=(upload.filename or "archive")[:255],
+                                  archive_bytes=writer.size, model_version_id=model_id,
+                                  options=options, tenant_id=tenant,
+                                  api_key_id=auth.current().key_id, idempotency_key=idem,
+                                  callback_url=callback)
+            job_id = job.id
+    except IntegrityError:
+        # the same Idempotency-Key raced us: answer with the job that won
+        with svc.db.session() as s:
+            existing = jobs.find_by_idempotency_key(s, tenant, idem or "")
+            if existing is None:
+                raise
+            return _accepted(job_payload(s, existing), status=200)
     # Commit, then enqueue: the row exists before any worker can look for it.
     try:
         svc.celery.send_task(TASK_INGEST, args=[job_id])
@@ -71,10 +103,13 @@ def create_job():  # type: ignore[no-untyped-def]
         raise ApiError(503, "broker_unavailable",
                        "the job queue is unavailable; the job was not started") from exc
     with svc.db.session() as s:
-        payload = job_payload(s, jobs.get_job(s, job_id))
+        return _accepted(job_payload(s, jobs.get_job(s, job_id)))
+
+
+def _accepted(payload: dict[str, Any], status: int = 202):  # type: ignore[no-untyped-def]
     response = jsonify(payload)
-    response.status_code = 202
-    response.headers["Location"] = url_for("api.get_job", job_id=job_id)
+    response.status_code = status
+    response.headers["Location"] = payload["links"]["self"]
     return response
 
 
@@ -107,19 +142,65 @@ def _resolve_model(s: Any, kind: str, requested: str | None) -> int | None:
         return None
     if requested:
         try:
-            return get_model(s, int(requested)).id
+            return get_model(s, int(requested), auth.tenant_id()).id
         except (ValueError, ModelNotFound):
             raise ApiError(400, "unknown_model", f"no model version with id {requested!r}")
-    model = default_model(s)
+    model = default_model(s, auth.tenant_id())
     if model is None and kind == "classify":
         raise ApiError(409, "no_model",
                        "no model version exists yet: train one with a kind=train job first")
     return model.id if model is not None else None
 
 
+@api.get("/api/v1/jobs")
+def list_jobs():  # type: ignore[no-untyped-def]
+    settings = services().settings
+    limit = _int_arg("limit", settings.default_page_size, 1, settings.max_page_size)
+    state = request.args.get("state") or None
+    if state is not None and state not in JOB_STATES:
+        raise ApiError(400, "invalid_state", f"state must be one of {', '.join(JOB_STATES)}")
+    kind = request.args.get("kind") or None
+    if kind is not None and kind not in (*JOB_KINDS, "reprocess"):
+        raise ApiError(400, "invalid_kind", f"kind must be one of {', '.join(JOB_KINDS)}, reprocess")
+    after = _time_arg("created_after")
+    before = _time_arg("created_before")
+    cursor = request.args.get("cursor")
+    position = None
+    if cursor:
+        try:
+            at, job_id = _decode(cursor, "j").split("|", 1)
+            position = (dt.datetime.fromisoformat(at), job_id)
+        except ValueError:
+            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
+    with services().db.session() as s:
+        rows = jobs.list_jobs(s, auth.tenant_id(), before=position, limit=limit + 1,
+                              state=state, kind=kind, created_after=after,
+                              created_before=before)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = None
+        if more:
+            last = rows[-1]
+            next_cursor = _encode("j", f"{last.created_at.isoformat()}|{last.id}")
+        return jsonify({"jobs": [job_payload(s, j) for j in rows], "next_cursor": next_cursor})
+
+
 @api.get("/api/v1/jobs/<job_id>")
 def get_job(job_id: str):  # type: ignore[no-untyped-def]
     with services().db.session() as s:
+        return jsonify(job_payload(s, _job(s, job_id)))
+
+
+@api.post("/api/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):  # type: ignore[no-untyped-def]
+    svc = services()
+    with svc.db.session() as s:
+        job = _job(s, job_id)
+        if job.state in ("succeeded", "failed", "cancelled"):
+            raise ApiError(409, "job_finished", f"job {job_id} is already {job.state}")
+        jobs.cancel_job(s, job_id)
+    _kick_webhooks()
+    with svc.db.session() as s:
         return jsonify(job_payload(s, _job(s, job_id)))
 
 
@@ -130,15 +211,34 @@ def get_report(job_id: str):  # type: ignore[no-untyped-def]
         return jsonify({"id": job.id, "report": job.report})
 
 
+@api.get("/api/v1/jobs/<job_id>/errors")
+def get_errors(job_id: str):  # type: ignore[no-untyped-def]
+    return _results(job_id, failed_only=True)
+
+
 @api.get("/api/v1/jobs/<job_id>/results")
 def get_results(job_id: str):  # type: ignore[no-untyped-def]
+    fmt = request.args.get("format", "json")
+    if fmt == "json":
+        return _results(job_id, failed_only=False)
+    from web.exports import FORMATS, export
+
+    if fmt not in FORMATS:
+        raise ApiError(400, "invalid_format", f"format must be json, {', '.join(FORMATS)}")
+    with services().db.session() as s:
+        job = _job(s, job_id)
+    with_embeddings = request.args.get("embeddings", "").lower() in TRUE
+    return export(services().db, job, fmt, with_embeddings)
+
+
+def _results(job_id: str, failed_only: bool):  # type: ignore[no-untyped-def]
     settings = services().settings
     limit = _int_arg("limit", settings.default_page_size, 1, settings.max_page_size)
     after = _cursor(request.args.get("cursor"))
     with_embeddings = request.args.get("embeddings", "").lower() in TRUE
     with services().db.session() as s:
         job = _job(s, job_id)
-        rows = jobs.results_page(s, job, after=after, limit=limit + 1)
+        rows = jobs.results_page(s, job, after=after, limit=limit + 1, failed_only=failed_only)
         more = len(rows) > limit
         rows = rows[:limit]
         items = [result_payload(item, result, with_embeddings) for item, result in rows]
@@ -147,24 +247,54 @@ def get_results(job_id: str):  # type: ignore[no-untyped-def]
                         "next_cursor": cursor})
 
 
+@api.post("/api/v1/reprocess")
+def start_reprocess():  # type: ignore[no-untyped-def]
+    """Reprocess this tenant's stale or failed items now (what the nightly schedule does)."""
+    body = request.get_json(silent=True) if request.data else {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "send a JSON object (or nothing)")
+    model = body.get("model")
+    limit = body.get("limit")
+    if model is not None:
+        with services().db.session() as s:
+            try:
+                model = get_model(s, int(model), auth.tenant_id()).id
+            except (TypeError, ValueError, ModelNotFound):
+                raise ApiError(400, "unknown_model", f"no model version with id {model!r}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                              or not 1 <= limit <= 10_000_000):
+        raise ApiError(400, "invalid_limit", "limit must be an integer between 1 and 10000000")
+    services().celery.send_task(TASK_REPROCESS, kwargs={
+        "tenant_id": auth.tenant_id(), "model_id": model, "limit": limit, "all_tenants": False})
+    return jsonify({"status": "accepted",
+                    "links": {"jobs": url_for("api.list_jobs", kind="reprocess")}}), 202
+
+
+def _kick_webhooks() -> None:
+    try:
+        services().celery.send_task(TASK_WEBHOOKS)
+    except Exception:  # the scheduled delivery will pick it up
+        pass
+
+
 @api.get("/api/v1/models")
 def get_models():  # type: ignore[no-untyped-def]
     with services().db.session() as s:
-        return jsonify({"models": [model_payload(m) for m in list_models(s)]})
+        return jsonify({"models": [model_payload(m) for m in list_models(s, auth.tenant_id())]})
 
 
 @api.get("/api/v1/models/<int:model_id>")
 def get_model_version(model_id: int):  # type: ignore[no-untyped-def]
     with services().db.session() as s:
         try:
-            return jsonify(model_payload(get_model(s, model_id), full=True))
+            return jsonify(model_payload(get_model(s, model_id, auth.tenant_id()), full=True))
         except ModelNotFound:
             raise ApiError(404, "not_found", f"no model version {model_id}")
 
 
 def _job(s: Any, job_id: str) -> Job:
     try:
-        return jobs.get_job(s, job_id)
+        return jobs.get_job(s, job_id, auth.tenant_id())
     except jobs.JobNotFound:
         raise ApiError(404, "not_found", f"no job {job_id}")
 
@@ -182,21 +312,44 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def _encode(prefix: str, value: str) -> str:
+    return base64.urlsafe_b64encode(f"{prefix}:{value}".encode()).decode().rstrip("=")
+
+
+def _decode(raw: str, prefix: str) -> str:
+    """The value of a cursor made by _encode with ``prefix``; ValueError otherwise."""
+    try:
+        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(raw) from exc
+    got, _, value = decoded.partition(":")
+    if got != prefix or not value:
+        raise ValueError(raw)
+    return value
+
+
 def _encode_cursor(item_id: int) -> str:
-    return base64.urlsafe_b64encode(f"i:{item_id}".encode()).decode().rstrip("=")
+    return _encode("i", str(item_id))
 
 
 def _cursor(raw: str | None) -> int:
     if not raw:
         return 0
     try:
-        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        prefix, value = decoded.split(":", 1)
-        if prefix != "i":
-            raise ValueError(prefix)
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
+        return int(_decode(raw, "i"))
+    except ValueError:
         raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
+
+
+def _time_arg(name: str) -> dt.datetime | None:
+    raw = request.args.get(name)
+    if not raw:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, f"invalid_{name}", f"{name} must be an ISO 8601 date-time")
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -211,6 +364,7 @@ def job_payload(s: Any, job: Job) -> dict[str, Any]:
     model = s.get(ModelVersion, job.model_version_id) if job.model_version_id else None
     processed = job.done + job.failed
     report = job.report or {}
+    throughput, eta = _rate(job, processed)
     return {
         "id": job.id,
         "kind": job.kind,
@@ -222,7 +376,11 @@ def job_payload(s: Any, job: Job) -> dict[str, Any]:
         "progress": round(processed / job.total, 4) if job.total else 0.0,
         "model": None if model is None else {"id": model.id, "name": model.name,
                                              "version": model.version},
+        "throughput": throughput,
+        "eta_seconds": eta,
         "error": job.error,
+        "idempotency_key": job.idempotency_key,
+        "callback_url": job.callback_url,
         "archive": {"name": job.archive_name, "bytes": job.archive_bytes},
         "skipped_files": report.get("skipped_count", 0),
         "created_at": _iso(job.created_at),
@@ -231,8 +389,25 @@ def job_payload(s: Any, job: Job) -> dict[str, Any]:
         "updated_at": _iso(job.updated_at),
         "links": {"self": url_for("api.get_job", job_id=job.id),
                   "results": url_for("api.get_results", job_id=job.id),
-                  "report": url_for("api.get_report", job_id=job.id)},
+                  "errors": url_for("api.get_errors", job_id=job.id),
+                  "report": url_for("api.get_report", job_id=job.id),
+                  "cancel": url_for("api.cancel_job", job_id=job.id)},
     }
+
+
+def _rate(job: Job, processed: int) -> tuple[float | None, float | None]:
+    """Items per second since the job started, and the seconds left at that rate."""
+    if job.started_at is None or processed == 0:
+        return None, None
+    started = job.started_at if job.started_at.tzinfo else \
+        job.started_at.replace(tzinfo=dt.timezone.utc)
+    end = job.finished_at or dt.datetime.now(dt.timezone.utc)
+    end = end if end.tzinfo else end.replace(tzinfo=dt.timezone.utc)
+    seconds = max((end - started).total_seconds(), 1e-3)
+    rate = processed / seconds
+    left = max(job.total - processed, 0)
+    eta = None if job.state not in ("running",) else round(left / rate, 1)
+    return round(rate, 3), eta
 
 
 def result_payload(item: Any, result: Any, with_embeddings: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from mmbatch.settings import Settings
 from store.blobs import BlobStore
 from store.db import Database
 from web import errors
+from web.auth import RateLimiter
 from web.uploads import StreamingRequest, discard_uploads
 
 
@@ -20,6 +21,7 @@ class Services:
     db: Database
     blobs: BlobStore
     celery: Any
+    limiter: RateLimiter
 
 
 def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask:
@@ -32,12 +34,15 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask
     app.request_class = StreamingRequest
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["mmbatch"] = Services(settings, Database(settings.db_url),
-                                         BlobStore(settings.blobs), celery)
+    app.extensions["mmbatch"] = Services(
+        settings, Database(settings.db_url), BlobStore(settings.blobs), celery,
+        RateLimiter(settings.rate_limit_per_minute, settings.broker_url or None,
+                    settings.broker_prefix))
     errors.register(app)
     app.teardown_request(discard_uploads)
 
-    from web.api import api
+    from web.api import api, health
 
+    app.register_blueprint(health)
     app.register_blueprint(api)
     return app

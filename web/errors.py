@@ -13,9 +13,11 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, **extra: Any):  # type: ignore[no-untyped-def]
@@ -26,13 +28,17 @@ def error_response(status: int, code: str, message: str, **extra: Any):  # type:
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):  # type: ignore[no-untyped-def]
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        body, status = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        body.headers.update(exc.headers)
+        return body, status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
         code = (exc.name or "error").lower().replace(" ", "_")
-        response = error_response(exc.code or 500, code, exc.description or exc.name)
-        return response
+        body, status = error_response(exc.code or 500, code, exc.description or exc.name)
+        if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            body.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return body, status
 
     @app.errorhandler(OperationalError)
     def _db_down(exc: OperationalError):  # type: ignore[no-untyped-def]

@@ -66,7 +66,8 @@ def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchRep
 def _commit(s: Any, job_id: str, kind: str, model_version_id: int,
             outcomes: Sequence[jobs.ItemOutcome]) -> BatchReport:
     """Write outcomes and counters; the batch that completes the job finishes it."""
-    commit = jobs.record_outcomes(s, job_id, model_version_id, outcomes)
+    commit = jobs.record_outcomes(s, job_id, model_version_id, outcomes,
+                                  replace_failed=kind == "reprocess")
     next_step = None
     if commit.completed:
         if kind == "train":
@@ -84,7 +85,7 @@ def _read(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchInput | Non
             log.info("batch_skipped job=%s state=%s items=%d", job_id, job.state, len(item_ids))
             return None
         items = [{"id": it.id, "key": it.key, "media": it.media, "label": it.label}
-                 for it in jobs.items_by_id(s, item_ids) if it.job_id == job_id]
+                 for it in jobs.items_by_id(s, jobs.belongs(s, job, item_ids))]
         model = None
         if job.model_version_id is not None and job.kind != "train":
             m = get_model(s, job.model_version_id)
@@ -189,14 +190,15 @@ def _outcomes(rt: Runtime, batch: BatchInput, encoded: Encoded) -> list[jobs.Ite
                      for it, f in zip(ok, feats)]
         return outcomes
     predictions = classify(rt, batch.model, feats)
-    for it, (probs, fused) in zip(ok, predictions):
+    notes = explain_items(rt, batch.model, feats)
+    for it, (probs, fused), note in zip(ok, predictions, notes):
         order = np.argsort(-probs)[: rt.settings.top_k]
         classes = batch.model["classes"]
         outcomes.append(jobs.ItemOutcome(
             it["id"], label=classes[order[0]], confidence=float(probs[order[0]]),
             top_k=[{"label": classes[i], "probability": round(float(probs[i]), 6)}
                    for i in order],
-            embedding=fused))
+            embedding=fused, explanation=note))
     return outcomes
 
 
@@ -228,6 +230,17 @@ def classify(rt: Runtime, model: dict[str, Any], feats: Sequence[dict[str, np.nd
     return list(zip(probs.cpu().numpy(), fused.cpu().numpy()))
 
 
+def explain_items(rt: Runtime, model: dict[str, Any], feats: Sequence[dict[str, np.ndarray]]
+                  ) -> list[dict[str, Any]]:
+    """Per item, each present modality's weight (where the strategy has one) and the change in
+    the predicted class's probability without it (models.explain)."""
+    from models.explain import explain
+
+    net = rt.classifier(model["id"], model["checkpoint_blob"], model["config"])
+    tensors, mask = stack_features(net.cfg.input_dims, feats)
+    return explain(net, tensors, mask, temperature=float(model["config"].get("temperature", 1.0)))
+
+
 def stack_features(input_dims: dict[str, int], feats: Sequence[dict[str, np.ndarray]]
                    ) -> tuple[dict[str, Any], Any]:
     """Per-modality (N, D) tensors with zeros where missing, and the (N, M) presence mask."""
@@ -251,7 +264,6 @@ def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) ->
         if job.state != "running":
             return BatchReport(0, 0, False, None)
         kind = job.kind
-        model_version_id = job.model_version_id if kind != "train" and job.model_version_id \
-            else NO_MODEL
+        model_version_id = jobs.result_model(job)
         outcomes = [jobs.ItemOutcome(i, error=error) for i in item_ids]
         return _commit(s, job_id, kind, model_version_id, outcomes)

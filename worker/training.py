@@ -37,8 +37,10 @@ def train_job(rt: Runtime, job_id: str) -> int | None:
         epochs = int(job.options.get("epochs") or rt.settings.train_epochs)
         seed = int(job.options.get("seed") if job.options.get("seed") is not None
                    else rt.settings.train_seed)
+        options = dict(job.options or {})
     try:
-        model_id = _train(rt, job_id, rows, name=name, epochs=epochs, seed=seed)
+        model_id = _train(rt, job_id, rows, name=name, epochs=epochs, seed=seed,
+                          options=options)
     except TrainingError as exc:
         with rt.db.session() as s:
             jobs.fail_job(s, job_id, str(exc))
@@ -47,13 +49,34 @@ def train_job(rt: Runtime, job_id: str) -> int | None:
     return model_id
 
 
+def model_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A train job's fusion and training options (as web/api.py ``_job_options`` validated
+    them): FusionConfig keywords and TrainConfig keywords. Unknown keys are ignored."""
+    fusion: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    if options.get("strategy"):
+        fusion["strategy"] = str(options["strategy"])
+    if options.get("loss"):
+        training["loss"] = str(options["loss"])
+    if options.get("gamma") is not None:
+        training["gamma"] = float(options["gamma"])
+    if options.get("balanced") is not None:
+        training["balanced"] = bool(options["balanced"])
+    if options.get("modality_dropout") is not None:
+        training["modality_dropout"] = float(options["modality_dropout"])
+    if options.get("patience") is not None:
+        training["patience"] = int(options["patience"])
+    return fusion, training
+
+
 def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
-           seed: int) -> int:
+           seed: int, options: dict[str, Any] | None = None) -> int:
     import torch
 
     from models.checkpoint import save_checkpoint
+    from models.evaluation import confusion_png, evaluation_report
     from models.fusion import FusionConfig
-    from models.training import FeatureSet, TrainConfig, evaluate, fit, stratified_split
+    from models.training import FeatureSet, TrainConfig, fit, stratified_split
 
     if not rows:
         raise TrainingError("no labelled item could be decoded; nothing to train on")
@@ -90,22 +113,41 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
         return FeatureSet(tensors, mask, torch.tensor([index[labels[i]] for i in idx]))
 
     train_set, val_set = subset(train_idx), subset(val_idx)
-    cfg = FusionConfig(input_dims=input_dims, num_classes=len(classes))
-    log.info("training job=%s items=%d train=%d val=%d classes=%d", job_id, len(rows),
-             len(train_idx), len(val_idx), len(classes))
-    model, fit_metrics = fit(train_set, val_set, cfg, TrainConfig(epochs=epochs, seed=seed))
+    fusion_kw, train_kw = model_options(options or {})
+    try:
+        cfg = FusionConfig(input_dims=input_dims, num_classes=len(classes), **fusion_kw)
+        tcfg = TrainConfig(epochs=epochs, seed=seed, **train_kw)
+    except ValueError as exc:
+        raise TrainingError(f"bad training options: {exc}") from exc
+    log.info("training job=%s items=%d train=%d val=%d classes=%d strategy=%s loss=%s "
+             "balanced=%s", job_id, len(rows), len(train_idx), len(val_idx), len(classes),
+             cfg.strategy, tcfg.loss, tcfg.balanced)
+    assert train_set is not None
+    model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
     metrics: dict[str, Any] = dict(fit_metrics)
     metrics["split"] = split_source
+    temperature = 1.0
     if val_set is not None:
-        metrics["validation"] = evaluate(model, val_set, classes)
+        report = evaluation_report(model, val_set, classes)
+        metrics["validation"] = report
+        # Scalars at the top level too: the model list shows only those.
+        calibration = report["calibration"]
+        temperature = calibration["temperature"]
+        metrics.update(temperature=temperature, val_ece_before=calibration["ece_before"],
+                       val_ece_after=calibration["ece_after"])
+        png = confusion_png(report["confusion"], classes,
+                            title=f"{name}: validation ({len(val_set)} items)")
+        metrics["confusion_png"] = rt.blobs.put_bytes(png)
     data, config = save_checkpoint(model.cpu())
+    config["temperature"] = temperature  # worker/pipeline.py classify applies it
     blob = rt.blobs.put_bytes(data)
     with rt.db.session() as s:
         mv = register_model(
             s, name=name, fusion=cfg.strategy, classes=classes,
             encoders={m: {"name": encoders[m].name, "version": encoders[m].version,
                           "dim": encoders[m].dim} for m in present},
-            metrics=_jsonable(metrics), config=config, checkpoint_blob=blob, job_id=job_id)
+            metrics=_jsonable(metrics), config=config, checkpoint_blob=blob, job_id=job_id,
+            tenant_id=jobs.get_job(s, job_id).tenant_id)
         jobs.get_job(s, job_id).model_version_id = mv.id
         s.flush()
         jobs.finish_job(s, job_id)

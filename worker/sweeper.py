@@ -1,0 +1,55 @@
+"""Find jobs whose messages were lost (a broker flush, a crash between commit and enqueue) and
+send their missing work again. Everything it sends is idempotent, so sending too much is safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+from store import jobs
+from store.schema import utcnow
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Revival:
+    ingest: list[str] = field(default_factory=list)                  # job ids
+    batches: list[tuple[str, list[int]]] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+
+def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
+    """What to send again for every active job that has not moved for a while."""
+    age = rt.settings.stale_after_seconds if older_than_seconds is None else older_than_seconds
+    cutoff = utcnow() - dt.timedelta(seconds=age)
+    out = Revival()
+    with rt.db.session() as s:
+        stale = [(j.id, j.state, j.kind, j.stage) for j in jobs.stale_jobs(s, cutoff)]
+    for job_id, state, kind, stage in stale:
+        with rt.db.session() as s:
+            jobs.touch(s, job_id)  # one revival per stale period, not one per sweep
+            if state in ("queued", "ingesting"):
+                out.ingest.append(job_id)
+                continue
+            if kind == "train" and stage == "training":
+                out.train.append(job_id)
+                continue
+            pending = jobs.item_ids(s, job_id, pending_only=True)
+            if not pending:
+                # every item has its result but the finishing step was lost
+                if kind == "train" and jobs.enter_stage(s, job_id, "extracting", "training"):
+                    out.train.append(job_id)
+                elif jobs.finish_job(s, job_id):
+                    out.finished.append(job_id)
+                continue
+        size = rt.settings.batch_size
+        out.batches += [(job_id, pending[i:i + size]) for i in range(0, len(pending), size)]
+    if stale:
+        log.info("sweep stale=%d ingest=%d batches=%d train=%d finished=%d", len(stale),
+                 len(out.ingest), len(out.batches), len(out.train), len(out.finished))
+    return out
