@@ -67,7 +67,16 @@ class MediaError(Exception):
 
     The message is user-facing, e.g.
     ``'image animals/cat_001.jpg: truncated or corrupt image data (image file is truncated)'``.
+
+    ``kind`` says how it ended, for logs and counts (the item fails the same way for each):
+    ``"invalid"`` (the file is bad, and the message says how), ``"decoder"`` (the decoding
+    library raised something unexpected on it), ``"timeout"`` and ``"crash"`` (in a
+    :class:`DecodeSandbox`: the decoder ran past its time limit, or its process died).
     """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def modality_of(filename: str) -> str | None:
@@ -117,7 +126,8 @@ def decode_image(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.
     except OSError as exc:
         raise MediaError(f"image {name}: truncated or corrupt image data ({exc})") from exc
     except Exception as exc:  # PIL plugins raise many types on hostile input
-        raise MediaError(f"image {name}: cannot decode ({type(exc).__name__}: {exc})") from exc
+        raise MediaError(f"image {name}: cannot decode ({type(exc).__name__}: {exc})",
+                         kind="decoder") from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -199,8 +209,11 @@ def read_audio(
             mono = _read_mono(f, limit + 1 if too_long == "fail" else limit)
     except MediaError:
         raise
-    except Exception as exc:  # libsndfile reports through several exception types
+    except soundfile.LibsndfileError as exc:
         raise MediaError(f"audio {name}: cannot decode ({_sndfile_reason(exc)})") from exc
+    except Exception as exc:  # soundfile and numpy raise a few other types on hostile input
+        raise MediaError(f"audio {name}: cannot decode ({_sndfile_reason(exc)})",
+                         kind="decoder") from exc
 
     if len(mono) > limit:
         if too_long == "fail":
@@ -456,12 +469,15 @@ class DecodeSandbox:
                         continue  # it had died while idle: not this file's doing
                     if exc.timed_out:
                         raise MediaError(f"{op} {name}: decoding took longer than "
-                                         f"{self.timeout:g} s (stopped)") from None
-                    raise MediaError(f"{op} {name}: the decoder crashed ({exc})") from None
+                                         f"{self.timeout:g} s (stopped)", kind="timeout") from None
+                    raise MediaError(f"{op} {name}: the decoder crashed ({exc})",
+                                     kind="crash") from None
                 self._give_back(child)
                 break
         if not reply.get("ok"):
-            raise MediaError(str(reply.get("error") or f"{op} {name}: cannot decode"))
+            kind = reply.get("kind")
+            raise MediaError(str(reply.get("error") or f"{op} {name}: cannot decode"),
+                             kind=kind if kind in ("invalid", "decoder") else "decoder")
         return reply, body
 
     def _take(self) -> tuple[_Child, bool]:
@@ -540,12 +556,13 @@ def _serve() -> None:
             else:
                 reply = {"ok": False, "error": f"unknown operation {op!r}"}
         except MediaError as exc:
-            reply = {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc), "kind": exc.kind}
         except MemoryError:
-            reply = {"ok": False, "error": f"{op} {name}: cannot decode (out of memory)"}
+            reply = {"ok": False, "error": f"{op} {name}: cannot decode (out of memory)",
+                     "kind": "invalid"}
         except Exception as exc:  # a decoder bug fails the file, not the child
             reply = {"ok": False, "error": f"{op} {name}: cannot decode "
-                                           f"({type(exc).__name__}: {exc})"}
+                                           f"({type(exc).__name__}: {exc})", "kind": "decoder"}
         data = json.dumps(reply).encode()
         out.write(_FRAME.pack(len(data), len(body)) + data)
         out.write(body)
