@@ -158,3 +158,112 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def _post(client, **form):  # type: ignore[no-untyped-def]
+    headers = form.pop("headers", {})
+    data = {"kind": "embed", "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar"), **form}
+    return client.post("/api/v1/jobs", data=data, headers=headers)
+
+
+def test_every_api_route_needs_a_key(settings: Settings) -> None:
+    app = create_app(settings)
+    anonymous = app.test_client()
+    for method, url in (("get", "/api/v1/jobs"), ("get", "/api/v1/models"),
+                        ("post", "/api/v1/jobs"), ("get", "/api/v1/jobs/x/results")):
+        r = getattr(anonymous, method)(url)
+        assert r.status_code == 401 and _error(r)["code"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = authed(app, "mmb_not-a-real-key")
+    assert wrong.get("/api/v1/jobs").status_code == 401
+    assert anonymous.get("/healthz").status_code == 200
+
+
+def test_a_tenant_sees_only_its_own_jobs(settings: Settings) -> None:
+    app = create_app(settings)
+    alice = authed(app, make_key(settings.db_url, "alice"))
+    bob = authed(app, make_key(settings.db_url, "bob"))
+    job_id = _post(alice).get_json()["id"]
+    for url in (f"/api/v1/jobs/{job_id}", f"/api/v1/jobs/{job_id}/results",
+                f"/api/v1/jobs/{job_id}/errors", f"/api/v1/jobs/{job_id}/report"):
+        assert bob.get(url).status_code == 404
+        assert alice.get(url).status_code == 200
+    assert bob.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 404
+    assert [j["id"] for j in alice.get("/api/v1/jobs").get_json()["jobs"]] == [job_id]
+    assert bob.get("/api/v1/jobs").get_json()["jobs"] == []
+    # a second key of alice's tenant sees the same jobs
+    alice2 = authed(app, make_key(settings.db_url, "alice-ci", tenant="alice"))
+    assert alice2.get(f"/api/v1/jobs/{job_id}").status_code == 200
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
+    s = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path), "MMBATCH_BROKER_URL": "memory://",
+                           "MMBATCH_RATE_LIMIT_PER_MINUTE": "3"})
+    client = authed(create_app(s), make_key(s.db_url))
+    codes = [client.get("/api/v1/jobs").status_code for _ in range(5)]
+    assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+    r = client.get("/api/v1/jobs")
+    assert _error(r)["code"] == "rate_limited" and 1 <= int(r.headers["Retry-After"]) <= 61
+
+
+def test_idempotency_key_returns_the_same_job(client) -> None:  # type: ignore[no-untyped-def]
+    first = _post(client, headers={"Idempotency-Key": "upload-42"})
+    again = _post(client, headers={"Idempotency-Key": "upload-42"})
+    other = _post(client, headers={"Idempotency-Key": "upload-43"})
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert other.get_json()["id"] != first.get_json()["id"]
+    assert len(client.get("/api/v1/jobs").get_json()["jobs"]) == 2
+
+
+def test_cancel_a_queued_job_then_409(client) -> None:  # type: ignore[no-untyped-def]
+    job_id = _post(client).get_json()["id"]
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200 and r.get_json()["state"] == "cancelled"
+    assert r.get_json()["finished_at"] is not None
+    again = client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and _error(again)["code"] == "job_finished"
+
+
+def test_job_list_filters_and_pages(client) -> None:  # type: ignore[no-untyped-def]
+    ids = [_post(client).get_json()["id"] for _ in range(5)]
+    client.post(f"/api/v1/jobs/{ids[0]}/cancel")
+    seen, cursor = [], None
+    while True:
+        page = client.get("/api/v1/jobs?limit=2" + (f"&cursor={cursor}" if cursor else "")).get_json()
+        seen += [j["id"] for j in page["jobs"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ids[::-1]  # newest first, each once
+    cancelled = client.get("/api/v1/jobs?state=cancelled").get_json()["jobs"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert client.get("/api/v1/jobs?kind=train").get_json()["jobs"] == []
+    assert client.get("/api/v1/jobs?created_after=2999-01-01T00:00:00Z").get_json()["jobs"] == []
+    assert len(client.get("/api/v1/jobs?created_before=2999-01-01").get_json()["jobs"]) == 5
+    for query, code in (("state=bogus", "invalid_state"), ("created_after=yesterday",
+                                                          "invalid_created_after"),
+                        ("cursor=abc", "invalid_cursor")):
+        r = client.get(f"/api/v1/jobs?{query}")
+        assert r.status_code == 400 and _error(r)["code"] == code
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/hook", "http://127.0.0.1:9/hook",
+                                 "http://10.1.2.3/hook", "http://user:pw@example.com/",
+                                 "http://[::1]/hook", "http://169.254.169.254/latest"])
+def test_callback_urls_to_private_networks_are_refused(client, url: str) -> None:  # type: ignore[no-untyped-def]
+    r = _post(client, callback_url=url)
+    assert r.status_code == 400 and _error(r)["code"] == "invalid_callback_url"
+
+
+def test_reprocess_request_is_validated(client) -> None:  # type: ignore[no-untyped-def]
+    assert client.post("/api/v1/reprocess", json={"model": 99}).status_code == 400
+    assert client.post("/api/v1/reprocess", json={"limit": 0}).status_code == 400
+    assert client.post("/api/v1/reprocess", json=[1]).status_code == 400
+    assert client.post("/api/v1/reprocess").status_code == 202
+
+
+def test_export_format_is_validated(client) -> None:  # type: ignore[no-untyped-def]
+    job_id = _post(client).get_json()["id"]
+    r = client.get(f"/api/v1/jobs/{job_id}/results?format=xml")
+    assert r.status_code == 400 and _error(r)["code"] == "invalid_format"
