@@ -1,7 +1,29 @@
-"""Fusion of per-modality features into one embedding, and the classifier head on top."""
+"""Fusion of per-modality features into one embedding, and the classifier head on top.
+
+Every strategy starts the same way: each modality's features are standardised and projected to
+``proj_dim`` values (``p_i``), and a missing modality's projection is replaced by exact zeros.
+The strategies differ in how the projections are combined:
+
+- ``concat``: ``[p_1, …, p_M, mask]`` into an MLP head (the baseline);
+- ``weighted``: ``Σ_i w_i p_i`` with ``w = softmax(a)`` over the present modalities, ``a`` a
+  learned vector (one weight per modality, the same for every item);
+- ``gated``: the same sum, but the weights come from a gate that looks at the item's projections,
+  so they change per item;
+- ``attention``: one token per modality plus a learned summary token through a small pre-norm
+  transformer encoder, missing modalities masked out as keys; the summary token is the embedding;
+- ``hierarchical``: two levels, pairwise fusions of every two present modalities, then an
+  attention pooling over the single-modality and pairwise units;
+- ``late``: decision-level fusion, one classifier per modality, their log-probabilities combined
+  as ``Σ_i w_i log p_i(c)`` with learned softmax weights over the present modalities.
+
+All of them take any subset of modalities per item, and a masked modality's features cannot
+change any output, NaN included: masked positions are replaced (``torch.where``) before use, and
+masked softmax weights are exactly zero.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -10,7 +32,9 @@ from torch import nn
 
 from models.registry import MODALITIES
 
-STRATEGIES: tuple[str, ...] = ("concat",)
+STRATEGIES: tuple[str, ...] = ("concat", "weighted", "gated", "attention", "hierarchical", "late")
+# Strategies whose forward pass yields per-item modality weights (gate, attention, ...).
+WEIGHTED_STRATEGIES: frozenset[str] = frozenset(STRATEGIES) - {"concat"}
 
 
 @dataclass(frozen=True)
@@ -19,7 +43,7 @@ class FusionConfig:
 
     ``input_dims`` maps each modality the model takes to its feature size; it is stored in
     ``MODALITIES`` order, whatever order it was given in, because that order is the column order
-    of the mask.
+    of the mask. ``num_heads`` and ``num_layers`` shape the ``attention`` strategy only.
     """
 
     input_dims: dict[str, int]
@@ -28,6 +52,8 @@ class FusionConfig:
     proj_dim: int = 128
     hidden_dim: int = 256
     dropout: float = 0.2
+    num_heads: int = 4
+    num_layers: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_dims, dict) or not self.input_dims:
@@ -47,10 +73,15 @@ class FusionConfig:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}: expected one of {STRATEGIES}")
-        for name in ("proj_dim", "hidden_dim"):
+        for name in ("proj_dim", "hidden_dim", "num_heads", "num_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.strategy == "attention" and self.proj_dim % self.num_heads:
+            raise ValueError(
+                f"attention: proj_dim ({self.proj_dim}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -68,6 +99,8 @@ class FusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FusionConfig:
+        """Keys missing from ``d`` other than ``input_dims`` and ``num_classes`` take their
+        defaults, so configs saved before a field existed still load."""
         if not isinstance(d, dict):
             raise ValueError(f"expected a dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
@@ -81,6 +114,19 @@ class FusionConfig:
         if not isinstance(input_dims, dict):
             raise ValueError("input_dims must be a dict")
         return cls(**{**d, "input_dims": dict(input_dims)})
+
+
+@dataclass
+class FusionOutput:
+    """Everything one forward pass computes."""
+
+    logits: torch.Tensor  # (B, C)
+    fused: torch.Tensor  # (B, F) the fused embedding
+    # (B, M): how much each modality weighs in the fusion, 0 where missing, rows summing to 1
+    # over the present modalities (0 everywhere for an item with none); None for ``concat``.
+    weights: torch.Tensor | None = None
+    # (B, M, C): the per-modality classifiers of ``late`` fusion (meaningless where missing).
+    unimodal_logits: torch.Tensor | None = None
 
 
 class Standardize(nn.Module):
@@ -99,11 +145,71 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std  # (B, D)
 
 
-class FusionClassifier(nn.Module):
-    """Concat fusion: project each modality, zero the missing ones, concatenate with the mask.
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where ``mask`` is True; exactly 0 elsewhere.
 
-    fused = [p_1 * m_1, ..., p_M * m_M, m]  -> (B, M * proj_dim + M)
-    logits = head(fused)                    -> (B, C)
+    scores: (..., K) float; mask: (..., K) bool -> (..., K). A row with nothing present is all
+    zeros. A finite fill value, not -inf, so that such a row has no NaN in its gradient either.
+    """
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.where(mask, torch.softmax(filled, dim=-1), 0.0)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(in_dim, hidden_dim),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer encoder layer that also returns its attention weights.
+
+    Written out rather than ``nn.TransformerEncoderLayer`` because the explanation needs the
+    summary token's attention over the modality tokens, which that layer does not expose.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D); present: (B, T) bool, False for padding keys -> (B, T, D), (B, H, T, T)."""
+        b, t, d = x.shape
+        q, k, v = (
+            self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        )  # each (B, H, T, d_h)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)  # (B, H, T, T)
+        attn = masked_softmax(scores, present[:, None, None, :].expand_as(scores))  # (B, H, T, T)
+        h = (self.drop(attn) @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        x = x + self.drop(self.out(h))
+        x = x + self.drop(self.ff(self.norm2(x)))
+        return x, attn
+
+
+class FusionClassifier(nn.Module):
+    """Per-modality projections, one fusion strategy (``cfg.strategy``), a classifier head.
+
+    ``forward(features, mask)`` returns ``(logits (B, C), fused (B, F))``; ``forward_details``
+    also returns the modality weights (and late fusion's per-modality logits).
+
+    For ``concat`` (the first strategy, whose checkpoints predate the others):
+
+        fused = [p_1 * m_1, ..., p_M * m_M, m]  -> (B, M * proj_dim + M)
+        logits = head(fused)                    -> (B, C)
 
     A missing modality contributes exactly zero whatever its features hold, and the mask
     indicators let the head tell "missing" from "present but projected to zero".
@@ -115,21 +221,56 @@ class FusionClassifier(nn.Module):
             raise ValueError(f"expected a FusionConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.modalities: tuple[str, ...] = cfg.modalities
+        m_count, p, c = len(self.modalities), cfg.proj_dim, cfg.num_classes
         self.norms = nn.ModuleDict({m: Standardize(d) for m, d in cfg.input_dims.items()})
         self.projections = nn.ModuleDict(
             {
-                m: nn.Sequential(nn.Linear(d, cfg.proj_dim), nn.LayerNorm(cfg.proj_dim), nn.GELU())
+                m: nn.Sequential(nn.Linear(d, p), nn.LayerNorm(p), nn.GELU())
                 for m, d in cfg.input_dims.items()
             }
         )
-        self.fused_dim = len(self.modalities) * (cfg.proj_dim + 1)
-        self.head = nn.Sequential(
-            nn.Dropout(cfg.dropout),
-            nn.Linear(self.fused_dim, cfg.hidden_dim),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.hidden_dim, cfg.num_classes),
-        )
+        strategy = cfg.strategy
+        if strategy == "concat":
+            self.fused_dim = m_count * (p + 1)
+        elif strategy == "weighted":
+            self.modality_logits = nn.Parameter(torch.zeros(m_count))  # (M,)
+            self.fused_dim = p + m_count
+        elif strategy == "gated":
+            # One gate per modality and dimension (a gated multimodal unit, Arevalo et al.
+            # 2017): each dimension of the sum can come from a different modality.
+            self.gate = nn.Linear(m_count * p + m_count, m_count * p)
+            # Zero-initialised: training starts from the plain average of the present
+            # modalities, and the gate learns to move away from it only where that helps.
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+            self.fused_dim = p + m_count
+        elif strategy == "attention":
+            self.modality_tokens = nn.Parameter(0.02 * torch.randn(m_count, p))  # (M, P)
+            self.summary_token = nn.Parameter(0.02 * torch.randn(p))  # (P,)
+            self.blocks = nn.ModuleList(
+                AttentionBlock(p, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers)
+            )
+            self.final_norm = nn.LayerNorm(p)
+            self.fused_dim = p
+        elif strategy == "hierarchical":
+            self.pairs: tuple[tuple[int, int], ...] = tuple(
+                (i, j) for i in range(m_count) for j in range(i + 1, m_count)
+            )
+            self.pair_nets = nn.ModuleList(
+                nn.Sequential(nn.Linear(2 * p, p), nn.LayerNorm(p), nn.GELU()) for _ in self.pairs
+            )
+            units = m_count + len(self.pairs)
+            self.unit_tokens = nn.Parameter(torch.zeros(units, p))  # (U, P) which unit is which
+            self.unit_score = nn.Sequential(nn.Linear(p, p), nn.Tanh(), nn.Linear(p, 1))
+            self.fused_dim = p + m_count
+        else:  # late
+            self.modality_heads = nn.ModuleDict(
+                {m: nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(p, c)) for m in self.modalities}
+            )
+            self.modality_logits = nn.Parameter(torch.zeros(m_count))  # (M,)
+            self.fused_dim = p
+        if strategy != "late":
+            self.head = _mlp(self.fused_dim, cfg.hidden_dim, c, cfg.dropout)
 
     def set_standardization(self, modality: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Fix the input statistics of ``modality``: (D_m,) each, std > 0."""
@@ -145,8 +286,10 @@ class FusionClassifier(nn.Module):
             norm.mean.copy_(mean)
             norm.std.copy_(std)
 
-    def fuse(self, features: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """features[m]: (B, D_m); mask: (B, M) bool -> fused (B, M * proj_dim + M)."""
+    def _project(
+        self, features: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated inputs -> projections (B, M, P), exactly 0 where missing, and mask (B, M)."""
         if mask.ndim != 2 or mask.shape[1] != len(self.modalities):
             raise ValueError(
                 f"mask must be (B, {len(self.modalities)}) for {self.modalities}, "
@@ -161,11 +304,96 @@ class FusionClassifier(nn.Module):
             x = self.norms[m](features[m].float())  # (B, D_m)
             # where(), not a product: exactly zero even if missing features hold NaN or inf.
             parts.append(torch.where(mask[:, i : i + 1], self.projections[m](x), 0.0))  # (B, P)
-        parts.append(mask.float())
-        return torch.cat(parts, dim=1)  # (B, M * P + M)
+        return torch.stack(parts, dim=1), mask  # (B, M, P), (B, M)
+
+    def fuse(self, features: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """features[m]: (B, D_m); mask: (B, M) bool -> fused (B, F)."""
+        return self.forward_details(features, mask).fused
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = self.fuse(features, mask)  # (B, F)
-        return self.head(fused), fused  # (B, C), (B, F)
+        out = self.forward_details(features, mask)
+        return out.logits, out.fused  # (B, C), (B, F)
+
+    def forward_details(self, features: dict[str, torch.Tensor], mask: torch.Tensor) -> FusionOutput:
+        """features[m]: (B, D_m) for every modality of the config; mask: (B, M) bool."""
+        proj, mask = self._project(features, mask)  # (B, M, P), (B, M)
+        strategy = self.cfg.strategy
+        if strategy == "concat":
+            fused = torch.cat([proj.flatten(1), mask.float()], dim=1)  # (B, M * P + M)
+            return FusionOutput(self.head(fused), fused)
+        if strategy == "weighted":
+            weights = masked_softmax(self.modality_logits.expand(mask.shape), mask)  # (B, M)
+            pooled = (weights[:, :, None] * proj).sum(dim=1)  # (B, P)
+            fused = torch.cat([pooled, mask.float()], dim=1)  # (B, P + M)
+            return FusionOutput(self.head(fused), fused, weights)
+        if strategy == "gated":
+            scores = self.gate(torch.cat([proj.flatten(1), mask.float()], dim=1))  # (B, M * P)
+            gates = masked_softmax(
+                scores.view(proj.shape).transpose(1, 2), mask[:, None, :].expand(-1, proj.shape[2], -1)
+            ).transpose(1, 2)  # (B, M, P), summing to 1 over the present modalities
+            pooled = (gates * proj).sum(dim=1)  # (B, P)
+            fused = torch.cat([pooled, mask.float()], dim=1)  # (B, P + M)
+            return FusionOutput(self.head(fused), fused, gates.mean(dim=2))  # weights (B, M)
+        if strategy == "attention":
+            return self._attention(proj, mask)
+        if strategy == "hierarchical":
+            return self._hierarchical(proj, mask)
+        return self._late(proj, mask)
+
+    def _attention(self, proj: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
+        b = proj.shape[0]
+        tokens = torch.cat(
+            [
+                self.summary_token.expand(b, 1, -1),  # (B, 1, P)
+                proj + self.modality_tokens,  # (B, M, P)
+            ],
+            dim=1,
+        )  # (B, 1 + M, P)
+        present = torch.cat([mask.new_ones(b, 1), mask], dim=1)  # (B, 1 + M)
+        attn = tokens.new_zeros(b, 1, 1, 1)
+        for block in self.blocks:
+            tokens, attn = block(tokens, present)  # (B, 1 + M, P), (B, H, 1 + M, 1 + M)
+        fused = self.final_norm(tokens[:, 0])  # (B, P)
+        # The summary token's attention over the modality tokens in the last layer, averaged
+        # over heads and renormalised without its attention to itself.
+        to_modalities = attn[:, :, 0, 1:].mean(dim=1)  # (B, M)
+        total = to_modalities.sum(dim=1, keepdim=True)  # (B, 1)
+        weights = torch.where(total > 0, to_modalities / total.clamp_min(1e-12), 0.0)
+        return FusionOutput(self.head(fused), fused, weights)
+
+    def _hierarchical(self, proj: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
+        units = [proj[:, i] for i in range(proj.shape[1])]  # M x (B, P)
+        present = [mask[:, i] for i in range(mask.shape[1])]  # M x (B,)
+        for (i, j), net in zip(self.pairs, self.pair_nets, strict=True):
+            both = mask[:, i] & mask[:, j]  # (B,)
+            pair = net(torch.cat([proj[:, i], proj[:, j]], dim=1))  # (B, P)
+            units.append(torch.where(both[:, None], pair, 0.0))
+            present.append(both)
+        stacked = torch.stack(units, dim=1)  # (B, U, P)
+        unit_mask = torch.stack(present, dim=1)  # (B, U)
+        scores = self.unit_score(stacked + self.unit_tokens).squeeze(-1)  # (B, U)
+        unit_weights = masked_softmax(scores, unit_mask)  # (B, U)
+        pooled = (unit_weights[:, :, None] * stacked).sum(dim=1)  # (B, P)
+        fused = torch.cat([pooled, mask.float()], dim=1)  # (B, P + M)
+        # A modality's weight: its own unit's plus half of each pair it is in.
+        m_count = mask.shape[1]
+        share = torch.zeros(len(units), m_count, device=proj.device)  # (U, M)
+        share[torch.arange(m_count), torch.arange(m_count)] = 1.0
+        for u, (i, j) in enumerate(self.pairs, start=m_count):
+            share[u, i] = share[u, j] = 0.5
+        weights = unit_weights @ share  # (B, M)
+        return FusionOutput(self.head(fused), fused, weights)
+
+    def _late(self, proj: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
+        unimodal = torch.stack(
+            [self.modality_heads[m](proj[:, i]) for i, m in enumerate(self.modalities)], dim=1
+        )  # (B, M, C)
+        weights = masked_softmax(self.modality_logits.expand(mask.shape), mask)  # (B, M)
+        log_probs = torch.log_softmax(unimodal, dim=-1)  # (B, M, C)
+        # A weighted product of the per-modality distributions (log-linear pooling); missing
+        # modalities have weight exactly 0, and their log-probabilities are finite.
+        logits = (weights[:, :, None] * log_probs).sum(dim=1)  # (B, C)
+        fused = (weights[:, :, None] * proj).sum(dim=1)  # (B, P)
+        return FusionOutput(logits, fused, weights, unimodal)

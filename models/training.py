@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fusion import FusionClassifier, FusionConfig
+from models.losses import LOSSES, ClassificationLoss, balanced_order
 
 
 @dataclass
@@ -63,6 +64,16 @@ class TrainConfig:
     patience: int = 30  # epochs without a better validation score before stopping
     seed: int = 0
     modality_dropout: float = 0.15  # chance of hiding each present modality of an item
+    loss: str = "ce"  # "ce", "weighted" (inverse-frequency class weights) or "focal"
+    gamma: float = 2.0  # focal loss focusing parameter
+    balanced: bool = False  # draw each epoch's items so that every class is equally likely
+    # Weight of the per-modality classifiers' own cross-entropy, for late fusion: each of them
+    # must be a classifier on its own when the other modalities are missing.
+    aux_weight: float = 0.5
+    # What early stopping keeps: "full" = the best validation macro F1 with every modality;
+    # "robust" = the best mean of that and of the macro F1 with each modality dropped in turn,
+    # so that the kept epoch also copes when a modality is missing.
+    select: str = "robust"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -77,6 +88,16 @@ class TrainConfig:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: expected one of {LOSSES}")
+        if not 0.0 <= self.gamma <= 10.0:
+            raise ValueError(f"gamma must be in [0, 10], got {self.gamma!r}")
+        if not isinstance(self.balanced, bool):
+            raise ValueError(f"balanced must be a bool, got {self.balanced!r}")
+        if self.select not in ("full", "robust"):
+            raise ValueError(f"select must be 'full' or 'robust', got {self.select!r}")
+        if not self.aux_weight >= 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight!r}")
 
 
 def _check(data: FeatureSet, cfg: FusionConfig, what: str) -> None:
@@ -170,9 +191,11 @@ def _scores(
     return confusion, np.stack([precision, recall, f1, support], axis=1), macro_f1
 
 
-def evaluate(model: FusionClassifier, data: FeatureSet, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix
-    (rows: true class, columns: predicted, in ``classes`` order)."""
+def evaluate(
+    model: FusionClassifier, data: FeatureSet, classes: list[str], temperature: float = 1.0
+) -> dict[str, Any]:
+    """Accuracy, macro F1, loss (NLL at ``temperature``), per-class precision/recall/F1/support
+    and the confusion matrix (rows: true class, columns: predicted, in ``classes`` order)."""
     if len(classes) != model.cfg.num_classes:
         raise ValueError(f"{len(classes)} class names for a {model.cfg.num_classes}-class model")
     if len(set(classes)) != len(classes):
@@ -180,7 +203,7 @@ def evaluate(model: FusionClassifier, data: FeatureSet, classes: list[str]) -> d
     _check(data, model.cfg, "data")
     if len(data) == 0:
         raise ValueError("no items to evaluate")
-    probs, _ = predict(model, data.features, data.mask)
+    probs, _ = predict(model, data.features, data.mask, temperature)
     y_true = data.labels.cpu().numpy()
     y_pred = probs.argmax(dim=1).numpy()
     confusion, table, macro_f1 = _scores(y_true, y_pred, len(classes))
@@ -214,10 +237,31 @@ def _val_scores(model: FusionClassifier, data: FeatureSet) -> tuple[float, float
     return macro_f1, loss, float((y_true == y_pred).mean())
 
 
+def _selection_score(model: FusionClassifier, data: FeatureSet, select: str) -> tuple[float, float]:
+    """(score, loss) that early stopping maximises / breaks ties on: macro F1 and loss with
+    every modality, or for ``robust`` their means over that and each modality dropped in turn
+    (a modality no validation item has is skipped)."""
+    f1, loss, _ = _val_scores(model, data)
+    if select == "full" or data.mask.shape[1] < 2:
+        return f1, loss
+    f1s, losses = [f1], [loss]
+    for i in range(data.mask.shape[1]):
+        if not data.mask[:, i].any():
+            continue
+        dropped = data.mask.clone()
+        dropped[:, i] = False
+        f1_i, loss_i, _ = _val_scores(model, FeatureSet(data.features, dropped, data.labels))
+        f1s.append(f1_i)
+        losses.append(loss_i)
+    return float(np.mean(f1s)), float(np.mean(losses))
+
+
 def fit(
     train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
 ) -> tuple[FusionClassifier, dict[str, Any]]:
-    """Train a fusion classifier with Adam and cross-entropy, on the CPU.
+    """Train a fusion classifier with Adam on the CPU, with the loss ``tcfg.loss`` (plain,
+    class-weighted cross-entropy or focal loss), optionally class-balanced sampling, and
+    modality dropout.
 
     Early stopping keeps the epoch with the best validation macro F1 (ties: lower validation
     loss); without validation data (``None`` or empty) it trains for all epochs. Seeded: the
@@ -250,24 +294,33 @@ def fit(
         model = FusionClassifier(cfg)
         _fit_standardization(model, train)
         optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        criterion = ClassificationLoss(tcfg.loss, train.labels, cfg.num_classes, tcfg.gamma)
 
         best_state = copy.deepcopy(model.state_dict())
         best_f1, best_loss, best_epoch, stale, epoch = -1.0, float("inf"), 0, 0, 0
         for epoch in range(1, tcfg.epochs + 1):
             model.train()
-            order = torch.randperm(len(train), generator=generator)
+            if tcfg.balanced:
+                order = balanced_order(train.labels, generator)
+            else:
+                order = torch.randperm(len(train), generator=generator)
             for start in range(0, len(train), tcfg.batch_size):
                 idx = order[start : start + tcfg.batch_size]
                 mask = drop_modalities(train.mask[idx], tcfg.modality_dropout, generator)  # (b, M)
-                logits, _ = model({m: x[idx] for m, x in train.features.items()}, mask)  # (b, C)
-                loss = F.cross_entropy(logits, train.labels[idx])
+                out = model.forward_details({m: x[idx] for m, x in train.features.items()}, mask)
+                target = train.labels[idx]  # (b,)
+                loss = criterion(out.logits, target)
+                if out.unimodal_logits is not None and tcfg.aux_weight > 0:
+                    loss = loss + tcfg.aux_weight * _unimodal_loss(
+                        criterion, out.unimodal_logits, mask, target
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             if val is None:
                 best_epoch = epoch
                 continue
-            f1, val_loss, _ = _val_scores(model, val)
+            f1, val_loss = _selection_score(model, val, tcfg.select)
             if f1 > best_f1 or (f1 == best_f1 and val_loss < best_loss - 1e-4):
                 best_f1, best_loss, best_epoch, stale = f1, val_loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -279,6 +332,7 @@ def fit(
             model.load_state_dict(best_state)
     model.eval()
 
+    seconds = time.perf_counter() - started
     _, _, train_accuracy = _val_scores(model, train)
     final: tuple[float | None, float | None, float | None] = (
         _val_scores(model, val) if val is not None else (None, None, None)
@@ -292,9 +346,30 @@ def fit(
         "best_epoch": best_epoch,
         "train_size": len(train),
         "val_size": len(val) if val is not None else 0,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(epoch, 1),
+        "strategy": cfg.strategy,
+        "loss": tcfg.loss,
+        "gamma": tcfg.gamma if tcfg.loss == "focal" else None,
+        "balanced": tcfg.balanced,
+        "seed": tcfg.seed,
     }
     return model, metrics
+
+
+def _unimodal_loss(
+    criterion: ClassificationLoss, unimodal: torch.Tensor, mask: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The loss of each per-modality classifier on the items that show it, averaged.
+
+    unimodal: (B, M, C); mask: (B, M) bool; target: (B,) -> scalar.
+    """
+    losses = [
+        criterion(unimodal[mask[:, i], i], target[mask[:, i]])
+        for i in range(mask.shape[1])
+        if mask[:, i].any()
+    ]
+    return torch.stack(losses).mean() if losses else unimodal.sum() * 0.0
 
 
 def stratified_split(
