@@ -124,13 +124,18 @@ def web(host: str | None, port: int | None) -> None:
 @click.option("--idempotency-key", default=None, help="Submitting again with it returns the same job.")
 @click.option("--callback-url", default=None, help="POSTed (signed) when the job ends.")
 @click.option("--url", default=None, help="API base URL (default MMBATCH_URL or host:port).")
+@click.option("--set", "settings_", multiple=True, metavar="KEY=VALUE",
+              help="A train option: strategy, loss, gamma, balanced, modality_dropout, "
+                   "patience, epochs, seed (repeatable; docs/models.md).")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
-           idempotency_key: str | None, callback_url: str | None, url: str | None) -> None:
+           idempotency_key: str | None, callback_url: str | None, url: str | None,
+           settings_: tuple[str, ...]) -> None:
     """Upload ARCHIVE as a new job."""
     client = _client(url)
+    extra = dict(_key_value(item) for item in settings_)
     job = _run(lambda: client.submit(archive, kind, model=model, name=name,
                                      idempotency_key=idempotency_key,
-                                     callback_url=callback_url))
+                                     callback_url=callback_url, **extra))
     click.echo(f"job {job['id']} {job['state']}")
     if wait:
         job = _wait(client, job["id"])
@@ -293,6 +298,51 @@ def models() -> None:
 def models_list(url: str | None) -> None:
     client = _client(url)
     click.echo(json.dumps(_run(client.models), indent=2))
+
+
+@models.command("show")
+@click.argument("model_id", type=int)
+@click.option("--url", default=None)
+def models_show(model_id: int, url: str | None) -> None:
+    """Print one model version with all its metrics as JSON."""
+    client = _client(url)
+    click.echo(json.dumps(_run(lambda: client.model(model_id)), indent=2))
+
+
+@models.command("promote")
+@click.argument("model_id", type=int)
+@click.option("--url", default=None)
+def models_promote(model_id: int, url: str | None) -> None:
+    """Make MODEL_ID the default model (classify jobs without --model use it)."""
+    client = _client(url)
+    model = _run(lambda: client.promote(model_id))
+    click.echo(f"default model: {model['name']} v{model['version']} (id {model['id']})")
+
+
+@main.command()
+@click.argument("model_id", type=int, metavar="MODEL")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", default=None)
+def evaluate(model_id: int, archive: Path, url: str | None) -> None:
+    """Score MODEL on a new labelled ARCHIVE (labels.csv): accuracy, macro F1, per class, ECE."""
+    client = _client(url)
+    job = _run(lambda: client.evaluate(model_id, archive))
+    job = _wait(client, job["id"])
+    if job["state"] != "succeeded":
+        raise click.ClickException(f"job {job['id']} {job['state']}: {job.get('error')}")
+    scores = _run(lambda: client.evaluation(job["id"]))
+    click.echo(json.dumps(scores, indent=2))
+    if scores["accuracy"] is not None:
+        click.echo(f"accuracy {scores['accuracy']:.3f}  macro F1 {scores['macro_f1']:.3f}  "
+                   f"ECE {scores['ece']:.3f}  ({scores['classified']} of {scores['items']} "
+                   "labelled items classified)", err=True)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+    return key.strip(), value.strip()
 
 
 @main.command()

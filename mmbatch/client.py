@@ -103,3 +103,15 @@ class Client:
 
     def model(self, model_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/models/{model_id}")
+
+    def promote(self, model_id: int) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/models/{model_id}/promote")
+
+    def evaluate(self, model_id: int, archive: Path) -> dict[str, Any]:
+        """Start classifying a labelled archive with the model; score it with evaluation()."""
+        with open(archive, "rb") as f:
+            return self._call("POST", f"/api/v1/models/{model_id}/evaluate",
+                              files={"archive": (Path(archive).name, f)})
+
+    def evaluation(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/jobs/{job_id}/evaluation")

@@ -132,6 +132,9 @@ def _job_options(kind: str) -> dict[str, Any]:
                     raise ApiError(400, f"invalid_{field}",
                                    f"{field} must be between {low} and {high}")
                 options[field] = value
+        from web.models_api import train_options  # here: models_api imports this module
+
+        options.update(train_options(request.form))
     return options
 
 

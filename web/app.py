@@ -45,4 +45,7 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask
 
     app.register_blueprint(health)
     app.register_blueprint(api)
+    from web.models_api import models_api
+
+    app.register_blueprint(models_api)
     return app

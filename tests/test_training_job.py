@@ -1,0 +1,101 @@
+"""A train job with model options, then a classify job, as plain functions (no Celery) on a
+real SQLite database: what the model version stores, and the explanation of every result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mmbatch.settings import Settings
+from store import jobs
+from store.migrate import upgrade
+from store.registry import get_model
+from worker.ingest import ingest_job
+from worker.pipeline import process_batch
+from worker.runtime import Runtime
+from worker.training import train_job
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    data = tmp_path_factory.mktemp("training_job")
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data), "MMBATCH_BROKER_URL": "memory://",
+                                  "MMBATCH_BATCH_SIZE": "64"})
+    upgrade(settings.db_url)
+    runtime = Runtime(settings)
+    yield runtime
+    runtime.close()
+
+
+def _run(rt: Runtime, archive: Path, kind: str, model: int | None = None,
+         options: dict[str, Any] | None = None) -> str:
+    digest = rt.blobs.put_bytes(archive.read_bytes())
+    with rt.db.session() as s:
+        job_id = jobs.create_job(s, kind=kind, archive_blob=digest, archive_name=archive.name,
+                                 archive_bytes=archive.stat().st_size, model_version_id=model,
+                                 options=options).id
+    for batch in ingest_job(rt, job_id):
+        report = process_batch(rt, job_id, batch)
+        if report.next_step == "train":
+            train_job(rt, job_id)
+    return job_id
+
+
+@pytest.fixture(scope="module")
+def trained(rt: Runtime, sample_dir: Any) -> dict[str, Any]:
+    job_id = _run(rt, sample_dir.train, "train",
+                  options={"name": "gated", "epochs": 60, "strategy": "gated",
+                           "loss": "weighted", "balanced": True})
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.state == "succeeded", job.error
+        model = get_model(s, job.model_version_id)
+        return {"id": model.id, "fusion": model.fusion, "metrics": dict(model.metrics),
+                "config": dict(model.config), "classes": list(model.classes)}
+
+
+def test_the_model_version_stores_its_evaluation(rt: Runtime, trained: dict[str, Any]) -> None:
+    metrics, config = trained["metrics"], trained["config"]
+    assert trained["fusion"] == "gated" and config["fusion"]["strategy"] == "gated"
+    assert (metrics["strategy"], metrics["loss"], metrics["balanced"]) == ("gated", "weighted",
+                                                                           True)
+    val = metrics["validation"]
+    assert set(val["per_class"]) == set(trained["classes"])
+    assert {"precision", "recall"} <= set(val["per_class"][trained["classes"][0]])
+    assert len(val["confusion"]) == len(trained["classes"])
+    cal = val["calibration"]
+    assert cal["ece_after"] <= cal["ece_before"]
+    assert config["temperature"] == metrics["temperature"] == cal["temperature"] > 0
+    assert set(val["ablation"]["alone"]) == set(val["ablation"]["without"]) == {
+        "image", "text", "audio"}
+    assert metrics["seconds_per_epoch"] > 0
+    png = rt.blobs.read(metrics["confusion_png"])
+    assert png.startswith(b"\x89PNG")
+
+
+def test_bad_options_fail_the_job_with_a_reason(rt: Runtime, sample_dir: Any) -> None:
+    job_id = _run(rt, sample_dir.train, "train", options={"strategy": "sum", "epochs": 1})
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.state == "failed" and "strategy" in job.error
+
+
+def test_every_classify_result_carries_its_explanation(rt: Runtime, sample_dir: Any,
+                                                       trained: dict[str, Any]) -> None:
+    job_id = _run(rt, sample_dir.unlabelled, "classify", model=trained["id"])
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        assert job.state == "succeeded"
+        rows = jobs.results_page(s, job, after=0, limit=1000)
+        results = [(item.media, r.status, r.confidence, r.explanation) for item, r in rows]
+    assert results and all(status == "ok" for _, status, _, _ in results)
+    for media, _, confidence, note in results:
+        present = [m for m in ("image", "text", "audio") if m in media]
+        assert note["strategy"] == "gated"
+        assert list(note["weights"]) == present
+        assert sum(note["weights"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert list(note["leave_one_out"]) == present
+        assert all(-1.0 <= v <= confidence + 1e-6 for v in note["leave_one_out"].values())
