@@ -74,11 +74,13 @@ _BUILDERS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_encoder(modality: str, device: torch.device | str = "cpu") -> Encoder:
+def build_encoder(modality: str, device: torch.device | str = "cpu", **options: Any) -> Encoder:
     """Build the frozen encoder for ``modality`` (eval mode, no gradients), weights loaded from
-    local packages. Slow: build each encoder once per process."""
+    local packages. Slow: build each encoder once per process. ``options`` go to the encoder's
+    constructor (``max_batch``, ``precision``)."""
     if modality not in _BUILDERS:
         raise ValueError(f"unknown modality {modality!r}: expected one of {MODALITIES}")
     module, cls = _BUILDERS[modality]
-    encoder: Encoder = getattr(importlib.import_module(module), cls)(device=torch.device(device))
+    encoder: Encoder = getattr(importlib.import_module(module), cls)(
+        device=torch.device(device), **options)
     return encoder

@@ -11,10 +11,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from models.device import autocast, resolve_precision, to_device
 from models.registry import SPECS, EncoderSpec
 
 SPEC = SPECS["text"]
 MAX_LENGTH = 256  # tokens, as the model's sentence-transformers config says
+# What precision="auto" picks where bf16 is native: see bench/precision.py for the agreement
+# with fp32 (embedding cosine) that justified it.
+PREFERRED_PRECISION = "bf16"
 
 
 def default_model_path() -> Path:
@@ -52,6 +56,7 @@ class TextEncoder:
         device: torch.device | str = "cpu",
         model_path: str | Path | None = None,
         max_batch: int = 64,
+        precision: str = "fp32",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -60,6 +65,7 @@ class TextEncoder:
         path = str(model_path if model_path is not None else default_model_path())
         self.device = torch.device(device)
         self.max_batch = max_batch
+        self.precision = resolve_precision(precision, self.device, PREFERRED_PRECISION)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         with torch.random.fork_rng(devices=[]):  # any random init would draw from it
             model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
@@ -76,21 +82,32 @@ class TextEncoder:
         if len(items) == 0:
             return torch.zeros(0, self.spec.dim)  # (0, D)
         texts = [preprocess_text(t) for t in items]  # idempotent; guards against raw input
-        # Similar lengths share a batch so little compute goes to padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.spec.dim, dtype=torch.float32)  # (B, 384)
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(order), self.max_batch):
-                chunk = order[start : start + self.max_batch]
-                tokens = self.tokenizer(
-                    [texts[i] for i in chunk],
-                    padding="longest",
-                    truncation=True,
-                    max_length=MAX_LENGTH,
-                    return_tensors="pt",
-                )
-                tokens = {k: v.to(self.device) for k, v in tokens.items()}
-                hidden = self.model(**tokens).last_hidden_state  # (b, L, 384)
-                pooled = mean_pool(hidden, tokens["attention_mask"])  # (b, 384)
-                out[torch.tensor(chunk)] = F.normalize(pooled, p=2, dim=1).float().cpu()
+        with self._lock:
+            # Tokenize once, then bucket by token count: texts of similar length share a
+            # batch, so little compute goes to padding.
+            tokens = self.tokenizer(texts, truncation=True, max_length=MAX_LENGTH)
+            for chunk in self._buckets([len(ids) for ids in tokens["input_ids"]]):
+                batch = {k: self._pad([v[i] for i in chunk], k) for k, v in tokens.items()}
+                out[torch.tensor(chunk)] = self._forward(batch)
         return out  # allocated outside inference mode: an ordinary tensor
+
+    def _buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Indices sorted by length, cut into chunks of at most ``max_batch``."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[i : i + self.max_batch] for i in range(0, len(order), self.max_batch)]
+
+    def _pad(self, rows: list[list[int]], key: str) -> torch.Tensor:
+        """Right-pad token rows to the longest -> (b, L); ids with the pad id, masks with 0."""
+        fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
+        longest = max(len(r) for r in rows)
+        return torch.tensor([r + [fill] * (longest - len(r)) for r in rows], dtype=torch.long)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            tokens = {k: to_device(v, self.device) for k, v in batch.items()}
+            with autocast(self.device, self.precision):
+                hidden = self.model(**tokens).last_hidden_state  # (b, L, 384)
+            # Pooling and normalisation in fp32, whatever the model ran in.
+            pooled = mean_pool(hidden.float(), tokens["attention_mask"])  # (b, 384)
+            return F.normalize(pooled, p=2, dim=1).cpu()
