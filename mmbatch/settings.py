@@ -37,6 +37,14 @@ class Settings:
     top_k: int = 5
     device: str = "auto"
     torch_threads: int = 0
+    # Model work: items per encoder forward pass, per modality (a batch task of batch_size items
+    # is cut into these), mixed precision, and decoding ahead of the model.
+    image_batch_size: int = 8
+    text_batch_size: int = 32
+    audio_batch_size: int = 32
+    precision: str = "auto"  # auto (bf16 where native and checked), fp32, bf16
+    decode_threads: int = -1  # threads decoding ahead of the model; -1 auto, 0 inline
+    prefetch_items: int = 32  # decoded items held ready ahead of the model, at most
     max_upload_bytes: int = 4 * 1024**3
     max_image_pixels: int = 64_000_000
     audio_max_seconds: float = 30.0
@@ -99,6 +107,14 @@ class Settings:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         if self.audio_max_seconds <= 0:
             raise SettingsError(f"{PREFIX}AUDIO_MAX_SECONDS must be positive")
+        for name in ("image_batch_size", "text_batch_size", "audio_batch_size", "prefetch_items"):
+            if int(getattr(self, name)) <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        if self.decode_threads < -1:
+            raise SettingsError(f"{PREFIX}DECODE_THREADS must be -1 (auto), 0 (inline) or more")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise SettingsError(f"{PREFIX}PRECISION must be auto, fp32 or bf16, "
+                                f"not {self.precision!r}")
         for name in ("max_archive_members", "max_member_bytes", "max_unpacked_bytes"):
             if int(getattr(self, name)) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
