@@ -18,6 +18,7 @@ from store import jobs
 from store.registry import get_model
 from store.schema import NO_MODEL
 from worker import media
+from worker.encoding import MediaRef, encode_media
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -105,64 +106,67 @@ def encoder_mismatch(rt: Runtime, model: dict[str, Any]) -> str | None:
 
 
 def encode_items(rt: Runtime, items: Sequence[dict[str, Any]]) -> Encoded:
-    """Features for every present modality of every item, from the cache or the encoders."""
-    out = Encoded()
-    for modality in MODALITIES:
-        wanted = {it["id"]: it["media"][modality] for it in items
-                  if modality in it["media"] and it["id"] not in out.errors}
-        if not wanted:
-            continue
-        encoder = rt.encoder(modality)
-        version = encoder.spec.version
-        blobs = {ref["blob"] for ref in wanted.values()}
+    """Features for every present modality of every item, from the cache or the encoders.
+
+    One cache read for all modalities; the misses of all modalities are decoded ahead of the
+    encoders (worker.encoding) and the new features written in one transaction. An item fails
+    with the error of its first modality (image, text, audio) that cannot be decoded.
+    """
+    from models.registry import SPECS
+
+    wanted = {m: {it["id"]: it["media"][m] for it in items if m in it["media"]}
+              for m in MODALITIES}
+    versions = {m: SPECS[m].version for m in MODALITIES}
+    with rt.db.session() as s:
+        cached = {m: feature_cache.get_features(s, versions[m],
+                                                {ref["blob"] for ref in refs.values()})
+                  for m, refs in wanted.items() if refs}
+    missing = [MediaRef(m, ref["blob"], ref["name"]) for m in MODALITIES
+               for ref in wanted[m].values() if ref["blob"] not in cached.get(m, {})]
+    fresh, errors = _encode_blobs(rt, missing)
+    if fresh:
         with rt.db.session() as s:
-            cached = feature_cache.get_features(s, version, blobs)
-        missing = sorted(blobs - set(cached))
-        fresh, errors = _encode_blobs(rt, modality, encoder, missing,
-                                      {ref["blob"]: ref["name"] for ref in wanted.values()})
-        if fresh:
-            with rt.db.session() as s:
-                feature_cache.put_features(s, version, fresh)
-        vectors = {**cached, **fresh}
-        for item_id, ref in wanted.items():
-            if ref["blob"] in errors:
-                out.errors[item_id] = errors[ref["blob"]]
+            for m in MODALITIES:
+                new = {blob: vec for (modality, blob), vec in fresh.items() if modality == m}
+                if new:
+                    feature_cache.put_features(s, versions[m], new)
+    out = Encoded()
+    for m in MODALITIES:
+        for item_id, ref in wanted[m].items():
+            if item_id in out.errors:
+                continue
+            key = (m, ref["blob"])
+            if key in errors:
+                out.errors[item_id] = errors[key]
                 out.features.pop(item_id, None)
             else:
-                out.features.setdefault(item_id, {})[modality] = vectors[ref["blob"]]
+                vec = cached[m][ref["blob"]] if ref["blob"] in cached.get(m, {}) else fresh[key]
+                out.features.setdefault(item_id, {})[m] = vec
+    hits = sum(len(c) for c in cached.values())
+    log.info("encode items=%d cache_hits=%d encoded=%d failed=%d", len(items), hits,
+             len(fresh), len(errors))
     return out
 
 
-def _encode_blobs(rt: Runtime, modality: str, encoder: Any, blobs: Sequence[str],
-                  names: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Decode and preprocess in the thread pool (in order), then encode in model-sized chunks."""
-    if not blobs:
+def _encode_blobs(rt: Runtime, refs: Sequence[MediaRef]
+                  ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str]]:
+    """Read, decode and preprocess in the decode threads, ahead of the encoders, which take
+    each modality in chunks of its batch size; (modality, blob) -> features, or -> error."""
+    if not refs:
         return {}, {}
-    decode = _decoder(rt, modality)
+    decoders = {m: _decoder(rt, m) for m in {ref.modality for ref in refs}}
+    encoders = {m: rt.encoder(m) for m in decoders}  # loaded here, in the model thread
 
-    def prepare(blob: str) -> Any:
-        raw = decode(rt.blobs.read(blob), names[blob])
-        return encoder.preprocess(raw)
+    def prepare(ref: MediaRef) -> Any:
+        raw = decoders[ref.modality](rt.blobs.read(ref.blob), ref.name)
+        return encoders[ref.modality].preprocess(raw)
 
-    futures = [rt.pool.submit(prepare, blob) for blob in blobs]
-    ready: list[tuple[str, Any]] = []
-    errors: dict[str, str] = {}
-    for blob, fut in zip(blobs, futures):
-        try:
-            ready.append((blob, fut.result()))
-        except media.MediaError as exc:
-            errors[blob] = str(exc)
-        except Exception as exc:  # a decoder bug must fail the item, not the batch
-            log.exception("decode_error modality=%s name=%s", modality, names[blob])
-            errors[blob] = f"{modality} {names[blob]}: cannot decode ({type(exc).__name__}: {exc})"
-    vectors: dict[str, np.ndarray] = {}
-    size = rt.settings.batch_size
-    for start in range(0, len(ready), size):
-        chunk = ready[start:start + size]
-        feats = encoder.encode([x for _, x in chunk]).numpy()
-        for (blob, _), vec in zip(chunk, feats):
-            vectors[blob] = vec.astype("<f4")
-    return vectors, errors
+    result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
+                          batch_sizes=rt.batch_sizes, pool=rt.pool,
+                          depth=rt.settings.prefetch_items)
+    log.info("encoders files=%d model_s=%.3f decode_wait_s=%.3f", len(refs),
+             result.model_seconds, result.wait_seconds)
+    return result.vectors, result.errors
 
 
 def _decoder(rt: Runtime, modality: str) -> Callable[[bytes, str], Any]:

@@ -33,13 +33,38 @@ class Runtime:
         self.load_seconds: dict[str, float] = {}
 
     @property
-    def pool(self) -> ThreadPoolExecutor:
-        """Threads that decode and preprocess media while the model runs."""
+    def pool(self) -> ThreadPoolExecutor | None:
+        """Threads that decode and preprocess media while the model runs (None: decode inline).
+
+        Call it from the thread that runs the models: that thread keeps its torch intra-op
+        threads, while each decode thread gets one, so decoding (which resamples and computes
+        log-mels with torch) never starts OpenMP teams that fight the model's for the cores.
+        """
+        threads = self.decode_threads
         with self._lock:
-            if self._pool is None:
-                workers = max(2, min(8, (os.cpu_count() or 2)))
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+            if self._pool is None and threads > 0:
+                _init_torch_threads(self.settings.torch_threads)
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",
+                                                initializer=_init_torch_threads, initargs=(1,))
             return self._pool
+
+    @property
+    def decode_threads(self) -> int:
+        """Decode threads: the setting, or by default one per core the model leaves free (at
+        least one, so decoding overlaps the model), and a few more when a GPU runs the model."""
+        if self.settings.decode_threads >= 0:
+            return self.settings.decode_threads
+        cpus = os.cpu_count() or 1
+        if str(self.settings.device).startswith("cuda") or self.device.type == "cuda":
+            return max(2, min(8, cpus))
+        return max(1, min(8, cpus - max(1, self.settings.torch_threads or cpus) + 1))
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """Items per encoder forward pass, per modality."""
+        s = self.settings
+        return {"image": s.image_batch_size, "text": s.text_batch_size,
+                "audio": s.audio_batch_size}
 
     @property
     def device(self) -> Any:
@@ -49,8 +74,7 @@ class Runtime:
 
                 from models.device import pick_device
 
-                if self.settings.torch_threads > 0:
-                    torch.set_num_threads(self.settings.torch_threads)
+                _init_torch_threads(self.settings.torch_threads)
                 self._device = pick_device(self.settings.device)
             return self._device
 
@@ -61,10 +85,13 @@ class Runtime:
                 from models.registry import build_encoder
 
                 started = time.perf_counter()
-                self._encoders[modality] = build_encoder(modality, device)
+                encoder = build_encoder(modality, device, precision=self.settings.precision,
+                                        max_batch=self.batch_sizes[modality])
+                self._encoders[modality] = encoder
                 self.load_seconds[modality] = time.perf_counter() - started
-                log.info("model_loaded modality=%s seconds=%.2f device=%s", modality,
-                         self.load_seconds[modality], device)
+                log.info("model_loaded modality=%s seconds=%.2f device=%s precision=%s "
+                         "batch=%d", modality, self.load_seconds[modality], device,
+                         getattr(encoder, "precision", "fp32"), self.batch_sizes[modality])
             return self._encoders[modality]
 
     def classifier(self, model_id: int, checkpoint_blob: str, config: dict[str, Any]) -> Any:
@@ -84,6 +111,19 @@ class Runtime:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.db.dispose()
+
+
+def _init_torch_threads(count: int) -> None:
+    """Fix the calling thread's torch intra-op threads (``count`` <= 0: torch's default).
+
+    torch keeps the count per thread once a thread has used it, and a thread that has not yet
+    takes the last count set anywhere; asking for it first pins this thread's own.
+    """
+    import torch
+
+    torch.get_num_threads()  # initialise this thread's count before changing the default
+    if count > 0:
+        torch.set_num_threads(count)
 
 
 _runtime_lock = threading.Lock()
