@@ -53,9 +53,6 @@ def create_celery(settings: Settings) -> Celery:
         # kombu passes these to create_engine: a long busy timeout, since the web and the
         # worker both write to the SQLite broker file.
         transport_options["connect_args"] = {"timeout": 60}
-        # An idle worker looks for messages this often (kombu's default is 1 s, which every
-        # job pays at least once: ingest, then the reprocess planner; bench/pipeline.py).
-        transport_options["polling_interval"] = 0.1
     if settings.broker_prefix and settings.broker.startswith(("redis://", "rediss://")):
         transport_options["global_keyprefix"] = settings.broker_prefix
     app.conf.update(
