@@ -94,7 +94,7 @@ def test_encode_media_groups_by_modality_chunks_by_batch_size_and_fails_files_al
 
     result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
                           batch_sizes={"image": 2, "text": 8}, pool=pool, depth=2)
-    assert encoders["image"].chunks == [[1, 2], [3]]  # image first, in chunks of 2
+    assert encoders["image"].chunks == [[1, 2], [3]]  # in chunks of 2, after the text
     assert encoders["text"].chunks == [[7]]
     assert result.vectors[("image", "i3")].tolist() == [3.0, 3.0]
     assert result.vectors[("text", "t1")].dtype.str == "<f4"
