@@ -1,0 +1,141 @@
+"""The in-process loops the service is compared with: no queue, no database, no HTTP.
+
+- :func:`bare_loop` is measurement (a): the archive read item by item, in batches of
+  ``batch_size`` items, through the service's own decode-ahead encoding (worker.encoding) with
+  the worker's settings (per-modality batch sizes, precision, decode threads), then fusion and
+  the classifier head. It is what the worker does, minus everything around it.
+- :func:`plain_loop` is the reference the bare loop must beat by 1.8x: one item at a time, fp32,
+  NCHW, each file decoded in full (no JPEG draft) and encoded alone, then the head.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmbatch.settings import Settings
+from worker import media
+from worker.encoding import MediaRef, encode_media
+from worker.pipeline import classify
+from worker.runtime import Runtime
+
+EXT_MODALITY = {".jpg": "image", ".txt": "text", ".wav": "audio"}
+
+
+def archive_batches(path: Path, batch_size: int) -> Iterator[list[tuple[str, dict[str, bytes]]]]:
+    """Stream a bench archive (members grouped by key, as bench.synth writes them) in batches of
+    items: [(key, {modality: bytes})]."""
+    batch: list[tuple[str, dict[str, bytes]]] = []
+    key, files = None, {}
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            stem, dot, ext = member.name.rpartition(".")
+            modality = EXT_MODALITY.get(dot + ext)
+            if not member.isfile() or modality is None:
+                continue
+            if stem != key and key is not None:
+                batch.append((key, files))
+                files = {}
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            key = stem
+            f = tar.extractfile(member)
+            assert f is not None
+            files[modality] = f.read()
+    if key is not None:
+        batch.append((key, files))
+    if batch:
+        yield batch
+
+
+def _decode(settings: Settings, modality: str, data: bytes, name: str) -> Any:
+    if modality == "image":
+        return media.decode_image(data, name, max_pixels=settings.max_image_pixels)
+    if modality == "text":
+        return media.decode_text(data, name, max_chars=settings.text_max_chars)
+    return media.decode_audio(data, name, max_seconds=settings.audio_max_seconds)
+
+
+def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: dict[str, Any] | None,
+              limit: int | None = None) -> dict[str, Any]:
+    """Measurement (a); returns items, seconds, items/s and the time split."""
+    encoders = {m: rt.encoder(m) for m in ("image", "text", "audio")}
+    pool, depth = rt.pool, rt.settings.prefetch_items
+    if model is not None:
+        rt.classifier(model["id"], model["checkpoint_blob"], model["config"])  # as a warm worker
+    items = model_s = wait_s = head_s = 0.0
+    started = time.perf_counter()
+    for batch in archive_batches(archive, batch_size):
+        if limit is not None and items >= limit:
+            break
+        data = {(m, key): raw for key, files in batch for m, raw in files.items()}
+
+        def prepare(ref: MediaRef) -> Any:
+            raw = _decode(rt.settings, ref.modality, data[(ref.modality, ref.blob)], ref.name)
+            return encoders[ref.modality].preprocess(raw)
+
+        refs = [MediaRef(m, key, f"{key}.{m}") for key, files in batch for m in files]
+        result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
+                              batch_sizes=rt.batch_sizes, pool=pool, depth=depth)
+        feats = [{m: result.vectors[(m, key)] for m in files if (m, key) in result.vectors}
+                 for key, files in batch]
+        t = time.perf_counter()
+        if model is not None:
+            classify(rt, model, [f for f in feats if f])
+        head_s += time.perf_counter() - t
+        items += len(batch)
+        model_s += result.model_seconds
+        wait_s += result.wait_seconds
+    seconds = time.perf_counter() - started
+    return {"items": int(items), "seconds": round(seconds, 2),
+            "items_per_s": round(items / seconds, 2),
+            "encoder_seconds": round(model_s, 2), "decode_wait_seconds": round(wait_s, 2),
+            "head_seconds": round(head_s, 2)}
+
+
+def _decode_plain(settings: Settings, modality: str, data: bytes, name: str) -> Any:
+    if modality == "image":  # the whole JPEG, no reduced-scale draft
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    return _decode(settings, modality, data, name)
+
+
+def plain_encoders(device: Any) -> dict[str, Any]:
+    from models.registry import build_encoder
+
+    return {"image": build_encoder("image", device, precision="fp32", max_batch=1,
+                                   channels_last=False),
+            "text": build_encoder("text", device, precision="fp32", max_batch=1),
+            "audio": build_encoder("audio", device, precision="fp32", max_batch=1)}
+
+
+def plain_loop(rt: Runtime, encoders: dict[str, Any], archive: Path,
+               model: dict[str, Any] | None, limit: int) -> dict[str, Any]:
+    """The fp32 batch-1 reference: every file decoded, preprocessed and encoded alone."""
+    if model is not None:
+        rt.classifier(model["id"], model["checkpoint_blob"], model["config"])
+    items = 0
+    started = time.perf_counter()
+    for batch in archive_batches(archive, 1):
+        if items >= limit:
+            break
+        (key, files), = batch
+        feats: dict[str, np.ndarray] = {}
+        for m, raw in files.items():
+            x = encoders[m].preprocess(_decode_plain(rt.settings, m, raw, f"{key}.{m}"))
+            feats[m] = encoders[m].encode([x]).numpy()[0]
+        if model is not None:
+            classify(rt, model, [feats])
+        items += 1
+    seconds = time.perf_counter() - started
+    return {"items": items, "seconds": round(seconds, 2), "items_per_s": round(items / seconds, 2)}
