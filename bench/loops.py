@@ -77,7 +77,7 @@ def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: dict[str, Any]
             break
         data = {(m, key): raw for key, files in batch for m, raw in files.items()}
 
-        def prepare(ref: MediaRef) -> Any:
+        def prepare(ref: MediaRef, data: dict[tuple[str, str], bytes] = data) -> Any:
             raw = _decode(rt.settings, ref.modality, data[(ref.modality, ref.blob)], ref.name)
             return encoders[ref.modality].preprocess(raw)
 

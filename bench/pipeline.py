@@ -113,7 +113,7 @@ def api_key(settings: Settings) -> str | None:
 def _ts(value: str) -> float:
     stamp = dt.datetime.fromisoformat(value)
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+        stamp = stamp.replace(tzinfo=dt.UTC)
     return stamp.timestamp()
 
 
@@ -259,7 +259,7 @@ def naive_run(settings: Settings, archive: Path, model_id: int, tenant_id: int |
             if state != "succeeded":
                 raise RuntimeError(f"naive job ended {state}")
             if finished.tzinfo is None:
-                finished = finished.replace(tzinfo=dt.timezone.utc)
+                finished = finished.replace(tzinfo=dt.UTC)
             seconds = finished.timestamp() - started
             return {"job": job_id, "items": total, "failed": failed,
                     "seconds": round(seconds, 2), "items_per_s": round(total / seconds, 2)}
@@ -448,6 +448,10 @@ def ratios(out: dict[str, Any]) -> dict[str, float | None]:
         "d/b": round(d / b, 1) if b and d else None,
         "bare/plain": out.get("a_speedup"),
     }
+    bb = out.get("b_end_to_end") or {}
+    if a and bb.get("processing_seconds"):
+        # The worker's part alone: from the job running (ingested) to its end.
+        r["b_processing/a"] = round(bb["items"] / bb["processing_seconds"] / a, 3)
     big = out.get("b_scaled")
     if big and out.get("b_end_to_end"):
         small = out["b_end_to_end"]
@@ -477,41 +481,56 @@ def machine() -> dict[str, Any]:
 # --- output -----------------------------------------------------------------------------------
 
 
-def table(out: dict[str, Any]) -> str:
-    rows: list[tuple[str, str]] = []
+TARGETS = {  # ratio: (at least, at most) — the issue's targets
+    "bare/plain": (1.8, None), "b/a": (0.9, None), "b/c": (3.0, None), "d/b": (20.0, None),
+    "rss_scaled/rss": (0.9, 1.1),
+}
 
-    def add(label: str, key: str, extra: str = "") -> None:
+
+def table(out: dict[str, Any]) -> str:
+    """The results as a Markdown table, then the ratios against their targets."""
+    lines = ["| measurement | items | seconds | items/s | notes |", "| --- | --: | --: | --: | --- |"]
+
+    def add(label: str, key: str, note: str = "") -> None:
         v = out.get(key)
         if v:
-            rows.append((label, f"{v['items_per_s']:.2f} items/s  ({v['items']} items, "
-                                f"{v.get('seconds', '-')} s){extra}"))
+            lines.append(f"| {label} | {v['items']} | {v.get('seconds', '')} | "
+                         f"{v['items_per_s']:.1f} | {note} |")
 
     plain = out.get("a_plain")
     if plain:
-        rows.append(("plain loop, fp32, batch 1", f"{plain['items_per_s']:.2f} items/s  "
-                     f"({plain['items']} items; bare loop on the same items "
-                     f"{plain['bare_items_per_s_same_items']:.2f})"))
-    add("(a) bare loop", "a_bare")
+        lines.append(f"| plain loop: fp32, NCHW, batch 1, no overlap | {plain['items']} | | "
+                     f"{plain['items_per_s']:.1f} | bare loop on the same items: "
+                     f"{plain['bare_items_per_s_same_items']:.1f} items/s |")
+    a = out.get("a_bare")
+    add("(a) bare loop: decode + encoders + fusion + head, one process", "a_bare",
+        f"precision {a['precision']}, decode threads {a['decode_threads']}" if a else "")
     b = out.get("b_end_to_end")
-    add("(b) end to end", "b_end_to_end",
-        f"; upload {b.get('upload_seconds')} s, ingest {b.get('ingest_seconds')} s" if b else "")
-    add("(c) naive, task per item", "c_naive")
+    add("(b) end to end: upload, API, broker, worker, database", "b_end_to_end",
+        f"upload {b.get('upload_seconds')} s, ingest {b.get('ingest_seconds')} s, processing "
+        f"{b.get('processing_seconds')} s; worker peak RSS {b.get('worker_peak_rss_mib')} MiB"
+        if b else "")
+    add("(c) naive: one Celery task per item", "c_naive")
     d = out.get("d_new_head")
-    add("(d) new head, features cached", "d_new_head",
-        f"; {d['how']}; encoder runs {d['encoder_runs']}" if d else "")
-    add(f"(b) at {out['items'] * 5 if out.get('b_scaled') else ''} items", "b_scaled")
-    r = out["ratios"]
-    for name in ("bare/plain", "b/a", "b/c", "d/b", "rss_scaled/rss", "per_item_scaled/per_item"):
-        if r.get(name) is not None:
-            rows.append((name, str(r[name])))
-    if b:
-        rows.append(("worker peak RSS", f"{b.get('worker_peak_rss_mib')} MiB"
-                     + (f"; at 5x items {out['b_scaled'].get('worker_peak_rss_mib')} MiB"
-                        if out.get("b_scaled") else "")))
+    add("(d) new head over the same items, features cached", "d_new_head",
+        f"{d['how']}; encoders run: {d['encoder_runs']} times" if d else "")
+    big = out.get("b_scaled")
+    add("(b) again with 5x the items, fresh worker", "b_scaled",
+        f"upload {big.get('upload_seconds')} s, ingest {big.get('ingest_seconds')} s; worker "
+        f"peak RSS {big.get('worker_peak_rss_mib')} MiB" if big else "")
+    lines += ["", "| ratio | value | target | met |", "| --- | --: | --- | --- |"]
+    for name, value in out["ratios"].items():
+        if value is None:
+            continue
+        low, high = TARGETS.get(name, (None, None))
+        target = ("" if low is None else f">= {low}") if high is None else f"{low} .. {high}"
+        met = "" if low is None else ("yes" if value >= low and (high is None or value <= high)
+                                      else "no")
+        lines.append(f"| {name} | {value} | {target} | {met} |")
     if "api_loads_torch" in out:
-        rows.append(("API process maps torch", str(out["api_loads_torch"])))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+        lines.append(f"| API process maps torch | {out['api_loads_torch']} | False | "
+                     f"{'yes' if out['api_loads_torch'] is False else 'no'} |")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def natural_images() -> list[Any]:
             continue
         try:
             arr = fn()
-        except Exception:  # some need a download (pooch); skip those
+        except Exception:  # noqa: BLE001, S112 - some need a download (pooch): skip those
             continue
         if isinstance(arr, tuple):
             arr = arr[0]

@@ -141,7 +141,7 @@ def read_items(path: Path) -> list[tuple[str, dict[str, bytes]]]:
         for member in tar:
             if not member.isfile() or member.name == "labels.csv":
                 continue
-            key, dot, ext = member.name.rpartition(".")
+            key, _, ext = member.name.rpartition(".")
             f = tar.extractfile(member)
             assert f is not None
             items.setdefault(key, {})["." + ext] = f.read()

@@ -55,7 +55,7 @@ def prefetch(pool: Executor | None, fn: Callable[[T], Any], inputs: Iterable[T],
         for x in inputs:
             try:
                 value = fn(x)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the item's error, handed to the consumer
                 yield Prepared(x, error=exc)
             else:
                 yield Prepared(x, value)
@@ -79,7 +79,7 @@ def prefetch(pool: Executor | None, fn: Callable[[T], Any], inputs: Iterable[T],
             submit_next()  # keep the window full while the consumer works on this one
             try:
                 value = future.result()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the item's error, handed to the consumer
                 yield Prepared(x, error=exc)
             else:
                 yield Prepared(x, value)

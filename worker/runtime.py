@@ -70,8 +70,6 @@ class Runtime:
     def device(self) -> Any:
         with self._lock:
             if self._device is None:
-                import torch
-
                 from models.device import pick_device
 
                 _init_torch_threads(self.settings.torch_threads)
