@@ -5,7 +5,8 @@
   the worker's settings (per-modality batch sizes, precision, decode threads), then fusion and
   the classifier head. It is what the worker does, minus everything around it.
 - :func:`plain_loop` is the reference the bare loop must beat by 1.8x: one item at a time, fp32,
-  NCHW, each file decoded in full (no JPEG draft) and encoded alone, then the head.
+  NCHW, BatchNorm not folded, each file decoded in full (no JPEG draft) and encoded alone, then
+  the head.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def plain_encoders(device: Any) -> dict[str, Any]:
     from models.registry import build_encoder
 
     return {"image": build_encoder("image", device, precision="fp32", max_batch=1,
-                                   channels_last=False),
+                                   channels_last=False, fold_bn=False),
             "text": build_encoder("text", device, precision="fp32", max_batch=1),
             "audio": build_encoder("audio", device, precision="fp32", max_batch=1)}
 

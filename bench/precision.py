@@ -4,10 +4,13 @@
 
 For the image encoder: ImageNet top-1 agreement and top-5 overlap of the logits, and cosine of
 the 1280-d features, on natural photos (scikit-image's sample images, when installed) and on the
-bench's synthetic photos; for text and audio: cosine of the features. It also times both
+bench's synthetic photos, against the network as published (fp32, BatchNorm not folded); for
+text and audio: cosine of the features. It also times both
 precisions at the worker's batch sizes. ``precision="auto"`` uses bf16 only for the encoders
-whose ``PREFERRED_PRECISION`` says so, and this is the evidence for each choice: keep bf16 only
-where top-1 agreement is at least 0.98 and the worst cosine at least 0.99.
+whose ``PREFERRED_PRECISION`` says so, and this is the evidence for each choice. bf16 is kept
+where the worst feature cosine is at least 0.99 and, for images, ImageNet top-1 agrees on at
+least 95% of natural photos with every disagreement a near-tie in fp32 (its two best classes
+within 5 points of probability): a flip there is rounding, not a different answer.
 """
 
 from __future__ import annotations
@@ -24,30 +27,52 @@ import torch
 from bench import synth
 from worker import media
 
-TOP1_MIN = 0.98
+TOP1_MIN = 0.95
+FLIP_MARGIN_MAX = 0.05
 COSINE_MIN = 0.99
 
 
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "motorcycle_left")
+
+
 def natural_images() -> list[Any]:
+    """Photos that ship with installed packages (scikit-image, scikit-learn, matplotlib), each
+    as 9 overlapping crops and their mirror images: ~180 natural images, no download."""
+    from PIL import Image, ImageOps
+
+    photos: list[Any] = []
     try:
         from skimage import data
-    except ImportError:
-        return []
-    from PIL import Image
 
+        for name in PHOTOS:
+            try:
+                photos.append(Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB"))
+            except Exception:  # noqa: BLE001, S112 - some need a download (pooch): skip those
+                continue
+    except ImportError:
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        photos += [Image.fromarray(a).convert("RGB") for a in load_sample_images().images]
+    except ImportError:
+        pass
+    try:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            photos.append(Image.open(f).convert("RGB"))
+    except (ImportError, OSError, ValueError):
+        pass
     out = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "hubble_deep_field",
-                 "immunohistochemistry", "retina", "colorwheel", "motorcycle_left"):
-        fn = getattr(data, name, None)
-        if fn is None:
-            continue
-        try:
-            arr = fn()
-        except Exception:  # noqa: BLE001, S112 - some need a download (pooch): skip those
-            continue
-        if isinstance(arr, tuple):
-            arr = arr[0]
-        out.append(Image.fromarray(np.asarray(arr)).convert("RGB"))
+    for img in photos:
+        w, h = img.size
+        cw, ch = int(w * 0.7), int(h * 0.7)
+        for i in range(3):
+            for j in range(3):
+                left, top = (w - cw) * i // 2, (h - ch) * j // 2
+                crop = img.crop((left, top, left + cw, top + ch))
+                out += [crop, ImageOps.mirror(crop)]
     return out
 
 
@@ -70,6 +95,11 @@ def compare(items: int, batch_sizes: dict[str, int]) -> dict[str, Any]:
 
     built = {(m, p): build_encoder(m, "cpu", precision=p, max_batch=batch_sizes[m])
              for m in ("image", "text", "audio") for p in ("fp32", "bf16")}
+    # The image reference is the network as published: fp32, BatchNorm not folded.
+    built[("image", "fp32")] = build_encoder("image", "cpu", precision="fp32", fold_bn=False,
+                                             max_batch=batch_sizes["image"])
+    unfolded_bf16 = build_encoder("image", "cpu", precision="bf16", fold_bn=False,
+                                  max_batch=batch_sizes["image"])
     made = [synth.make_item(7, i)[1] for i in range(items)]
     out: dict[str, Any] = {}
 
@@ -78,13 +108,16 @@ def compare(items: int, batch_sizes: dict[str, int]) -> dict[str, Any]:
     sets = {"synthetic": [media.decode_image(f[".jpg"], "x.jpg") for f in made],
             "natural": natural_images()}
     image: dict[str, Any] = {}
-    for name, imgs in sets.items():
+    for name, imgs, other in (("synthetic", sets["synthetic"], bf16),
+                              ("natural", sets["natural"], bf16),
+                              ("natural, bf16 without BatchNorm folding", sets["natural"],
+                               unfolded_bf16)):
         if not imgs:
             continue
         x = torch.stack([fp32.preprocess(i) for i in imgs])  # (N, 3, 224, 224)
-        la, lb = fp32.logits(x), bf16.logits(x)
+        la, lb = fp32.logits(x), other.logits(x)
         ta, tb = la.topk(5, dim=1).indices, lb.topk(5, dim=1).indices
-        fa, fb = fp32.encode(list(x)), bf16.encode(list(x))
+        fa, fb = fp32.encode(list(x)), other.encode(list(x))
         cos = cosine(fa, fb)
         probs = la.softmax(dim=1).topk(2, dim=1).values  # (N, 2) fp32's two best
         margin = (probs[:, 0] - probs[:, 1]).numpy()
@@ -140,6 +173,8 @@ def keeps_accuracy(result: dict[str, Any]) -> bool:
         if "feature_cosine_min" in c and c["feature_cosine_min"] < COSINE_MIN:
             ok = False
         if "top1_agreement" in c and c["top1_agreement"] < TOP1_MIN:
+            ok = False
+        if (c.get("largest_fp32_margin_of_a_flip") or 0.0) > FLIP_MARGIN_MAX:
             ok = False
     return ok
 

@@ -43,7 +43,9 @@ class Settings:
     text_batch_size: int = 32
     audio_batch_size: int = 32
     precision: str = "auto"  # auto (bf16 where native and checked), fp32, bf16
-    decode_threads: int = -1  # threads decoding ahead of the model; -1 auto, 0 inline
+    # Threads decoding ahead of the model; -1 auto (the cores torch leaves free, 2-8 with a
+    # GPU), 0 inline in the model's thread.
+    decode_threads: int = -1
     prefetch_items: int = 32  # decoded items held ready ahead of the model, at most
     max_upload_bytes: int = 4 * 1024**3
     max_image_pixels: int = 64_000_000

@@ -12,12 +12,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.device import autocast, resolve_precision, to_device
+from models.device import autocast, fold_batchnorm, resolve_precision, to_device
 from models.registry import SPECS, EncoderSpec
 
 SPEC = SPECS["image"]
-# What precision="auto" picks where bf16 is native: on the synthetic photos of bench/precision.py
-# bf16 autocast kept ImageNet top-1 on 100% of images and feature cosine >= 0.999 vs fp32.
+# What precision="auto" picks where bf16 is native. bench/precision.py, on 162 natural photos
+# (crops of the photos shipped with scikit-image, scikit-learn and matplotlib) against the fp32
+# network: ImageNet top-1 agrees on 96.9%, every flip a near-tie in fp32 (two best classes within
+# 2.4 points); feature cosine min 0.990, mean 0.9987; 4.7 ms an image against 10.5 in fp32 (both
+# with BatchNorm folded; 2 cores, AVX512-BF16). MMBATCH_PRECISION=fp32 gives exact fp32 features.
 PREFERRED_PRECISION = "bf16"
 
 ARCH = "tf_efficientnet_lite0"
@@ -154,6 +157,7 @@ class ImageEncoder:
         max_batch: int = 64,
         precision: str = "fp32",
         channels_last: bool = True,
+        fold_bn: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -166,6 +170,10 @@ class ImageEncoder:
             model = build_model()
         load_weights(model, weights_path if weights_path is not None else default_weights_path())
         model.eval().requires_grad_(False)
+        if fold_bn:
+            # Every BatchNorm follows a convolution: folded, the network runs ~1.7x faster in
+            # bf16 with the same features (cosine 0.9999998 in fp32; bench/precision.py).
+            fold_batchnorm(model)
         self.model = model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:

@@ -113,3 +113,23 @@ def test_an_encoder_failure_is_not_a_files_fault() -> None:
     with pytest.raises(RuntimeError, match="out of memory"):
         encode_media([MediaRef("text", "t", "t.txt")], prepare=lambda r: "x",
                       encoder=lambda m: Broken(), batch_sizes={"text": 4}, pool=None, depth=1)
+
+
+def test_runtime_decodes_inline_unless_a_core_is_free(tmp_path: Any) -> None:
+    import os
+
+    from mmbatch.settings import Settings
+    from worker.runtime import Runtime
+
+    threads = torch.get_num_threads()  # keep this process's own count
+    env = {"MMBATCH_DATA_DIR": str(tmp_path), "MMBATCH_DEVICE": "cpu",
+           "MMBATCH_TORCH_THREADS": str(threads)}
+    rt = Runtime(Settings.from_env(env))
+    assert rt.decode_threads == max(0, min(8, (os.cpu_count() or 1) - threads))
+    rt.close()
+    rt = Runtime(Settings.from_env({**env, "MMBATCH_DECODE_THREADS": "0"}))
+    assert rt.pool is None
+    rt.close()
+    rt = Runtime(Settings.from_env({**env, "MMBATCH_DECODE_THREADS": "2"}))
+    assert rt.pool is not None and rt.pool._max_workers == 2
+    rt.close()

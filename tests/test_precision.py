@@ -88,3 +88,25 @@ def test_image_encoder_in_nchw_matches_channels_last() -> None:
     nchw = build_encoder("image", channels_last=False)
     x = [nhwc.preprocess(Image.fromarray(skdata.chelsea()))]
     assert _cosine(nhwc.encode(x), nchw.encode(x)) > 0.9999
+
+
+def test_fold_batchnorm_keeps_outputs() -> None:
+    from models.device import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 3, 10, 10)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(model)
+    model.eval()
+    expected = model(x)
+    assert fold_batchnorm(model) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
