@@ -501,7 +501,8 @@ def table(out: dict[str, Any]) -> str:
 
     plain = out.get("a_plain")
     if plain:
-        lines.append(f"| plain loop: fp32, NCHW, batch 1, no overlap | {plain['items']} | | "
+        lines.append("| plain loop: fp32, NCHW, BatchNorm unfolded, batch 1, decode inline | "
+                     f"{plain['items']} | | "
                      f"{plain['items_per_s']:.1f} | bare loop on the same items: "
                      f"{plain['bare_items_per_s_same_items']:.1f} items/s |")
     a = out.get("a_bare")
