@@ -256,7 +256,7 @@ def naive_run(settings: Settings, archive: Path, model_id: int, tenant_id: int |
                         finished = job.finished_at
                         break
                 time.sleep(0.2)
-            if state != "succeeded":
+            if state != "succeeded" or finished is None:
                 raise RuntimeError(f"naive job ended {state}")
             if finished.tzinfo is None:
                 finished = finished.replace(tzinfo=dt.UTC)

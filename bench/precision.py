@@ -60,8 +60,8 @@ def natural_images() -> list[Any]:
     try:
         import matplotlib.cbook
 
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-            photos.append(Image.open(f).convert("RGB"))
+        path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+        photos.append(Image.open(str(path)).convert("RGB"))
     except (ImportError, OSError, ValueError):
         pass
     out = []
@@ -93,13 +93,14 @@ def _timed(fn: Any, repeats: int = 3) -> float:
 def compare(items: int, batch_sizes: dict[str, int]) -> dict[str, Any]:
     from models.registry import build_encoder
 
-    built = {(m, p): build_encoder(m, "cpu", precision=p, max_batch=batch_sizes[m])
-             for m in ("image", "text", "audio") for p in ("fp32", "bf16")}
+    built: dict[tuple[str, str], Any] = {
+        (m, p): build_encoder(m, "cpu", precision=p, max_batch=batch_sizes[m])
+        for m in ("image", "text", "audio") for p in ("fp32", "bf16")}
     # The image reference is the network as published: fp32, BatchNorm not folded.
     built[("image", "fp32")] = build_encoder("image", "cpu", precision="fp32", fold_bn=False,
                                              max_batch=batch_sizes["image"])
-    unfolded_bf16 = build_encoder("image", "cpu", precision="bf16", fold_bn=False,
-                                  max_batch=batch_sizes["image"])
+    unfolded_bf16: Any = build_encoder("image", "cpu", precision="bf16", fold_bn=False,
+                                       max_batch=batch_sizes["image"])
     made = [synth.make_item(7, i)[1] for i in range(items)]
     out: dict[str, Any] = {}
 
@@ -133,9 +134,9 @@ def compare(items: int, batch_sizes: dict[str, int]) -> dict[str, Any]:
                                                  for a, b in zip(ta, tb)])), 4),
             "feature_cosine_min": round(float(cos.min()), 5),
             "feature_cosine_mean": round(float(cos.mean()), 5)}
-    x = [fp32.preprocess(i) for i in sets["synthetic"]]
-    image["ms_per_item"] = {p: round(_timed(lambda e=built[("image", p)]: e.encode(x))
-                                     / len(x) * 1e3, 2) for p in ("fp32", "bf16")}
+    batch = [fp32.preprocess(i) for i in sets["synthetic"]]
+    image["ms_per_item"] = {p: round(_timed(lambda e=built[("image", p)]: e.encode(batch))
+                                     / len(batch) * 1e3, 2) for p in ("fp32", "bf16")}
     out["image"] = image
 
     # text

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -42,7 +42,7 @@ class Prepared(Generic[T]):
 
 
 def prefetch(pool: Executor | None, fn: Callable[[T], Any], inputs: Iterable[T],
-             depth: int) -> Iterator[Prepared[T]]:
+             depth: int) -> Generator[Prepared[T], None, None]:
     """``fn`` over ``inputs`` in ``pool``, yielded in input order, at most ``depth`` ahead.
 
     An exception raised by ``fn`` is yielded with its input rather than raised, so one bad input
