@@ -104,13 +104,8 @@ def _count_attempt(rt: Runtime, task: Any, job_id: str, item_ids: list[int]) -> 
         if not ids:
             return None
         attempts = jobs.add_attempt(s, ids)
-        crash = rt.settings.fault_crash_key
-        if crash and any(crash in it.key for it in jobs.items_by_id(s, ids)):
-            s.commit()
-            log.error("fault_injection crash_key=%r job=%s", crash, job_id)
-            os._exit(70)  # a worker dying mid-batch, as a C library fault would kill it
     if attempts <= 1:
-        return ids
+        return _maybe_crash(rt, job_id, ids)
     if len(ids) > 1:
         half = len(ids) // 2
         log.warning("batch_split job=%s items=%d attempts=%d", job_id, len(ids), attempts)
@@ -126,6 +121,18 @@ def _count_attempt(rt: Runtime, task: Any, job_id: str, item_ids: list[int]) -> 
                             f"{attempts - 1} times; giving up")
         _after_batch(task, job_id, report)
         return None
+    return _maybe_crash(rt, job_id, ids)
+
+
+def _maybe_crash(rt: Runtime, job_id: str, ids: list[int]) -> list[int]:
+    """Fault injection for tests (MMBATCH_FAULT_CRASH_KEY): die as a C library fault would."""
+    crash = rt.settings.fault_crash_key
+    if crash:
+        with rt.db.session() as s:
+            hit = any(crash in it.key for it in jobs.items_by_id(s, ids))
+        if hit:
+            log.error("fault_injection crash_key=%r job=%s", crash, job_id)
+            os._exit(70)
     return ids
 
 
