@@ -219,7 +219,10 @@ def finish_job(session: Session, job_id: str) -> bool:
     stmt = (update(Job)
             .where(Job.id == job_id, Job.state == "running", Job.done + Job.failed >= Job.total)
             .values(state="succeeded", finished_at=utcnow(), updated_at=utcnow(), stage=None))
-    return session.execute(stmt).rowcount == 1
+    finished = session.execute(stmt).rowcount == 1
+    if finished:
+        _queue_webhook(session, job_id, "job.succeeded")
+    return finished
 
 
 def enter_stage(session: Session, job_id: str, expected: str | None, stage: str) -> bool:
