@@ -50,7 +50,7 @@ def create_job():  # type: ignore[no-untyped-def]
         with svc.db.session() as s:
             existing = jobs.find_by_idempotency_key(s, tenant, idem)
             if existing is not None:
-                return _accepted(job_payload(s, existing), status=200)
+                return accepted(job_payload(s, existing), status=200)
     kind = request.form.get("kind", "")
     if kind not in JOB_KINDS:
         raise ApiError(400, "invalid_kind",
@@ -93,8 +93,14 @@ def create_job():  # type: ignore[no-untyped-def]
             existing = jobs.find_by_idempotency_key(s, tenant, idem or "")
             if existing is None:
                 raise
-            return _accepted(job_payload(s, existing), status=200)
-    # Commit, then enqueue: the row exists before any worker can look for it.
+            return accepted(job_payload(s, existing), status=200)
+    enqueue_ingest(svc, job_id)
+    with svc.db.session() as s:
+        return accepted(job_payload(s, jobs.get_job(s, job_id)))
+
+
+def enqueue_ingest(svc: Any, job_id: str) -> None:
+    """Commit, then enqueue: called once the job row exists, so any worker can find it."""
     try:
         svc.celery.send_task(TASK_INGEST, args=[job_id])
     except Exception as exc:
@@ -102,11 +108,9 @@ def create_job():  # type: ignore[no-untyped-def]
             jobs.fail_job(s, job_id, f"could not enqueue the job: {exc}")
         raise ApiError(503, "broker_unavailable",
                        "the job queue is unavailable; the job was not started") from exc
-    with svc.db.session() as s:
-        return _accepted(job_payload(s, jobs.get_job(s, job_id)))
 
 
-def _accepted(payload: dict[str, Any], status: int = 202):  # type: ignore[no-untyped-def]
+def accepted(payload: dict[str, Any], status: int = 202):  # type: ignore[no-untyped-def]
     response = jsonify(payload)
     response.status_code = status
     response.headers["Location"] = payload["links"]["self"]

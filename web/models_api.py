@@ -22,10 +22,9 @@ from store import jobs
 from store.blobs import sniff_archive
 from store.registry import ModelNotFound, get_model, promote
 from web import auth
-from web.api import job_payload, model_payload
+from web.api import accepted, enqueue_ingest, job_payload, model_payload
 from web.errors import ApiError
 from web.uploads import writer_of
-from worker.app import TASK_INGEST
 
 models_api = Blueprint("models_api", __name__)
 models_api.before_request(auth.authenticate)
@@ -133,21 +132,11 @@ def evaluate_model(model_id: int):  # type: ignore[no-untyped-def]
                                  archive_bytes=writer.size, model_version_id=model_id,
                                  options={"evaluate": True}, tenant_id=tenant,
                                  api_key_id=auth.current().key_id).id
-    # Commit, then enqueue: the row exists before any worker can look for it.
-    try:
-        svc.celery.send_task(TASK_INGEST, args=[job_id])
-    except Exception as exc:
-        with svc.db.session() as s:
-            jobs.fail_job(s, job_id, f"could not enqueue the job: {exc}")
-        raise ApiError(503, "broker_unavailable",
-                       "the job queue is unavailable; the job was not started") from exc
+    enqueue_ingest(svc, job_id)
     with svc.db.session() as s:
         payload = job_payload(s, jobs.get_job(s, job_id, tenant))
     payload["links"]["evaluation"] = url_for("models_api.job_evaluation", job_id=job_id)
-    response = jsonify(payload)
-    response.status_code = 202
-    response.headers["Location"] = payload["links"]["self"]
-    return response
+    return accepted(payload)
 
 
 @models_api.get("/api/v1/jobs/<job_id>/evaluation")
