@@ -136,20 +136,37 @@ def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> li
     return ids
 
 
+def pending_among(session: Session, job: Job, ids: Sequence[int]) -> list[int]:
+    """Of ``ids``, in their order, the job's items it has not written a result for.
+
+    Costs what the batch costs, not what the job costs: a batch task calls it on every delivery.
+    """
+    mine = set(belongs(session, job, ids))
+    written = select(Result.item_id).where(Result.model_version_id == result_model(job),
+                                           Result.item_id.in_(list(mine)))
+    if job.kind == "reprocess":  # an older failed result for the same model is not ours
+        written = written.where(Result.job_id == job.id)
+    done = set(session.scalars(written))
+    return [i for i in ids if i in mine and i not in done]
+
+
 def belongs(session: Session, job: Job, ids: Sequence[int]) -> list[int]:
     """Of ``ids``, those that are the job's items."""
     return list(session.scalars(_members(job).where(
         (JobMember.item_id if job.kind == "reprocess" else Item.id).in_(list(ids)))))
 
 
-def reset_attempts(session: Session, ids: Sequence[int]) -> None:
-    session.execute(update(Item).where(Item.id.in_(list(ids))).values(attempts=0))
+def reset_deliveries(session: Session, ids: Sequence[int]) -> None:
+    """Start the poison guard's count afresh (a split batch, a new reprocess job)."""
+    session.execute(update(Item).where(Item.id.in_(list(ids))).values(deliveries=0))
 
 
-def add_attempt(session: Session, ids: Sequence[int]) -> int:
-    """Count one more delivery of these items to a worker; returns the highest count."""
-    session.execute(update(Item).where(Item.id.in_(list(ids))).values(attempts=Item.attempts + 1))
-    return int(session.scalar(select(func.max(Item.attempts)).where(Item.id.in_(list(ids)))) or 0)
+def add_delivery(session: Session, ids: Sequence[int]) -> int:
+    """Count one more delivery of these items to a worker; returns the highest count this job."""
+    session.execute(update(Item).where(Item.id.in_(list(ids)))
+                    .values(deliveries=Item.deliveries + 1, attempts=Item.attempts + 1))
+    return int(session.scalar(select(func.max(Item.deliveries))
+                              .where(Item.id.in_(list(ids)))) or 0)
 
 
 def items_by_id(session: Session, ids: Sequence[int]) -> list[Item]:

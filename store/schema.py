@@ -109,8 +109,11 @@ class Item(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(1024))
-    # Deliveries of this item to a worker that did not end in a result (crash, time-out).
+    # Every delivery of this item to a worker, across jobs: the reprocessing policy's count of tries.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Deliveries within the current job (or since its batch was last split): the poison guard's
+    # count. A reprocess job starts it afresh, so earlier jobs never look like redeliveries.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
     # {"image": {"blob": sha256, "name": "animals/cat_001.jpg"}, ...}
     media: Mapped[dict[str, Any]] = mapped_column(default=dict)
     label: Mapped[str | None] = mapped_column(String(255))

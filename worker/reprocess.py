@@ -75,12 +75,10 @@ def start(rt: Runtime, tenant_id: int | None, model_id: int | None = None,
                 insert_new(s, JobMember.__table__,
                            [{"job_id": job.id, "item_id": i} for i in due[start_at:start_at + 500]],
                            ("job_id", "item_id"))
-            # a retry of an item that failed under this model counts as one more attempt
-            s.execute(update(Item).where(Item.id.in_(
-                select(Result.item_id).where(Result.model_version_id == model.id,
-                                             Result.status == "failed",
-                                             Result.item_id.in_(due))))
-                      .values(attempts=Item.attempts + 1))
+            # a new job: earlier deliveries are not redeliveries of this one's batches
+            # (``attempts``, every try, keeps counting towards reprocess_max_attempts)
+            for start_at in range(0, len(due), 500):
+                jobs.reset_deliveries(s, due[start_at:start_at + 500])
             log.info("job_state job=%s state=running kind=reprocess tenant=%s model=%s total=%d",
                      job.id, tenant_id, model.id, len(due))
             return Started(job.id, tenant_id, len(due), "started")

@@ -99,26 +99,25 @@ def _count_attempt(rt: Runtime, task: Any, job_id: str, item_ids: list[int]) -> 
         job = jobs.get_job(s, job_id)
         if job.state != "running":
             return None
-        pending = set(jobs.item_ids(s, job_id, pending_only=True)) & set(item_ids)
-        ids = [i for i in item_ids if i in pending]
+        ids = jobs.pending_among(s, job, item_ids)
         if not ids:
             return None
-        attempts = jobs.add_attempt(s, ids)
-    if attempts <= 1:
+        deliveries = jobs.add_delivery(s, ids)
+    if deliveries <= 1:
         return _maybe_crash(rt, job_id, ids)
     if len(ids) > 1:
         half = len(ids) // 2
-        log.warning("batch_split job=%s items=%d attempts=%d", job_id, len(ids), attempts)
+        log.warning("batch_split job=%s items=%d deliveries=%d", job_id, len(ids), deliveries)
         with rt.db.session() as s:  # each half starts counting afresh
-            jobs.reset_attempts(s, ids)
+            jobs.reset_deliveries(s, ids)
         for part in (ids[:half], ids[half:]):
             task.app.send_task(TASK_PROCESS_BATCH, args=[job_id, part])
         return None
-    if attempts > rt.settings.poison_limit:
-        log.warning("poison_item job=%s item=%s attempts=%d", job_id, ids[0], attempts)
+    if deliveries > rt.settings.poison_limit:
+        log.warning("poison_item job=%s item=%s deliveries=%d", job_id, ids[0], deliveries)
         report = fail_batch(rt, job_id, ids,
                             f"the worker processing this item crashed or timed out "
-                            f"{attempts - 1} times; giving up")
+                            f"{deliveries - 1} times; giving up")
         _after_batch(task, job_id, report)
         return None
     return _maybe_crash(rt, job_id, ids)
