@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import requests
 
@@ -13,6 +15,53 @@ class ApiError(RuntimeError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+class MultipartFile:
+    """A multipart/form-data body read from disk as it is sent, never held whole in memory.
+
+    ``requests`` builds a ``files=`` body in memory (a 10 GB archive would need 10 GB); this
+    object has a length, so the request carries a Content-Length, and a ``read`` that serves the
+    form fields, then the file in the sizes the connection asks for, then the closing boundary.
+    """
+
+    def __init__(self, fields: dict[str, str], name: str, filename: str, f: BinaryIO) -> None:
+        self.boundary = uuid.uuid4().hex
+        quoted = filename.replace("\\", "_").replace('"', "_").replace("\r", "_").replace("\n", "_")
+        head = b"".join(
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+            f"{v}\r\n".encode() for k, v in fields.items())
+        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                 f'filename="{quoted}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                 ).encode()
+        self._parts: list[bytes | BinaryIO] = [head, f, f"\r\n--{self.boundary}--\r\n".encode()]
+        self._length = len(head) + os.fstat(f.fileno()).st_size - f.tell() + len(self._parts[2])
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        out = b""
+        while self._parts and (size < 0 or len(out) < size):
+            part = self._parts[0]
+            want = -1 if size < 0 else size - len(out)
+            if isinstance(part, bytes):
+                chunk = part if want < 0 else part[:want]
+                rest = b"" if want < 0 else part[want:]
+                if rest:
+                    self._parts[0] = rest
+                else:
+                    self._parts.pop(0)
+            else:
+                chunk = part.read(want if want >= 0 else -1)
+                if not chunk or want < 0:
+                    self._parts.pop(0)
+            out += chunk
+        return out
 
 
 class Client:
@@ -43,8 +92,9 @@ class Client:
             data["model"] = str(model)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with open(archive, "rb") as f:
-            return self._call("POST", "/api/v1/jobs", data=data, headers=headers,
-                              files={"archive": (Path(archive).name, f)})
+            body = MultipartFile(data, "archive", Path(archive).name, f)
+            headers["Content-Type"] = body.content_type
+            return self._call("POST", "/api/v1/jobs", data=body, headers=headers)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
