@@ -60,6 +60,9 @@ class Settings:
     max_compression_ratio: float = 100.0
     audio_too_long: str = "cut"
     decode_timeout_seconds: float = 60.0
+    # "process": images and audio decode in child processes (a hung or crashing C decoder fails
+    # its file, not the worker); "off": in the worker process itself.
+    decode_isolation: str = "process"
     train_epochs: int = 300
     train_seed: int = 0
     default_page_size: int = 100
@@ -127,6 +130,9 @@ class Settings:
                                 f"not {self.audio_too_long!r}")
         if self.decode_timeout_seconds <= 0:
             raise SettingsError(f"{PREFIX}DECODE_TIMEOUT_SECONDS must be positive")
+        if self.decode_isolation not in ("process", "off"):
+            raise SettingsError(f"{PREFIX}DECODE_ISOLATION must be process or off, "
+                                f"not {self.decode_isolation!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu or cuda[:N], not {self.device!r}")
 

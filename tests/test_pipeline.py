@@ -115,3 +115,45 @@ def test_a_model_trained_on_other_encoder_versions_fails_items_with_the_reason(r
         assert job.state == "succeeded" and job.failed == 1
         [(_, result)] = jobs.results_page(s, job, after=0, limit=5)
         assert "older-v0" in result.error and "retrain" in result.error
+
+
+def test_decoding_runs_in_the_sandbox_unless_isolation_is_off(rt: Runtime, tmp_path: Path) -> None:
+    from worker.media import DecodeSandbox
+
+    assert isinstance(rt.sandbox, DecodeSandbox)
+    off = Runtime(Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
+                                     "MMBATCH_DECODE_ISOLATION": "off"}))
+    assert off.sandbox is None
+    off.close()
+
+
+def test_a_hanging_and_a_crashing_decoder_fail_their_items_and_the_batch_goes_on(
+        tmp_path: Path) -> None:
+    from tests.test_hostile_media import FAULTY_CHILD
+    from worker.media import DecodeSandbox
+
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path), "MMBATCH_BROKER_URL": "memory://",
+                                  "MMBATCH_BATCH_SIZE": "8"})
+    upgrade(settings.db_url)
+    runtime = Runtime(settings)
+    # what the runtime would build, but with children whose decoder hangs on "hang" and dies of
+    # SIGSEGV on "crash" (a C library fault), and a 3 s limit per file
+    runtime._sandbox = DecodeSandbox(processes=1, timeout=3.0, command=FAULTY_CHILD)
+    try:
+        files = {"hang.png": _png((1, 2, 3)), "crash.png": _png((4, 5, 6)),
+                 "ok.png": _png((7, 8, 9)), "ok.txt": b"still here"}
+        job_id = _job(runtime, files)
+        [batch] = ingest_job(runtime, job_id)
+        report = process_batch(runtime, job_id, batch)
+        assert (report.new_done, report.new_failed, report.completed) == (1, 2, True)
+        with runtime.db.session() as s:
+            job = jobs.get_job(s, job_id)
+            rows = {item.key: result for item, result in
+                    jobs.results_page(s, job, after=0, limit=10)}
+        assert (job.state, job.done, job.failed) == ("succeeded", 1, 2)
+        assert "longer than 3 s" in rows["hang"].error
+        assert "crashed" in rows["crash"].error
+        assert rows["ok"].status == "ok"
+        assert runtime.sandbox.restarts == 2
+    finally:
+        runtime.close()

@@ -170,13 +170,16 @@ def _encode_blobs(rt: Runtime, refs: Sequence[MediaRef]
 
 
 def _decoder(rt: Runtime, modality: str) -> Callable[[bytes, str], Any]:
+    """One modality's decode function: images and audio in the decode sandbox's child
+    processes unless isolation is off; text in-process (pure Python, bounded)."""
     s = rt.settings
-    if modality == "image":
-        return lambda data, name: media.decode_image(data, name, max_pixels=s.max_image_pixels)
     if modality == "text":
         return lambda data, name: media.decode_text(data, name, max_chars=s.text_max_chars)
-    return lambda data, name: media.decode_audio(data, name, max_seconds=s.audio_max_seconds,
-                                                 too_long=s.audio_too_long)
+    decoders: Any = rt.sandbox or media
+    if modality == "image":
+        return lambda data, name: decoders.decode_image(data, name, max_pixels=s.max_image_pixels)
+    return lambda data, name: decoders.decode_audio(data, name, max_seconds=s.audio_max_seconds,
+                                                    too_long=s.audio_too_long)
 
 
 def _outcomes(rt: Runtime, batch: BatchInput, encoded: Encoded) -> list[jobs.ItemOutcome]:

@@ -30,6 +30,7 @@ class Runtime:
         self._classifiers: dict[int, Any] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._device: Any = None
+        self._sandbox: Any = None
         self.load_seconds: dict[str, float] = {}
 
     @property
@@ -64,6 +65,25 @@ class Runtime:
             return max(2, min(8, cpus))
         model_threads = self.settings.torch_threads or cpus
         return max(0, min(8, cpus - model_threads))
+
+    @property
+    def sandbox(self) -> Any:
+        """The child processes images and audio decode in (None: MMBATCH_DECODE_ISOLATION=off).
+
+        Started on first use, so after the fork; one child per decode thread (one when decoding
+        inline). A child that hangs past MMBATCH_DECODE_TIMEOUT_SECONDS or crashes is replaced
+        and only its file fails.
+        """
+        if self.settings.decode_isolation == "off":
+            return None
+        threads = self.decode_threads
+        with self._lock:
+            if self._sandbox is None:
+                from worker.media import DecodeSandbox
+
+                self._sandbox = DecodeSandbox(processes=max(1, threads),
+                                              timeout=self.settings.decode_timeout_seconds)
+            return self._sandbox
 
     @property
     def batch_sizes(self) -> dict[str, int]:
@@ -110,10 +130,14 @@ class Runtime:
 
     def after_fork(self) -> None:
         self.db.dispose()
+        self._sandbox = None  # the parent's children answer the parent, not this process
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
         self.db.dispose()
 
 
