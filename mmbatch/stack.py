@@ -61,22 +61,29 @@ class Stack:
         return f"http://{self.host}:{self.port}"
 
     def start(self, wait: float = 120.0) -> "Stack":
-        env = child_env(self.settings)
-        cwd = Path(__file__).resolve().parent.parent
-        commands = [("worker", worker_command(self.settings) + self.worker_args),
-                    ("web", web_command(self.settings, self.host, self.port))]
-        if self.beat:
-            commands.append(("beat", beat_command(self.settings)))
-        for name, cmd in commands:
-            out = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"{name}.log", "ab")
-            self.procs[name] = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out,
-                                                stderr=subprocess.STDOUT if out else None,
-                                                start_new_session=True)
+        for name in self.commands():
+            self.spawn(name)
         self._wait_healthy(wait)
         return self
+
+    def commands(self) -> dict[str, list[str]]:
+        commands = {"worker": worker_command(self.settings) + self.worker_args,
+                    "web": web_command(self.settings, self.host, self.port)}
+        if self.beat:
+            commands["beat"] = beat_command(self.settings)
+        return commands
+
+    def spawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start one of the stack's processes (again, after it died), in its own session."""
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            self.commands()[name], env=child_env(self.settings),
+            cwd=Path(__file__).resolve().parent.parent, stdout=out,
+            stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        return self.procs[name]
 
     def _wait_healthy(self, wait: float) -> None:
         deadline = time.monotonic() + wait

@@ -188,14 +188,7 @@ def test_sweeper_revives_a_job_whose_messages_were_lost(stack: dict[str, Any],
     queue = f"{settings.broker_prefix}ingest"
     assert r.llen(queue) >= 1  # the ingest message (and beat's housekeeping)
     r.delete(queue)  # the broker lost them all
-    from mmbatch.stack import child_env, worker_command
-    import subprocess
-
-    log = open(stack["logs"] / "worker2.log", "ab")
-    st.procs["worker"] = subprocess.Popen(
-        worker_command(settings) + ["--pool", "prefork", "--concurrency", "1"],
-        env=child_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=Path(__file__).resolve().parent.parent)
+    st.spawn("worker")
     job = stack["client"].wait(job["id"], timeout=300)
     assert job["state"] == "succeeded" and job["done"] == 6
 
