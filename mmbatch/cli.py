@@ -158,19 +158,24 @@ def status(job_id: str, url: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl")
 @click.option("--embeddings", is_flag=True, help="Include fused embeddings.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File to write (default: standard output; required for parquet).")
+              help="File to write (default: standard output, which for parquet must not be a "
+                   "terminal).")
 @click.option("--url", default=None)
 def results(job_id: str, fmt: str, embeddings: bool, output: Path | None,
             url: str | None) -> None:
     """Export a job's per-item results (streamed by the server) as JSON lines, CSV or Parquet."""
     client = _client(url)
-    if fmt == "parquet" and output is None:
-        raise click.UsageError("--format parquet needs --output FILE")
     if output is None:
+        if fmt == "parquet" and sys.stdout.isatty():
+            raise click.UsageError("Parquet is binary: give --output FILE or redirect the output")
         _run(lambda: client.export(job_id, fmt, sys.stdout.buffer, embeddings))
         return
-    with open(output, "wb") as out:
-        _run(lambda: client.export(job_id, fmt, out, embeddings))
+    try:
+        with open(output, "wb") as out:
+            _run(lambda: client.export(job_id, fmt, out, embeddings))
+    except BaseException:
+        output.unlink(missing_ok=True)  # no half-written export left behind
+        raise
     click.echo(f"wrote {output}", err=True)
 
 

@@ -93,7 +93,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str, redis_ur
                worker_args=["--pool", "prefork", "--concurrency", "1"])
     st.start(wait=180)
     try:
-        yield {"client": Client(st.url, api_key=key), "settings": settings, "db": db,
+        yield {"client": Client(st.url, api_key=key), "key": key, "settings": settings, "db": db,
                "secret": secret, "stack": st, "logs": data_dir / "logs"}
     finally:
         st.stop()
@@ -154,6 +154,20 @@ def test_webhook_is_signed_and_exports_stream(stack: dict[str, Any], tmp_path: P
         client.export(job["id"], "parquet", f, embeddings=True)
     table = pq.read_table(pq_path)
     assert table.num_rows == 5 and set(table.column("status").to_pylist()) == {"ok"}
+    # the command line: Parquet to a redirected standard output, and to a file
+    from click.testing import CliRunner
+
+    from mmbatch.cli import main
+
+    env = {"MMBATCH_API_KEY": stack["key"]}
+    piped = CliRunner().invoke(main, ["results", job["id"], "--format", "parquet",
+                                      "--url", client.base], env=env)
+    assert piped.exit_code == 0, piped.output
+    assert pq.read_table(io.BytesIO(piped.stdout_bytes)).num_rows == 5
+    to_file = CliRunner().invoke(main, ["results", job["id"], "--format", "parquet", "-o",
+                                        str(tmp_path / "cli.parquet"), "--url", client.base],
+                                 env=env)
+    assert to_file.exit_code == 0 and pq.read_table(tmp_path / "cli.parquet").num_rows == 5
 
 
 def test_cancel_mid_job_keeps_written_results(stack: dict[str, Any], tmp_path: Path) -> None:
