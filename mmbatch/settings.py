@@ -78,6 +78,8 @@ class Settings:
     reprocess_limit: int = 10_000
     reprocess_max_attempts: int = 3
     webhook_secret: str = ""
+    # Signs the dashboard's session cookie; empty: made once into $DATA_DIR/secret-key.
+    secret_key: str = ""
     # Comma-separated hosts or CIDRs webhooks may reach even though they are private/loopback.
     webhook_allow: str = ""
     webhook_max_attempts: int = 8

@@ -48,4 +48,7 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask
     from web.models_api import models_api
 
     app.register_blueprint(models_api)
+    from web.dashboard import init_app as init_dashboard
+
+    init_dashboard(app, settings)
     return app

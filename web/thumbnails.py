@@ -1,0 +1,92 @@
+"""Image thumbnails for the dashboard, made once per image and kept on disk by content hash.
+
+A media file is stored once under its SHA-256, so that hash names its thumbnail too: every item,
+job and tenant showing the same picture shares one file, made the first time any of them asks.
+Thumbnails live under ``$DATA_DIR/thumbnails/ab/<sha256>-<size>.jpg`` (beside the blobs, so
+every web process of a deployment sees the same ones) and are written to a temporary file then
+renamed into place, so a reader sees a whole thumbnail or none.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from store.blobs import BlobNotFound, BlobStore
+
+log = logging.getLogger(__name__)
+
+SIZE = 160  # the longer side, in pixels
+QUALITY = 85
+
+
+class ThumbnailError(ValueError):
+    """The media file is not an image Pillow can read within the limits."""
+
+
+class Thumbnails:
+    def __init__(self, root: Path, blobs: BlobStore, max_pixels: int, size: int = SIZE) -> None:
+        self.root = Path(root)
+        self.blobs = blobs
+        self.max_pixels = max_pixels
+        self.size = size
+        self.made = 0  # thumbnails this process rendered (the rest came from disk)
+        self._lock = threading.Lock()
+
+    def path(self, digest: str) -> Path:
+        self.blobs.path(digest)  # validates the digest: 64 lowercase hex characters
+        return self.root / digest[:2] / f"{digest}-{self.size}.jpg"
+
+    def get(self, digest: str) -> Path:
+        """The thumbnail of blob ``digest``, made now if it does not exist yet.
+
+        Raises BlobNotFound for a blob that is not stored, ThumbnailError for one that is not a
+        readable image.
+        """
+        target = self.path(digest)
+        if target.exists():
+            return target
+        with self._lock:  # threads of one process render each image once
+            if target.exists():
+                return target
+            data = self.render(self.blobs.read(digest))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".thumb-", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self.made += 1
+            log.info("thumbnail_made blob=%s bytes=%d", digest, len(data))
+        return target
+
+    def render(self, data: bytes) -> bytes:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                if width * height > self.max_pixels:
+                    raise ThumbnailError(f"the image has {width}x{height} pixels, more than "
+                                         f"{self.max_pixels}")
+                im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
+                im = im.convert("RGB")
+                im.thumbnail((self.size, self.size))
+                out = io.BytesIO()
+                im.save(out, "JPEG", quality=QUALITY)
+                return out.getvalue()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as exc:
+            if isinstance(exc, ThumbnailError):
+                raise
+            raise ThumbnailError(f"not a readable image: {exc}") from exc
+
+
+__all__ = ["BlobNotFound", "ThumbnailError", "Thumbnails"]
