@@ -1,0 +1,204 @@
+"""The dashboard in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+A live stack (gunicorn and a real Celery worker, the embedded default) serves the pages. The test
+signs in with an API key, uploads the sample's labelled archive as a train job and its unlabelled
+archive as a classify job through the upload form, watches each job's progress bar reach 100 %,
+opens the classify job and checks that the results table shows decoded thumbnails, labels,
+confidences and contribution bars, then opens the models page. Screenshots go to
+``tests/artifacts/dashboard/`` (``docs/img/`` holds two of them for the README).
+
+Chromium comes from ``scripts/test-deps.sh`` (Debian's ``chromium``) and Playwright from the
+``test`` extra; Playwright's own browser download is never used. Without them the test skips,
+except under ``CI=true``, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from mmbatch.settings import Settings
+from mmbatch.stack import Stack
+from tests.conftest import IN_CI, make_key
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+CHROMIUM = os.environ.get("MMBATCH_TEST_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "dashboard"
+JOB_WAIT_MS = 600_000
+
+
+def _need(condition: bool, message: str) -> None:
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(message + " (CI=true: run scripts/test-deps.sh and install the test extra)")
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    _need(Path(CHROMIUM).exists(), f"Chromium is not installed at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "the playwright package is not installed")
+        raise
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        with sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
+                viewport={"width": 1360, "height": 860})
+            context.set_default_timeout(30_000)
+            try:
+                yield context
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    data_dir = tmp_path_factory.mktemp("dashboard")
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
+                                  "MMBATCH_TRAIN_EPOCHS": "80",
+                                  # small batches: the bar moves in more, visible steps
+                                  "MMBATCH_BATCH_SIZE": "8"})
+    key = make_key(settings.db_url, "dashboard")
+    stack = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs")
+    stack.start(wait=180)
+    try:
+        yield stack.url, key
+    finally:
+        stack.stop()
+        if (data_dir / "logs").exists():
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            for log in (data_dir / "logs").glob("*.log"):
+                shutil.copy(log, ARTIFACTS / log.name)
+
+
+def _upload(page: Any, archive: Path, kind: str) -> str:
+    """Upload through the form; returns the new job's id once its bar reads 100 %."""
+    page.set_input_files("#archive", str(archive))
+    page.select_option("#kind", kind)
+    with page.expect_response(lambda r: r.url.endswith("/ui/jobs")
+                              and r.request.method == "POST") as answer:
+        page.click("#upload")
+    assert answer.value.status == 202, answer.value.text()
+    job_id = answer.value.json()["id"]
+    # the upload's own bar is full once the request body is sent
+    page.wait_for_selector('#upload-bar[aria-valuenow="100"]')
+    assert "uploaded: job" in page.inner_text("#upload-text")
+    # the job's bar, refreshed by polling, climbs to 100 %; record every value it shows
+    row = f'tr[data-job-id="{job_id}"]'
+    page.wait_for_selector(row)
+    page.evaluate("""(jobId) => {
+        window.seen = window.seen || {};
+        window.seen[jobId] = [];
+        const record = () => {
+            const bar = document.querySelector(`tr[data-job-id="${jobId}"] .bar`);
+            if (bar) window.seen[jobId].push(Number(bar.getAttribute('aria-valuenow')));
+        };
+        record();
+        new MutationObserver(record).observe(document.querySelector('#jobs tbody'),
+            {childList: true, subtree: true, attributes: true});
+    }""", job_id)
+    page.wait_for_selector(f'{row} .bar[aria-valuenow="100"]', timeout=JOB_WAIT_MS)
+    page.wait_for_selector(f'{row}[data-state="succeeded"]', timeout=JOB_WAIT_MS)
+    seen = page.evaluate("(jobId) => window.seen[jobId]", job_id)
+    assert seen and seen[-1] == 100 and seen == sorted(seen), seen
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"progress-{kind}.json").write_text(json.dumps(sorted(set(seen))) + "\n")
+    return str(job_id)
+
+
+def _screenshot(page: Any, name: str, full_page: bool = False) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=full_page)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_upload_watch_progress_and_see_results(browser_context: Any, live: tuple[str, str],
+                                               sample_dir: Any) -> None:
+    url, key = live
+    page = browser_context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    # signing in is required, and takes the key once
+    page.goto(url + "/ui/")
+    assert "/ui/login" in page.url
+    page.fill("#api-key", "mmb_not-a-key")
+    page.click("#sign-in")
+    assert "unknown or revoked" in page.inner_text("main")
+    page.fill("#api-key", key)
+    page.click("#sign-in")
+    page.wait_for_selector("#upload-form")
+    assert page.url.rstrip("/").endswith("/ui")
+
+    train_id = _upload(page, sample_dir.train, "train")
+    page.reload()  # the form now offers classify with the new default model
+    page.wait_for_selector("#upload-form")
+    classify_id = _upload(page, sample_dir.unlabelled, "classify")
+    for job_id in (train_id, classify_id):
+        row = page.locator(f'tr[data-job-id="{job_id}"]')
+        assert row.locator(".state").inner_text().startswith("succeeded")
+        assert "items/s" in row.locator(".rate").inner_text()
+    _screenshot(page, "jobs.png")
+
+    # the classify job's page: thumbnails, captions, audio, labels, confidences, contributions
+    page.click(f'tr[data-job-id="{classify_id}"] a')
+    page.wait_for_selector("#results tbody tr[data-item-id]")
+    rows = page.locator("#results tbody tr[data-item-id]")
+    assert rows.count() == 32
+    images = page.locator("#results td.thumb img")
+    assert images.count() >= 24  # about one item in ten has no image
+    page.evaluate("() => document.querySelectorAll('#results td.thumb img')"
+                  ".forEach(img => img.scrollIntoView())")
+    page.wait_for_function("() => [...document.querySelectorAll('#results td.thumb img')]"
+                           ".every(img => img.complete && img.naturalWidth > 0)")
+    widths = page.evaluate("() => [...document.querySelectorAll('#results td.thumb img')]"
+                           ".map(img => img.naturalWidth)")
+    assert all(0 < w <= 160 for w in widths), widths
+    labels = [t.strip() for t in page.locator("#results td.label").all_inner_texts()]
+    assert all(t in {"day_bird", "day_frog", "night_bird", "night_frog"} for t in labels), labels
+    assert page.locator("#results td.contrib .cbar").count() >= 2 * 32
+    assert page.locator("#results audio").count() >= 24
+    audio_status = page.evaluate("() => fetch(document.querySelector('#results audio').src)"
+                                 ".then(r => r.status)")
+    assert audio_status == 200
+    assert page.locator("a.export").count() == 3
+    page.evaluate("() => window.scrollTo(0, 0)")
+    _screenshot(page, "job.png")
+    _screenshot(page, "job-full.png", full_page=True)
+
+    # the models page: the trained version, its metrics and confusion matrix
+    page.click("header nav >> text=Models")
+    page.wait_for_selector("article.model")
+    page.wait_for_function("() => { const i = document.querySelector('img.confusion');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    assert "val_accuracy" in page.inner_text("article.model")
+    _screenshot(page, "models.png")
+
+    page.click("#sign-out")
+    page.wait_for_selector("#api-key")
+    assert not errors, errors
