@@ -338,7 +338,7 @@ def test_job_page_shows_results_media_contributions_and_failures(app, settings: 
     job_id, ids = make_job(settings, tenant, model_id=model_id, state="succeeded", items=[
         {"key": "cat_001", "media": {"image": ("jpg", _jpeg((200, 10, 10))),
                                      "audio": ("wav", _wav()),
-                                     "text": ("txt", "a <b>cat</b> on a mat".encode())}},
+                                     "text": ("txt", b"a <b>cat</b> on a mat")}},
         {"key": "broken_002", "media": {"image": ("jpg", b"not a jpeg")}},
     ], outcomes=[
         jobs.ItemOutcome(0, label="cat", confidence=0.93, explanation=explanation,
@@ -379,7 +379,7 @@ def test_job_page_shows_results_media_contributions_and_failures(app, settings: 
 
 def test_results_pages(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     key = make_key(settings.db_url)
-    job_id, ids = make_job(settings, _tenant_of(settings, key), items=[
+    job_id, _ = make_job(settings, _tenant_of(settings, key), items=[
         {"key": f"k{i:03d}", "media": {"text": ("txt", f"caption {i}".encode())}}
         for i in range(60)])
     client = sign_in(app, key)

@@ -77,10 +77,10 @@ class Thumbnails:
                     raise ThumbnailError(f"the image has {width}x{height} pixels, more than "
                                          f"{self.max_pixels}")
                 im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
-                im = im.convert("RGB")
-                im.thumbnail((self.size, self.size))
+                small = im.convert("RGB")
+                small.thumbnail((self.size, self.size))
                 out = io.BytesIO()
-                im.save(out, "JPEG", quality=QUALITY)
+                small.save(out, "JPEG", quality=QUALITY)
                 return out.getvalue()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
                 Image.DecompressionBombError) as exc:
