@@ -8,6 +8,7 @@ test_dashboard_browser.py runs the whole stack).
 from __future__ import annotations
 
 import io
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -423,6 +424,24 @@ def test_thumbnails_are_made_once_and_shared_by_content(app, settings: Settings)
     r = sign_in(other_app, key).get(f"/ui/jobs/{job_id}/items/{ids[1]}/thumb.jpg")
     assert r.status_code == 200 and r.data == first.data
     assert other_app.extensions["mmbatch_thumbnails"].made == 0
+
+
+def test_thumbnails_decode_like_the_worker_in_a_child_process(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """A TIFF under a .jpg name: the worker's decoder refuses formats other than its five, and
+    so does the thumbnail, which decodes in a sandbox child, never in the web process."""
+    key = make_key(settings.db_url)
+    tiff = io.BytesIO()
+    Image.new("RGB", (64, 48), (5, 6, 7)).save(tiff, "TIFF")
+    job_id, ids = make_job(settings, _tenant_of(settings, key), items=[
+        {"key": "t", "media": {"image": ("jpg", tiff.getvalue())}},
+        {"key": "p", "media": {"image": ("jpg", _jpeg((9, 9, 9)))}}])
+    client = sign_in(app, key)
+    r = client.get(f"/ui/jobs/{job_id}/items/{ids[0]}/thumb.jpg")
+    assert r.status_code == 422 and _error(r)["code"] == "unreadable_image"
+    assert client.get(f"/ui/jobs/{job_id}/items/{ids[1]}/thumb.jpg").status_code == 200
+    thumbs = app.extensions["mmbatch_thumbnails"]
+    [child] = thumbs._sandbox().pids
+    assert child != os.getpid()
 
 
 def test_models_page_lists_metrics_confusion_and_promotes(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]

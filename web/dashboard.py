@@ -57,7 +57,8 @@ def init_app(app: Flask, settings: Settings) -> None:
                       PERMANENT_SESSION_LIFETIME=dt.timedelta(days=7))
     svc = app.extensions["mmbatch"]
     app.extensions["mmbatch_thumbnails"] = Thumbnails(
-        settings.data_dir.resolve() / "thumbnails", svc.blobs, settings.max_image_pixels)
+        settings.data_dir.resolve() / "thumbnails", svc.blobs, settings.max_image_pixels,
+        timeout=settings.decode_timeout_seconds)
     app.register_blueprint(dashboard)
     app.add_url_rule("/", "dashboard_root", lambda: redirect(url_for("dashboard.jobs_page")))
 

@@ -29,11 +29,15 @@ class ThumbnailError(ValueError):
 
 
 class Thumbnails:
-    def __init__(self, root: Path, blobs: BlobStore, max_pixels: int, size: int = SIZE) -> None:
+    def __init__(self, root: Path, blobs: BlobStore, max_pixels: int, size: int = SIZE,
+                 timeout: float = 60.0) -> None:
         self.root = Path(root)
         self.blobs = blobs
         self.max_pixels = max_pixels
         self.size = size
+        self.timeout = timeout
+        self._decoder = None
+        self._sandbox_lock = threading.Lock()
         self.made = 0  # thumbnails this process rendered (the rest came from disk)
         self._lock = threading.Lock()
 
@@ -68,25 +72,33 @@ class Thumbnails:
         return target
 
     def render(self, data: bytes) -> bytes:
-        from PIL import Image, UnidentifiedImageError
+        """Decode as the worker does (the same five formats, the same pixel limit) in a child
+        process of the decode sandbox, so a hostile file cannot hang or crash the web process
+        or reach a Pillow plugin the worker never uses; resize and encode here."""
+        from worker.media import MediaError
 
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > self.max_pixels:
-                    raise ThumbnailError(f"the image has {width}x{height} pixels, more than "
-                                         f"{self.max_pixels}")
-                im.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
-                small = im.convert("RGB")
-                small.thumbnail((self.size, self.size))
-                out = io.BytesIO()
-                small.save(out, "JPEG", quality=QUALITY)
-                return out.getvalue()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-                Image.DecompressionBombError) as exc:
-            if isinstance(exc, ThumbnailError):
-                raise
+            image = self._sandbox().decode_image(data, "thumbnail", max_pixels=self.max_pixels)
+        except MediaError as exc:
             raise ThumbnailError(f"not a readable image: {exc}") from exc
+        image.thumbnail((self.size, self.size))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=QUALITY)
+        return out.getvalue()
+
+    def _sandbox(self):  # type: ignore[no-untyped-def]
+        with self._sandbox_lock:
+            if self._decoder is None:
+                from worker.media import DecodeSandbox
+
+                self._decoder = DecodeSandbox(processes=1, timeout=self.timeout)
+            return self._decoder
+
+    def close(self) -> None:
+        with self._sandbox_lock:
+            if self._decoder is not None:
+                self._decoder.close()
+                self._decoder = None
 
 
 __all__ = ["BlobNotFound", "ThumbnailError", "Thumbnails"]
