@@ -30,6 +30,15 @@ class Settings:
     # Prefix for every Redis key the broker uses, so deployments can share one Redis.
     broker_prefix: str = ""
     blob_dir: Path | None = None
+    # Blobs in an S3-compatible bucket instead: s3://bucket[/prefix]. The endpoint (MinIO, Ceph,
+    # …) and credentials may be left empty for boto3's own chain (AWS_* variables, roles).
+    blob_url: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # Worker processes serve Prometheus metrics on this port (0: off); see docs/operations.md.
+    worker_metrics_port: int = 0
     host: str = "127.0.0.1"
     port: int = 8000
     batch_size: int = 32
@@ -135,6 +144,12 @@ class Settings:
         if self.decode_isolation not in ("process", "off"):
             raise SettingsError(f"{PREFIX}DECODE_ISOLATION must be process or off, "
                                 f"not {self.decode_isolation!r}")
+        if self.blob_url and not (self.blob_url.startswith("s3://")
+                                  and self.blob_url[5:].strip("/")):
+            raise SettingsError(f"{PREFIX}BLOB_URL must be s3://bucket[/prefix], "
+                                f"not {self.blob_url!r}")
+        if not 0 <= self.worker_metrics_port < 65536:
+            raise SettingsError(f"{PREFIX}WORKER_METRICS_PORT must be 0 (off) or a port")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu or cuda[:N], not {self.device!r}")
 

@@ -1,21 +1,33 @@
-"""Content-addressed blob storage on local disk.
+"""Content-addressed blob storage: on local disk (the default) or in an S3-compatible bucket.
 
 A blob is named by the SHA-256 of its bytes and stored once (``ab/cd/abcd…``). Writers stream into
-a temporary file in the store's own directory while hashing, then rename into place, so a blob is
-either whole or absent and an interrupted write leaves nothing behind but a temp file that
+a temporary file while hashing (in the store's own directory on disk, so that committing is a
+rename; in a local spool directory for S3, whence committing uploads it), so a blob is either
+whole or absent and an interrupted write leaves nothing behind but a temp file that
 ``discard()`` removes.
+
+Every caller goes through :class:`Blobs`: ``writer``/``put_bytes``/``put_stream``, ``open``,
+``read``, ``exists``, ``delete``, iteration, and ``local_path`` for the readers that need a
+file on this machine's disk (the archive walker seeks in zip files). :func:`open_blob_store`
+picks the backend from the settings (``MMBATCH_BLOB_URL``).
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
+
+if TYPE_CHECKING:
+    from mmbatch.settings import Settings
 
 CHUNK = 1 << 20
+HEX = frozenset("0123456789abcdef")
 
 
 def sniff_archive(head: bytes) -> str | None:
@@ -33,12 +45,29 @@ class BlobNotFound(KeyError):
     pass
 
 
+class BlobStoreUnavailable(ConnectionError):
+    """The storage service could not be reached or answered with a server error (transient)."""
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it can name a blob (64 lowercase hex characters); BlobNotFound otherwise."""
+    if len(digest) != 64 or not HEX.issuperset(digest):
+        raise BlobNotFound(digest)
+    return digest
+
+
+def blob_key(digest: str) -> str:
+    """Where a blob lives below the store's root: ``ab/cd/abcd…``."""
+    check_digest(digest)
+    return f"{digest[:2]}/{digest[2:4]}/{digest}"
+
+
 class BlobWriter:
     """A write-only file that hashes what passes through it; ``commit()`` names the blob."""
 
-    def __init__(self, store: "BlobStore") -> None:
+    def __init__(self, store: "Blobs") -> None:
         self._store = store
-        fd, name = tempfile.mkstemp(prefix=".incoming-", dir=store.root)
+        fd, name = tempfile.mkstemp(prefix=".incoming-", dir=store.spool_dir)
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self.path = Path(name)
         self._hash = hashlib.sha256()
@@ -76,12 +105,10 @@ class BlobWriter:
             return self.committed
         self.close()
         digest = self._hash.hexdigest()
-        target = self._store.path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        try:
+            self._store._install(self.path, digest)
+        finally:
             self.path.unlink(missing_ok=True)
-        else:
-            os.replace(self.path, target)
         self.committed = digest
         return digest
 
@@ -100,15 +127,10 @@ class BlobWriter:
             self.discard()
 
 
-class BlobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+class Blobs(abc.ABC):
+    """The interface every caller uses, whatever keeps the bytes."""
 
-    def path(self, digest: str) -> Path:
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise BlobNotFound(digest)
-        return self.root / digest[:2] / digest[2:4] / digest
+    spool_dir: Path  # where writers keep their temporary file
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)
@@ -123,15 +145,72 @@ class BlobStore:
             shutil.copyfileobj(src, w, CHUNK)  # type: ignore[misc]
         return w.committed  # type: ignore[return-value]
 
+    def read(self, digest: str) -> bytes:
+        with self.open(digest) as f:
+            return f.read()
+
+    @abc.abstractmethod
+    def _install(self, tmp: Path, digest: str) -> None:
+        """Store the finished temp file ``tmp`` as blob ``digest`` (keep an existing copy)."""
+
+    @abc.abstractmethod
+    def open(self, digest: str) -> BinaryIO:
+        """A readable stream of the blob; BlobNotFound if it is not stored."""
+
+    @abc.abstractmethod
+    def exists(self, digest: str) -> bool: ...
+
+    @abc.abstractmethod
+    def delete(self, digest: str) -> None: ...
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[str]: ...
+
+    @abc.abstractmethod
+    def local_file(self, digest: str) -> Path | None:
+        """The blob's own file on this machine, if the store keeps one (BlobNotFound if the
+        blob is not stored); None for a remote store."""
+
+    @contextlib.contextmanager
+    def local_path(self, digest: str) -> Iterator[Path]:
+        """A file on this machine's disk holding the blob, for as long as the block runs:
+        the blob itself on disk, a downloaded temporary copy (removed after) otherwise."""
+        local = self.local_file(digest)
+        if local is not None:
+            yield local
+            return
+        fd, name = tempfile.mkstemp(prefix=".download-", dir=self.spool_dir)
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out, self.open(digest) as src:
+                shutil.copyfileobj(src, out, CHUNK)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class BlobStore(Blobs):
+    """Blobs as files under ``root`` (a local disk, or a shared file system)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.spool_dir = self.root  # same file system: committing is a rename
+
+    def path(self, digest: str) -> Path:
+        return self.root / blob_key(digest)
+
+    def _install(self, tmp: Path, digest: str) -> None:
+        target = self.path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.replace(tmp, target)
+
     def open(self, digest: str) -> BinaryIO:
         try:
             return open(self.path(digest), "rb")
         except FileNotFoundError as exc:
             raise BlobNotFound(digest) from exc
-
-    def read(self, digest: str) -> bytes:
-        with self.open(digest) as f:
-            return f.read()
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
@@ -139,6 +218,22 @@ class BlobStore:
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
+    def local_file(self, digest: str) -> Path | None:
+        path = self.path(digest)
+        if not path.is_file():
+            raise BlobNotFound(digest)
+        return path
+
     def __iter__(self) -> Iterator[str]:
         for p in self.root.glob("??/??/*"):
             yield p.name
+
+
+def open_blob_store(settings: "Settings") -> Blobs:
+    """The store the settings name: ``MMBATCH_BLOB_URL=s3://bucket/prefix``, or files under
+    ``MMBATCH_BLOB_DIR`` (default ``$MMBATCH_DATA_DIR/blobs``)."""
+    if settings.blob_url:
+        from store.s3blobs import S3BlobStore
+
+        return S3BlobStore.from_settings(settings)
+    return BlobStore(settings.blobs)

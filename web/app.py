@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 
 from mmbatch.settings import Settings
-from store.blobs import BlobStore
+from store.blobs import Blobs, open_blob_store
 from store.db import Database
 from web import errors
 from web.auth import RateLimiter
@@ -19,7 +19,7 @@ from web.uploads import StreamingRequest, discard_uploads
 class Services:
     settings: Settings
     db: Database
-    blobs: BlobStore
+    blobs: Blobs
     celery: Any
     limiter: RateLimiter
 
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["mmbatch"] = Services(
-        settings, Database(settings.db_url), BlobStore(settings.blobs), celery,
+        settings, Database(settings.db_url), open_blob_store(settings), celery,
         RateLimiter(settings.rate_limit_per_minute, settings.broker_url or None,
                     settings.broker_prefix))
     errors.register(app)

@@ -18,7 +18,6 @@ import mimetypes
 import os
 import secrets
 import tempfile
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -359,18 +358,25 @@ def thumbnail(job_id: str, item_id: int):  # type: ignore[no-untyped-def]
 @dashboard.get("/jobs/<job_id>/items/<int:item_id>/<any(audio, text):modality>")
 def media(job_id: str, item_id: int, modality: str):  # type: ignore[no-untyped-def]
     entry = _item_media(job_id, item_id, modality)
-    try:
-        path = _services().blobs.path(entry["blob"])
-    except BlobNotFound:
-        raise ApiError(404, "not_found", f"the {modality} of item {item_id} is no longer stored")
-    if not path.exists():
-        raise ApiError(404, "not_found", f"the {modality} of item {item_id} is no longer stored")
     if modality == "text":
         mimetype = "text/plain; charset=utf-8"
     else:
         guessed = mimetypes.guess_type(entry.get("name") or "")[0] or ""
         mimetype = guessed if guessed.startswith("audio/") else "application/octet-stream"
-    response = send_file(Path(path), mimetype=mimetype, conditional=True, etag=entry["blob"])
+    return _send_blob(entry["blob"], mimetype,
+                      f"the {modality} of item {item_id} is no longer stored")
+
+
+def _send_blob(digest: str, mimetype: str, missing: str):  # type: ignore[no-untyped-def]
+    """The blob as a cacheable response: its own file where the store keeps one on disk (so
+    range requests work), else streamed from the store (S3)."""
+    blobs = _services().blobs
+    try:
+        local = blobs.local_file(digest)
+        body: Any = local if local is not None else blobs.open(digest)
+    except BlobNotFound:
+        raise ApiError(404, "not_found", missing)
+    response = send_file(body, mimetype=mimetype, conditional=True, etag=digest)
     response.headers["Cache-Control"] = "private, max-age=86400"
     return response
 
@@ -415,15 +421,7 @@ def confusion(model_id: int):  # type: ignore[no-untyped-def]
         digest = (_model(s, model_id).metrics or {}).get("confusion_png")
     if not digest:
         raise ApiError(404, "not_found", f"model version {model_id} has no confusion matrix")
-    try:
-        path = _services().blobs.path(digest)
-    except BlobNotFound:
-        raise ApiError(404, "not_found", f"model version {model_id} has no confusion matrix")
-    if not path.exists():
-        raise ApiError(404, "not_found", f"model version {model_id} has no confusion matrix")
-    response = send_file(path, mimetype="image/png", conditional=True, etag=digest)
-    response.headers["Cache-Control"] = "private, max-age=86400"
-    return response
+    return _send_blob(digest, "image/png", f"model version {model_id} has no confusion matrix")
 
 
 @dashboard.post("/models/<int:model_id>/promote")

@@ -16,7 +16,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from store.blobs import BlobNotFound, BlobStore
+from store.blobs import BlobNotFound, Blobs, check_digest
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class ThumbnailError(ValueError):
 
 
 class Thumbnails:
-    def __init__(self, root: Path, blobs: BlobStore, max_pixels: int, size: int = SIZE,
+    def __init__(self, root: Path, blobs: Blobs, max_pixels: int, size: int = SIZE,
                  timeout: float = 60.0) -> None:
         self.root = Path(root)
         self.blobs = blobs
@@ -42,7 +42,7 @@ class Thumbnails:
         self._lock = threading.Lock()
 
     def path(self, digest: str) -> Path:
-        self.blobs.path(digest)  # validates the digest: 64 lowercase hex characters
+        check_digest(digest)  # 64 lowercase hex characters, or BlobNotFound
         return self.root / digest[:2] / f"{digest}-{self.size}.jpg"
 
     def get(self, digest: str) -> Path:

@@ -6,6 +6,7 @@ import logging
 from typing import IO
 
 from store import jobs
+from store.blobs import BlobNotFound
 from worker.archive import ArchiveError, Limits, walk
 from worker.runtime import Runtime
 
@@ -27,15 +28,19 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
         jobs.reset_items(s, job_id)
         kind, archive_blob = job.kind, job.archive_blob
-    log.info("job_state job=%s state=ingesting", job_id)
 
     def store(f: IO[bytes]) -> str:
         return rt.blobs.put_stream(f)
 
     try:
-        found = walk(rt.blobs.path(archive_blob), store, Limits.from_settings(rt.settings))
+        # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
+        with rt.blobs.local_path(archive_blob) as path:
+            found = walk(path, store, Limits.from_settings(rt.settings))
     except ArchiveError as exc:
         _fail(rt, job_id, str(exc))
+        return []
+    except BlobNotFound:
+        _fail(rt, job_id, "the job's archive is no longer in blob storage")
         return []
     if not found.items:
         _fail(rt, job_id, "the archive holds no image, text or audio files "
@@ -62,8 +67,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
                                 stage="extracting" if kind == "train" else None)
         ids = jobs.item_ids(s, job_id) if moved else []
     if moved:
-        log.info("job_state job=%s state=running total=%d skipped=%d", job_id, total,
-                 found.skipped_count)
+        log.info("ingest_done job=%s items=%d skipped=%d", job_id, total, found.skipped_count)
     return _batches(rt, job_id, ids)
 
 
@@ -75,4 +79,3 @@ def _batches(rt: Runtime, job_id: str, ids: list[int]) -> list[list[int]]:
 def _fail(rt: Runtime, job_id: str, error: str) -> None:
     with rt.db.session() as s:
         jobs.fail_job(s, job_id, error)
-    log.info("job_state job=%s state=failed error=%r", job_id, error)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mmbatch.settings import Settings
-from store.blobs import BlobStore
+from store.blobs import open_blob_store
 from store.db import Database
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(settings.db_url)
-        self.blobs = BlobStore(settings.blobs)
+        self.blobs = open_blob_store(settings)
         self._lock = threading.Lock()
         self._encoders: dict[str, Any] = {}
         self._classifiers: dict[int, Any] = {}
