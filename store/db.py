@@ -9,6 +9,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from store import joblog
+
 
 def make_engine(url: str, **kwargs: object) -> Engine:
     parsed = make_url(url)
@@ -43,6 +45,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        joblog.install(self.sessions)  # job_state lines, written once a change commits
 
     @property
     def dialect(self) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from store import joblog
 from store.schema import (ACTIVE_STATES, NO_MODEL, TERMINAL_STATES, Item, Job, JobMember, Result,
                           WebhookDelivery, utcnow)
 from store.upsert import insert_new
@@ -53,6 +54,7 @@ def create_job(session: Session, *, kind: str, archive_blob: str, archive_name: 
               idempotency_key=idempotency_key, callback_url=callback_url)
     session.add(job)
     session.flush()
+    joblog.note(session, job.id, state, kind=kind)
     return job
 
 
@@ -72,6 +74,8 @@ def transition(session: Session, job_id: str, expected: Sequence[str], new: str,
     stmt = (update(Job).where(Job.id == job_id, Job.state.in_(list(expected)))
             .values(state=new, updated_at=utcnow(), **values))
     moved = session.execute(stmt).rowcount == 1
+    if moved:
+        joblog.note(session, job_id, new, **values)
     if moved and new in TERMINAL_STATES:
         _queue_webhook(session, job_id, f"job.{new}")
     return moved
@@ -238,6 +242,7 @@ def finish_job(session: Session, job_id: str) -> bool:
             .values(state="succeeded", finished_at=utcnow(), updated_at=utcnow(), stage=None))
     finished = session.execute(stmt).rowcount == 1
     if finished:
+        joblog.note(session, job_id, "succeeded")
         _queue_webhook(session, job_id, "job.succeeded")
     return finished
 

@@ -74,8 +74,8 @@ def _commit(s: Any, job_id: str, kind: str, model_version_id: int,
         if kind == "train":
             if jobs.enter_stage(s, job_id, "extracting", "training"):
                 next_step = "train"
-        elif jobs.finish_job(s, job_id):
-            log.info("job_state job=%s state=succeeded", job_id)
+        else:
+            jobs.finish_job(s, job_id)
     return BatchReport(commit.new_done, commit.new_failed, commit.completed, next_step)
 
 

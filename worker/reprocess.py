@@ -79,7 +79,7 @@ def start(rt: Runtime, tenant_id: int | None, model_id: int | None = None,
             # (``attempts``, every try, keeps counting towards reprocess_max_attempts)
             for start_at in range(0, len(due), 500):
                 jobs.reset_deliveries(s, due[start_at:start_at + 500])
-            log.info("job_state job=%s state=running kind=reprocess tenant=%s model=%s total=%d",
+            log.info("reprocess_planned job=%s tenant=%s model=%s total=%d",
                      job.id, tenant_id, model.id, len(due))
             return Started(job.id, tenant_id, len(due), "started")
     finally:

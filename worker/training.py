@@ -44,7 +44,6 @@ def train_job(rt: Runtime, job_id: str) -> int | None:
     except TrainingError as exc:
         with rt.db.session() as s:
             jobs.fail_job(s, job_id, str(exc))
-        log.info("job_state job=%s state=failed error=%r", job_id, str(exc))
         return None
     return model_id
 
@@ -152,7 +151,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
         s.flush()
         jobs.finish_job(s, job_id)
         model_id = mv.id
-    log.info("job_state job=%s state=succeeded model=%s val_accuracy=%s", job_id, model_id,
+    log.info("model_registered job=%s model=%s val_accuracy=%s", job_id, model_id,
              metrics.get("val_accuracy"))
     return model_id
 
