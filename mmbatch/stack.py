@@ -26,6 +26,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 def web_command(settings: Settings, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}",
+            "--config", "python:web.gunicorn_conf",  # /metrics over all gunicorn workers
             "--worker-class", "gthread", "--workers", "1", "--threads", "8",
             "--timeout", "600", "--graceful-timeout", "10", "--log-level", "warning",
             "web.wsgi:app"]

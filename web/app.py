@@ -40,6 +40,9 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask
                     settings.broker_prefix))
     errors.register(app)
     app.teardown_request(discard_uploads)
+    from web.metrics import init_app as init_metrics
+
+    init_metrics(app)  # /metrics
 
     from web.api import api, health
 

@@ -9,6 +9,8 @@ from flask import Flask, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from store.blobs import BlobStoreUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,12 @@ def register(app: Flask) -> None:
         log.warning("database_unavailable error=%s", exc.orig)
         return error_response(503, "database_unavailable",
                               "the database is unavailable; try again shortly")
+
+    @app.errorhandler(BlobStoreUnavailable)
+    def _blobs_down(exc: BlobStoreUnavailable):  # type: ignore[no-untyped-def]
+        log.warning("blob_storage_unavailable error=%s", exc)
+        return error_response(503, "storage_unavailable",
+                              "blob storage is unavailable; try again shortly")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]

@@ -113,6 +113,7 @@ def encode_media(
     batch_sizes: Mapping[str, int],
     pool: Executor | None,
     depth: int,
+    observe: Callable[[str, int, float], None] | None = None,
 ) -> EncodeResult:
     """Features of every ref: ``prepare`` (read + decode + preprocess) runs in ``pool``, ahead
     of ``encoder(modality).encode`` over chunks of ``batch_sizes[modality]`` items.
@@ -120,7 +121,8 @@ def encode_media(
     Refs are taken once each, grouped by modality (``MODALITY_ORDER``) in their given order
     otherwise. A ``MediaError`` from ``prepare`` becomes that file's error as it is; any other
     exception is logged and becomes a "cannot decode" error. An exception from an encoder is
-    not a file's fault: it is raised.
+    not a file's fault: it is raised. ``observe(modality, items, seconds)`` hears of each
+    encoder pass.
     """
     unique = list(dict.fromkeys(refs))
     unique.sort(key=lambda r: MODALITY_ORDER.index(r.modality) if r.modality in MODALITY_ORDER
@@ -134,7 +136,10 @@ def encode_media(
         modality = chunk[0][0].modality
         started = time.perf_counter()
         feats = encoder(modality).encode([value for _, value in chunk]).numpy()  # (b, D)
-        out.model_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        out.model_seconds += seconds
+        if observe is not None:
+            observe(modality, len(chunk), seconds)
         for (ref, _), vec in zip(chunk, feats, strict=True):
             out.vectors[(modality, ref.blob)] = vec.astype("<f4")
         chunk.clear()

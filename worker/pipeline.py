@@ -8,6 +8,7 @@ are decoded and encoded.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -51,6 +52,7 @@ class BatchReport:
 
 
 def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchReport:
+    started = time.perf_counter()
     batch = _read(rt, job_id, item_ids)
     if batch is None:
         return BatchReport(0, 0, False, None)
@@ -61,7 +63,10 @@ def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchRep
     outcomes = _outcomes(rt, batch, encoded)
     model_version_id = batch.model["id"] if batch.model else NO_MODEL
     with rt.db.session() as s:
-        return _commit(s, job_id, batch.kind, model_version_id, outcomes)
+        report = _commit(s, job_id, batch.kind, model_version_id, outcomes)
+    rt.metrics.items(batch.kind, report.new_done, report.new_failed)
+    rt.metrics.batch(batch.kind, time.perf_counter() - started)
+    return report
 
 
 def _commit(s: Any, job_id: str, kind: str, model_version_id: int,
@@ -163,7 +168,7 @@ def _encode_blobs(rt: Runtime, refs: Sequence[MediaRef]
 
     result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
                           batch_sizes=rt.batch_sizes, pool=rt.pool,
-                          depth=rt.settings.prefetch_items)
+                          depth=rt.settings.prefetch_items, observe=rt.metrics.encoder_batch)
     log.info("encoders files=%d model_s=%.3f decode_wait_s=%.3f", len(refs),
              result.model_seconds, result.wait_seconds)
     return result.vectors, result.errors
@@ -273,4 +278,6 @@ def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) ->
         kind = job.kind
         model_version_id = jobs.result_model(job)
         outcomes = [jobs.ItemOutcome(i, error=error) for i in item_ids]
-        return _commit(s, job_id, kind, model_version_id, outcomes)
+        report = _commit(s, job_id, kind, model_version_id, outcomes)
+    rt.metrics.items(kind, report.new_done, report.new_failed)
+    return report

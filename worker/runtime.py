@@ -16,6 +16,7 @@ from typing import Any
 from mmbatch.settings import Settings
 from store.blobs import open_blob_store
 from store.db import Database
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Runtime:
         self._device: Any = None
         self._sandbox: Any = None
         self.load_seconds: dict[str, float] = {}
+        self.metrics = WorkerMetrics()  # counted here, served by worker.metrics.MetricsServer
 
     @property
     def pool(self) -> ThreadPoolExecutor | None:
