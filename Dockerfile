@@ -16,8 +16,12 @@ COPY worker worker
 COPY web web
 COPY migrations migrations
 COPY bench bench
+# Everything else from pyproject.toml, flower, boto3 and prometheus-client among it.
 RUN pip install --no-cache-dir -e .
 VOLUME /data
-EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "2", \
-     "--threads", "8", "--timeout", "600", "web.wsgi:app"]
+# 8000 the API and /metrics, 9808 a worker's metrics (MMBATCH_WORKER_METRICS_PORT), 5555 Flower.
+EXPOSE 8000 9808 5555
+# web.gunicorn_conf: /metrics adds up all gunicorn workers (PROMETHEUS_MULTIPROC_DIR).
+CMD ["gunicorn", "--config", "python:web.gunicorn_conf", "--bind", "0.0.0.0:8000", \
+     "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--timeout", "600", \
+     "web.wsgi:app"]
