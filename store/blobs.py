@@ -20,8 +20,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     from mmbatch.settings import Settings
@@ -65,7 +66,7 @@ def blob_key(digest: str) -> str:
 class BlobWriter:
     """A write-only file that hashes what passes through it; ``commit()`` names the blob."""
 
-    def __init__(self, store: "Blobs") -> None:
+    def __init__(self, store: Blobs) -> None:
         self._store = store
         fd, name = tempfile.mkstemp(prefix=".incoming-", dir=store.spool_dir)
         self._file: BinaryIO = os.fdopen(fd, "wb")
@@ -117,7 +118,7 @@ class BlobWriter:
         if self.committed is None:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> BlobWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
@@ -140,7 +141,7 @@ class Blobs(abc.ABC):
             w.write(data)
         return w.committed  # type: ignore[return-value]
 
-    def put_stream(self, src: BinaryIO) -> str:
+    def put_stream(self, src: IO[bytes]) -> str:
         with self.writer() as w:
             shutil.copyfileobj(src, w, CHUNK)  # type: ignore[misc]
         return w.committed  # type: ignore[return-value]
@@ -229,7 +230,7 @@ class BlobStore(Blobs):
             yield p.name
 
 
-def open_blob_store(settings: "Settings") -> Blobs:
+def open_blob_store(settings: Settings) -> Blobs:
     """The store the settings name: ``MMBATCH_BLOB_URL=s3://bucket/prefix``, or files under
     ``MMBATCH_BLOB_DIR`` (default ``$MMBATCH_DATA_DIR/blobs``)."""
     if settings.blob_url:

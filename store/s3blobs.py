@@ -11,8 +11,9 @@ become :class:`~store.blobs.BlobStoreUnavailable` (a ``ConnectionError``: tasks 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlparse
 
 import boto3
@@ -61,7 +62,7 @@ class S3BlobStore(Blobs):
         self.spool_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "S3BlobStore":
+    def from_settings(cls, settings: Settings) -> S3BlobStore:
         bucket, prefix = parse_s3_url(settings.blob_url)
         # Empty settings leave boto3 its own chain (AWS_* variables, ~/.aws, instance roles).
         options: dict[str, Any] = {

@@ -12,7 +12,7 @@ import pytest
 from mmbatch.settings import Settings, SettingsError
 from store.blobs import BlobNotFound, Blobs, BlobStore, BlobStoreUnavailable, open_blob_store
 from store.s3blobs import S3BlobStore
-from tests.s3 import make_bucket, s3_endpoint, s3_env, s3_settings  # noqa: F401
+from tests.s3 import make_bucket, s3_env
 
 MB = 1 << 20
 
@@ -106,9 +106,8 @@ def test_local_path_gives_the_bytes_as_a_file(blobs: Blobs) -> None:
         assert _leftovers(blobs) == []
     else:
         assert path == blobs.local_file(digest)
-    with pytest.raises(BlobNotFound):
-        with blobs.local_path("0" * 64):
-            pass
+    with pytest.raises(BlobNotFound), blobs.local_path("0" * 64):
+        pass
 
 
 @pytest.mark.parametrize("digest", ["", "../../etc/passwd", "A" * 64, "0" * 63])
@@ -117,8 +116,7 @@ def test_names_that_are_not_hashes_are_not_found(blobs: Blobs, digest: str) -> N
         blobs.read(digest)
 
 
-def test_prefixes_keep_stores_in_one_bucket_apart(s3_endpoint: str,  # noqa: F811
-                                                  tmp_path: Path) -> None:
+def test_prefixes_keep_stores_in_one_bucket_apart(s3_endpoint: str, tmp_path: Path) -> None:
     bucket = make_bucket(s3_endpoint)
     a = open_blob_store(Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
                                            **s3_env(s3_endpoint, bucket, "a")}))

@@ -7,8 +7,7 @@ import io
 import logging
 import re
 import tarfile
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -94,10 +93,9 @@ def test_no_line_for_an_update_that_matched_nothing_or_was_rolled_back(
     assert _states(caplog) == [(job_id, "cancelled", "")]
     other = _archive(rt, {"b.txt": b"y"})
     caplog.clear()
-    with pytest.raises(RuntimeError):
-        with rt.db.session() as s:
-            assert jobs.transition(s, other, ("queued",), "ingesting")
-            raise RuntimeError("the transaction fails after the UPDATE")
+    with pytest.raises(RuntimeError), rt.db.session() as s:
+        assert jobs.transition(s, other, ("queued",), "ingesting")
+        raise RuntimeError("the transaction fails after the UPDATE")
     assert _states(caplog) == []
     with rt.db.session() as s:
         assert jobs.get_job(s, other).state == "queued"

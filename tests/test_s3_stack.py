@@ -10,8 +10,8 @@ import socket
 import tarfile
 import time
 import wave
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -21,7 +21,7 @@ from mmbatch.settings import Settings
 from mmbatch.stack import Stack
 from store.blobs import open_blob_store
 from tests.conftest import make_key
-from tests.s3 import make_bucket, s3_endpoint, s3_env  # noqa: F401
+from tests.s3 import make_bucket, s3_env
 from tests.test_metrics import samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -64,8 +64,7 @@ def _archive(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(s3_endpoint: str,  # noqa: F811
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Settings, str]]:
+def stack(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Settings, str]]:
     data = tmp_path_factory.mktemp("s3stack")
     bucket = make_bucket(s3_endpoint)
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data),

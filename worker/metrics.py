@@ -13,7 +13,8 @@ would count in their own memory, unseen here (run more solo workers instead: one
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from celery import bootsteps
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -113,7 +114,7 @@ class QueueDepthCollector(Collector):
         up = GaugeMetricFamily("mmbatch_broker_up", "1 if the broker answered this scrape")
         try:
             depths = self.depths()
-        except Exception as exc:  # a scrape must answer even when the broker does not
+        except Exception as exc:  # noqa: BLE001  # a scrape answers even without the broker
             log.warning("queue_depth_unavailable error=%s", exc)
             up.add_metric([], 0)
         else:
