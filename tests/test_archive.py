@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from store.blobs import BlobStore, sniff_archive
+from store.blobs import Blobs, BlobStore, open_blob_store, sniff_archive
 from worker.archive import ArchiveError, parse_labels, safe_name, walk
 
 FILES = {
@@ -37,13 +37,18 @@ def _write(path: Path, fmt: str, files: dict[str, bytes]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("backend", ["fs", "s3"])
 @pytest.mark.parametrize("fmt", ["zip", "tar", "tar.gz"])
-def test_groups_files_into_items_by_key(tmp_path: Path, fmt: str) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
-    archive = _write(tmp_path / f"a.{fmt}", fmt, FILES)
-    with open(archive, "rb") as f:
+def test_groups_files_into_items_by_key(tmp_path: Path, fmt: str, backend: str,
+                                        request: pytest.FixtureRequest) -> None:
+    # As ingest does: the archive is a blob, walked from a local file, its members stored.
+    blobs: Blobs = (BlobStore(tmp_path / "blobs") if backend == "fs"
+                    else open_blob_store(request.getfixturevalue("s3_settings")))
+    archive_blob = blobs.put_bytes(_write(tmp_path / f"a.{fmt}", fmt, FILES).read_bytes())
+    with blobs.open(archive_blob) as f:
         assert sniff_archive(f.read(512)) == fmt
-    found = walk(archive, blobs.put_stream)
+    with blobs.local_path(archive_blob) as archive:
+        found = walk(archive, blobs.put_stream)
     assert set(found.items) == {"animals/cat_001", "animals/dog_002"}
     assert set(found.items["animals/cat_001"]) == {"image", "text", "audio"}
     assert set(found.items["animals/dog_002"]) == {"image"}
