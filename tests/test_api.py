@@ -267,3 +267,31 @@ def test_export_format_is_validated(client) -> None:  # type: ignore[no-untyped-
     job_id = _post(client).get_json()["id"]
     r = client.get(f"/api/v1/jobs/{job_id}/results?format=xml")
     assert r.status_code == 400 and _error(r)["code"] == "invalid_format"
+
+
+@pytest.mark.parametrize("failures, status, state", [(2, 202, "queued"), (3, 503, "failed")])
+def test_enqueue_is_tried_again_before_the_job_fails(settings: Settings, failures: int,
+                                                     status: int, state: str) -> None:
+    """A publish that fails (the broker briefly away; the embedded broker's queue declared by
+    a starting worker at the same moment) is tried again; only when every try fails does the
+    request answer 503 and the job end failed with the reason, never stay queued unsent."""
+    app = create_app(settings)
+    celery = app.extensions["mmbatch"].celery
+    real, calls = celery.send_task, []
+
+    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) <= failures:
+            raise RuntimeError("UNIQUE constraint failed: kombu_queue.name")
+        return real(*args, **kwargs)
+
+    celery.send_task = flaky
+    client = authed(app, make_key(settings.db_url))
+    r = client.post("/api/v1/jobs", data={"kind": "embed",
+                                         "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "x.tar")})
+    assert r.status_code == status and len(calls) == min(failures + 1, 3)
+    [job] = client.get("/api/v1/jobs").get_json()["jobs"]
+    assert job["state"] == state
+    if status == 503:
+        assert _error(r)["code"] == "broker_unavailable"
+        assert "kombu_queue" in job["error"]

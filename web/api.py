@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ from web import auth
 from web.errors import ApiError
 from web.uploads import writer_of
 from worker.app import TASK_INGEST, TASK_REPROCESS, TASK_WEBHOOKS
+
+log = logging.getLogger(__name__)
 
 api = Blueprint("api", __name__)
 health = Blueprint("health", __name__)
@@ -99,15 +103,29 @@ def create_job():  # type: ignore[no-untyped-def]
         return accepted(job_payload(s, jobs.get_job(s, job_id)))
 
 
+ENQUEUE_TRIES = 3
+
+
 def enqueue_ingest(svc: Any, job_id: str) -> None:
-    """Commit, then enqueue: called once the job row exists, so any worker can find it."""
-    try:
-        svc.celery.send_task(TASK_INGEST, args=[job_id])
-    except Exception as exc:
-        with svc.db.session() as s:
-            jobs.fail_job(s, job_id, f"could not enqueue the job: {exc}")
-        raise ApiError(503, "broker_unavailable",
-                       "the job queue is unavailable; the job was not started") from exc
+    """Commit, then enqueue: called once the job row exists, so any worker can find it.
+
+    Tried a few times: besides a broker that is briefly away, kombu's SQLAlchemy transport (the
+    embedded broker) fails a publish with a unique-constraint error when a worker starting at
+    the same moment declares the same queue.
+    """
+    for attempt in range(1, ENQUEUE_TRIES + 1):
+        try:
+            svc.celery.send_task(TASK_INGEST, args=[job_id])
+            return
+        except Exception as exc:
+            if attempt < ENQUEUE_TRIES:
+                log.warning("enqueue_retry job=%s attempt=%d error=%s", job_id, attempt, exc)
+                time.sleep(0.2 * attempt)
+                continue
+            with svc.db.session() as s:
+                jobs.fail_job(s, job_id, f"could not enqueue the job: {exc}")
+            raise ApiError(503, "broker_unavailable",
+                           "the job queue is unavailable; the job was not started") from exc
 
 
 def accepted(payload: dict[str, Any], status: int = 202):  # type: ignore[no-untyped-def]
