@@ -396,3 +396,50 @@ def stratified_split(
         val_idx.extend(shuffled[:n_val])
         train_idx.extend(shuffled[n_val:])
     return sorted(train_idx), sorted(val_idx)
+
+
+def group_split(
+    labels: Sequence[str], groups: Sequence[str | None], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split item indices into (train, val) with no group on both sides, about
+    ``val_fraction`` of each class in val.
+
+    Items without a group (None) are groups of their own. Groups are visited in a seeded
+    random order, and a group goes to val when that brings val's class counts closer to
+    ``val_fraction`` of each class's total (squared error); train keeps at least one group,
+    and val gets one as soon as there are two. Deterministic for a given seed; both lists
+    are sorted.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if len(labels) != len(groups):
+        raise ValueError(f"{len(labels)} labels but {len(groups)} groups")
+    classes = sorted(set(labels), key=str)
+    column = {c: j for j, c in enumerate(classes)}
+    members: dict[tuple[int, str], list[int]] = {}
+    for i, (label, group) in enumerate(zip(labels, groups, strict=True)):
+        key = (0, group) if group is not None else (1, str(i))  # ungrouped: one item each
+        members.setdefault(key, []).append(i)
+    names = sorted(members)
+    counts = np.zeros((len(names), len(classes)))  # (G, C)
+    for g, name in enumerate(names):
+        for i in members[name]:
+            counts[g, column[labels[i]]] += 1
+    target = counts.sum(axis=0) * val_fraction  # (C,)
+    order = np.random.default_rng(seed).permutation(len(names))
+    in_val = np.zeros(len(names), dtype=bool)
+    val_counts = np.zeros(len(classes))
+    for g in order:
+        if in_val.sum() + 1 >= len(names):
+            break  # train keeps a group
+        before = float(((val_counts - target) ** 2).sum())
+        after = float(((val_counts + counts[g] - target) ** 2).sum())
+        if after < before:
+            in_val[g] = True
+            val_counts += counts[g]
+    if not in_val.any() and len(names) > 1:
+        costs = ((counts - target) ** 2).sum(axis=1)  # (G,)
+        in_val[int(np.argmin(costs))] = True
+    val_idx = sorted(i for g, name in enumerate(names) if in_val[g] for i in members[name])
+    train_idx = sorted(i for g, name in enumerate(names) if not in_val[g] for i in members[name])
+    return train_idx, val_idx

@@ -118,6 +118,8 @@ class Item(Base):
     media: Mapped[dict[str, Any]] = mapped_column(default=dict)
     label: Mapped[str | None] = mapped_column(String(255))
     split: Mapped[str | None] = mapped_column(String(16))
+    # labels.csv's optional group (speaker, source, language...): splits keep groups apart.
+    group: Mapped[str | None] = mapped_column(String(255))
 
 
 class Feature(Base):

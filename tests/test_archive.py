@@ -55,7 +55,8 @@ def test_groups_files_into_items_by_key(tmp_path: Path, fmt: str, backend: str,
     ref = found.items["animals/cat_001"]["text"]
     assert ref["name"] == "animals/cat_001.txt"
     assert blobs.read(ref["blob"]) == b"a cat"  # stored once, content-addressed
-    assert found.labels == {"animals/cat_001": ("cat", "train"), "animals/dog_002": ("dog", "val")}
+    assert found.labels == {"animals/cat_001": ("cat", "train", None),
+                            "animals/dog_002": ("dog", "val", None)}
     report = found.report()
     assert report["skipped"] == [{"name": "notes/readme.md", "reason": "unsupported file type"}]
     assert report["labelled"] == 2
@@ -100,12 +101,27 @@ def test_not_an_archive_and_truncated_archive(tmp_path: Path) -> None:
 
 def test_labels_csv_parsing() -> None:
     assert parse_labels(b"\xef\xbb\xbfkey,label\na/b.jpg,cat\nc,dog\n\n") == {
-        "a/b": ("cat", None), "c": ("dog", None)}
-    assert parse_labels(b"a,x,validation\nb,y,TRAIN\n") == {"a": ("x", "val"), "b": ("y", "train")}
+        "a/b": ("cat", None, None), "c": ("dog", None, None)}
+    assert parse_labels(b"a,x,validation\nb,y,TRAIN\n") == {"a": ("x", "val", None),
+                                                           "b": ("y", "train", None)}
     with pytest.raises(ArchiveError, match="line 2"):
         parse_labels(b"key,label\nonly-a-key\n")
     with pytest.raises(ArchiveError, match="unknown split"):
         parse_labels(b"a,x,holdout\n")
+
+
+def test_labels_csv_group_column() -> None:
+    # Positional: key,label,split,group; an empty split leaves the split to the trainer.
+    assert parse_labels("a,x,,ქართული\nb,y,val,spk-2\nc,y\n".encode()) == {
+        "a": ("x", None, "ქართული"), "b": ("y", "val", "spk-2"), "c": ("y", None, None)}
+    # A header names the columns, in any order.
+    rows = parse_labels(b"key,group,label\na.jpg,s1,cat\nb,,dog\n")
+    assert rows == {"a": ("cat", None, "s1"), "b": ("dog", None, None)}
+    assert rows["a"].group == "s1" and rows["a"].label == "cat"
+    with pytest.raises(ArchiveError, match="group is at most 255"):
+        parse_labels(b"a,x,train," + b"g" * 256 + b"\n")
+    with pytest.raises(ArchiveError, match="line 2"):
+        parse_labels(b"key,group,label\na,s1,\n")
 
 
 @pytest.mark.parametrize("name,expected", [

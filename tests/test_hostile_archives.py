@@ -356,7 +356,7 @@ def test_duplicate_keys_and_names_keep_the_first(tmp_path: Path) -> None:
     found = walk(_tar(tmp_path / "a.tar", members), blobs.put_stream)
     assert blobs.read(found.items["d/a"]["image"]["blob"]) == b"first"
     assert blobs.read(found.items["d/a"]["text"]["blob"]) == b"one"
-    assert found.labels == {"d/a": ("cat", None)}
+    assert found.labels == {"d/a": ("cat", None, None)}
     assert [s["reason"] for s in found.skipped] == [
         "item d/a already has an image file (d/a.jpg)",
         "item d/a already has an image file (d/a.jpg)",

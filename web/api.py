@@ -446,6 +446,7 @@ def result_payload(item: Any, result: Any, with_embeddings: bool) -> dict[str, A
         "top_k": None,
         "given_label": item.label,
         "split": item.split,
+        "group": item.group,
         "error": None,
     }
     if result is not None:

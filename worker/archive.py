@@ -2,7 +2,8 @@
 
 ``animals/cat_001.jpg``, ``animals/cat_001.txt`` and ``animals/cat_001.wav`` are the item
 ``animals/cat_001``: the key is the member's path without its last extension, and the extension
-names the modality. An optional ``labels.csv`` at the root (``key,label[,split]``) labels items.
+names the modality. An optional ``labels.csv`` at the root (``key,label[,split[,group]]``, or any order under a
+header row that names the columns) labels items.
 Members that are not media (other extensions, directories, links, devices, hidden files, nested
 archives, empty files, members over a limit) are skipped and listed with the reason in the job's
 report; none of them stops the walk.
@@ -27,7 +28,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from store.blobs import sniff_archive as sniff
 from worker.media import modality_of
@@ -56,6 +57,14 @@ NESTED_ARCHIVE_EXTS = frozenset({
 _READ_CHUNK = 1 << 20
 
 
+class LabelRow(NamedTuple):
+    """One item's row of ``labels.csv``."""
+
+    label: str
+    split: str | None  # "train", "val" or None (the trainer splits)
+    group: str | None = None  # speaker, source, language...: a split keeps groups apart
+
+
 class ArchiveError(Exception):
     """The archive as a whole cannot be read; the job fails with this message."""
 
@@ -82,7 +91,7 @@ class Walk:
     """What an archive holds, grouped: item key → {modality: member name}."""
 
     items: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
-    labels: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    labels: dict[str, LabelRow] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     skipped_count: int = 0
     members: int = 0
@@ -513,35 +522,50 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
     result.items.setdefault(key, media)[modality] = {"blob": digest, "name": name}
 
 
-def parse_labels(data: bytes) -> dict[str, tuple[str, str | None]]:
-    """``key,label[,split]`` rows; a header row naming ``key`` is skipped."""
+def parse_labels(data: bytes) -> dict[str, LabelRow]:
+    """``key,label[,split[,group]]`` rows. A first row whose first cell is ``key`` is a header:
+    it is skipped, and where it names ``label``, ``split`` and ``group`` columns, those are read
+    from where it puts them."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ArchiveError(f"{LABELS_FILE} is not valid UTF-8: {exc}") from exc
     if "\x00" in text:  # PostgreSQL text cannot hold NUL
         raise ArchiveError(f"{LABELS_FILE} is not valid CSV: it contains a NUL byte")
-    labels: dict[str, tuple[str, str | None]] = {}
+    labels: dict[str, LabelRow] = {}
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:  # e.g. a NUL byte, or a field over the csv module's size limit
         raise ArchiveError(f"{LABELS_FILE} is not valid CSV: {exc}") from exc
+    columns = {"label": 1, "split": 2, "group": 3}
     for lineno, row in enumerate(rows, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
         if lineno == 1 and row[0].strip().lower() == "key":
+            named = {cell.strip().lower(): i for i, cell in enumerate(row)}
+            if "label" in named:
+                columns = {c: named.get(c, -1) for c in columns}
             continue
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise ArchiveError(f"{LABELS_FILE} line {lineno}: expected key,label[,split]")
-        if len(row[1].strip()) > 255:
+        label = _cell(row, columns["label"])
+        if not row[0].strip() or not label:
+            raise ArchiveError(f"{LABELS_FILE} line {lineno}: expected key,label[,split[,group]]")
+        if len(label) > 255:
             raise ArchiveError(f"{LABELS_FILE} line {lineno}: a label is at most 255 characters")
-        split = row[2].strip().lower() if len(row) > 2 and row[2].strip() else None
+        split = _cell(row, columns["split"]).lower() or None
         if split is not None and split not in VAL_SPLITS | TRAIN_SPLITS:
-            raise ArchiveError(f"{LABELS_FILE} line {lineno}: unknown split {row[2]!r} "
+            raise ArchiveError(f"{LABELS_FILE} line {lineno}: unknown split {_cell(row, columns['split'])!r} "
                                "(use train or val)")
+        group = _cell(row, columns["group"]) or None
+        if group is not None and len(group) > 255:
+            raise ArchiveError(f"{LABELS_FILE} line {lineno}: a group is at most 255 characters")
         key = posixpath.splitext(row[0].strip())[0] if modality_of(row[0].strip()) else row[0].strip()
-        labels[key.removeprefix("./")] = (row[1].strip(), _canonical_split(split))
+        labels[key.removeprefix("./")] = LabelRow(label, _canonical_split(split), group)
     return labels
+
+
+def _cell(row: list[str], index: int) -> str:
+    """The stripped cell at ``index``, or "" where the row is shorter (or the column absent)."""
+    return row[index].strip() if 0 <= index < len(row) else ""
 
 
 def _canonical_split(split: str | None) -> str | None:

@@ -7,7 +7,7 @@ from typing import IO
 
 from store import jobs
 from store.blobs import BlobNotFound
-from worker.archive import ArchiveError, Limits, walk
+from worker.archive import ArchiveError, LabelRow, Limits, walk
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
                           "(images: jpg png webp bmp gif; text: txt; audio: wav flac ogg mp3)")
         return []
     if kind == "train":
-        classes = {found.labels[k][0] for k in found.items if k in found.labels}
+        classes = {found.labels[k].label for k in found.items if k in found.labels}
         if not found.labels:
             _fail(rt, job_id, "a train job needs labels.csv (key,label[,split]) at the archive root")
             return []
@@ -56,10 +56,11 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
                               f"found {len(classes)}")
             return []
 
-    rows = ({"key": key, "media": media,
-             "label": found.labels.get(key, (None, None))[0],
-             "split": found.labels.get(key, (None, None))[1]}
-            for key, media in found.items.items())
+    unlabelled = LabelRow(None, None, None)  # type: ignore[arg-type]
+    rows = ({"key": key, "media": media, "label": row.label, "split": row.split,
+             "group": row.group}
+            for key, media in found.items.items()
+            for row in (found.labels.get(key, unlabelled),))
     with rt.db.session() as s:
         total = jobs.add_items(s, job_id, rows)
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,

@@ -29,7 +29,7 @@ def train_job(rt: Runtime, job_id: str) -> int | None:
         if job.state != "running" or job.stage != "training":
             return None
         rows = s.execute(
-            select(Item.key, Item.media, Item.label, Item.split)
+            select(Item.key, Item.media, Item.label, Item.split, Item.group)
             .join(Result, (Result.item_id == Item.id) & (Result.model_version_id == NO_MODEL))
             .where(Item.job_id == job_id, Result.status == "ok", Item.label.is_not(None))
             .order_by(Item.id)).all()
@@ -75,7 +75,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     from models.checkpoint import save_checkpoint
     from models.evaluation import confusion_png, evaluation_report
     from models.fusion import FusionConfig
-    from models.training import FeatureSet, TrainConfig, fit, stratified_split
+    from models.training import FeatureSet, TrainConfig, fit
 
     if not rows:
         raise TrainingError("no labelled item could be decoded; nothing to train on")
@@ -93,13 +93,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     index = {c: i for i, c in enumerate(classes)}
     labels = [r.label for r in rows]
 
-    if any(r.split for r in rows):
-        train_idx = [i for i, r in enumerate(rows) if r.split != "val"]
-        val_idx = [i for i, r in enumerate(rows) if r.split == "val"]
-        split_source = "labels.csv"
-    else:
-        train_idx, val_idx = stratified_split(labels, 0.2, seed)
-        split_source = f"stratified, seed {seed}"
+    train_idx, val_idx, split_source = choose_split(rows, labels, seed)
     if not train_idx:
         raise TrainingError("the train split is empty")
 
@@ -125,6 +119,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
     metrics: dict[str, Any] = dict(fit_metrics)
     metrics["split"] = split_source
+    metrics["groups"] = split_groups(rows, train_idx, val_idx)
     temperature = 1.0
     if val_set is not None:
         report = evaluation_report(model, val_set, classes)
@@ -154,6 +149,31 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     log.info("model_registered job=%s model=%s val_accuracy=%s", job_id, model_id,
              metrics.get("val_accuracy"))
     return model_id
+
+
+def choose_split(rows: list[Any], labels: list[str], seed: int
+                 ) -> tuple[list[int], list[int], str]:
+    """(train, val, how): labels.csv's split where it gives one; else, where items have a
+    group, a group-disjoint stratified split; else a stratified one. 20 % to validation."""
+    from models.training import group_split, stratified_split
+
+    if any(r.split for r in rows):
+        train_idx = [i for i, r in enumerate(rows) if r.split != "val"]
+        val_idx = [i for i, r in enumerate(rows) if r.split == "val"]
+        return train_idx, val_idx, "labels.csv"
+    if any(r.group for r in rows):
+        train_idx, val_idx = group_split(labels, [r.group for r in rows], 0.2, seed)
+        return train_idx, val_idx, f"group-disjoint stratified, seed {seed}"
+    train_idx, val_idx = stratified_split(labels, 0.2, seed)
+    return train_idx, val_idx, f"stratified, seed {seed}"
+
+
+def split_groups(rows: list[Any], train_idx: list[int], val_idx: list[int]) -> dict[str, Any]:
+    """How many groups each side has, and how many are on both (0 for a group-disjoint
+    split; labels.csv's own split may share some, which flatters validation)."""
+    train = {rows[i].group for i in train_idx if rows[i].group}
+    val = {rows[i].group for i in val_idx if rows[i].group}
+    return {"train": len(train), "val": len(val), "shared": len(train & val)}
 
 
 def _jsonable(value: Any) -> Any:
