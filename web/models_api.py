@@ -164,7 +164,9 @@ def job_evaluation(job_id: str):  # type: ignore[no-untyped-def]
             after = page[-1][0].id
         body = {"job": job.id, "state": job.state,
                 "model": {"id": model.id, "name": model.name, "version": model.version},
-                **score(pairs, classes)}
+                **score(pairs, classes),
+                # worker/shift.py: how far the job's features are from the training data
+                "shift": (job.report or {}).get("shift")}
     return jsonify(body)
 
 

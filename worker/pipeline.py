@@ -66,7 +66,20 @@ def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchRep
         report = _commit(s, job_id, batch.kind, model_version_id, outcomes)
     rt.metrics.items(batch.kind, report.new_done, report.new_failed)
     rt.metrics.batch(batch.kind, time.perf_counter() - started)
+    if report.completed and batch.model is not None:
+        _record_shift(rt, job_id, batch.model)
     return report
+
+
+def _record_shift(rt: Runtime, job_id: str, model: dict[str, Any]) -> None:
+    """The finished job's shift report (worker.shift); the job itself has succeeded already, so
+    a failure here is logged with its traceback, not raised into a redelivery."""
+    from worker.shift import record_job_shift
+
+    try:
+        record_job_shift(rt, job_id, model)
+    except Exception:
+        log.exception("shift_report_failed job=%s model=%s", job_id, model["id"])
 
 
 def _commit(s: Any, job_id: str, kind: str, model_version_id: int,

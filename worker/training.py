@@ -14,6 +14,7 @@ from store.registry import register_model
 from store.schema import NO_MODEL, Item, Result
 from worker.pipeline import MODALITIES, stack_features
 from worker.runtime import Runtime
+from worker.shift import store_training_summary
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,11 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
         png = confusion_png(report["confusion"], classes,
                             title=f"{name}: validation ({len(val_set)} items)")
         metrics["confusion_png"] = rt.blobs.put_bytes(png)
+    shift = store_training_summary(rt, _present(train_set), _present(val_set))
+    metrics["shift"] = shift
     data, config = save_checkpoint(model.cpu())
     config["temperature"] = temperature  # worker/pipeline.py classify applies it
+    config["shift"] = shift  # worker/shift.py compares classify jobs with it
     blob = rt.blobs.put_bytes(data)
     with rt.db.session() as s:
         mv = register_model(
@@ -149,6 +153,14 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     log.info("model_registered job=%s model=%s val_accuracy=%s", job_id, model_id,
              metrics.get("val_accuracy"))
     return model_id
+
+
+def _present(data: Any) -> dict[str, np.ndarray]:
+    """Each modality's features (N_m, D_m) over the items of ``data`` (a FeatureSet or None)
+    that have it."""
+    if data is None:
+        return {}
+    return {m: x[data.mask[:, i]].numpy() for i, (m, x) in enumerate(data.features.items())}
 
 
 def choose_split(rows: list[Any], labels: list[str], seed: int

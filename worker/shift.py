@@ -1,0 +1,90 @@
+"""Domain-shift warnings: the training split's feature statistics, stored with a model version,
+against the features of the items a job classifies with it (models.shift).
+
+A train job stores one safetensors blob of per-modality summaries and puts the validation
+split's own scores in the model's ``config["shift"]`` and ``metrics["shift"]``. When a job that
+ran a model finishes, the worker that finished it reads the job's features back from the
+feature cache (at most MAX_ITEMS items, evenly spread), compares, and writes ``report["shift"]``
+on the job: the scores per modality, the validation baseline, and ``warnings``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from store import features as feature_cache
+from store import jobs
+from store.schema import Item, JobMember
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS = 5000  # a sample is enough for means and spreads; bounds the work on huge jobs
+
+
+def store_training_summary(rt: Runtime, train: dict[str, np.ndarray],
+                           val: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Summarise each modality's training features (N_m, D_m), score the validation features
+    against them; the stored blob and the baseline scores, or None with no features at all."""
+    from safetensors.numpy import save
+
+    from models.shift import compare, summarize
+
+    summaries = {m: summarize(x) for m, x in train.items() if len(x)}
+    if not summaries:
+        return None
+    tensors: dict[str, np.ndarray] = {}
+    for m, summary in summaries.items():
+        tensors.update(summary.tensors(m))
+    blob = rt.blobs.put_bytes(save(tensors, metadata={"format": "mmbatch.shift"}))
+    baseline = {m: compare(summaries[m], val[m]) if m in val and len(val[m]) else None
+                for m in summaries}
+    return {"stats_blob": blob, "validation": baseline}
+
+
+def record_job_shift(rt: Runtime, job_id: str, model: dict[str, Any]) -> dict[str, Any] | None:
+    """Compare a finished job's features with its model's training summary; write and return
+    ``report["shift"]`` (None when the model has no summary: trained before they existed)."""
+    from safetensors.numpy import load
+
+    from models.shift import FeatureSummary, compare, warning
+
+    shift = (model.get("config") or {}).get("shift")
+    if not shift or not shift.get("stats_blob"):
+        return None
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        ids = (select(JobMember.item_id).where(JobMember.job_id == job_id)
+               if job.kind == "reprocess" else select(Item.id).where(Item.job_id == job_id))
+        media = [m for (m,) in s.execute(select(Item.media).where(Item.id.in_(ids))
+                                         .order_by(Item.id))]
+    if len(media) > MAX_ITEMS:
+        media = [media[i] for i in np.linspace(0, len(media) - 1, MAX_ITEMS).astype(int)]
+    tensors = load(rt.blobs.read(shift["stats_blob"]))
+    scores: dict[str, Any] = {}
+    warnings: list[str] = []
+    for modality, encoder in sorted(model["encoders"].items()):
+        if f"{modality}.mean" not in tensors:
+            continue
+        blobs = [m[modality]["blob"] for m in media if modality in m]
+        with rt.db.session() as s:
+            found = feature_cache.get_features(s, encoder["version"], blobs)
+        rows = [found[b] for b in blobs if b in found]
+        x = np.stack(rows) if rows else np.zeros((0, int(encoder["dim"])), dtype=np.float32)
+        scores[modality] = compare(FeatureSummary.from_tensors(tensors, modality), x)
+        note = warning(modality, scores[modality], (shift.get("validation") or {}).get(modality))
+        if note:
+            warnings.append(note)
+    result = {"modalities": scores, "validation": shift.get("validation") or {},
+              "warnings": warnings}
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        job.report = {**(job.report or {}), "shift": result}
+    if warnings:
+        log.warning("shift_warning job=%s model=%s modalities=%s", job_id, model["id"],
+                    ",".join(m for m in scores if any(w.startswith(m) for w in warnings)))
+    return result
