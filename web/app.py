@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> Flask
     from web.models_api import models_api
 
     app.register_blueprint(models_api)
+    from web.openapi import openapi
+
+    app.register_blueprint(openapi)  # /api/v1/openapi.json, no API key
     from web.dashboard import init_app as init_dashboard
 
     init_dashboard(app, settings)

@@ -1,0 +1,421 @@
+"""The OpenAPI 3.0 document of the HTTP API, built as data and served at /api/v1/openapi.json.
+
+The document describes what the views in ``web.api`` and ``web.models_api`` really do: every
+route, parameter, request body, status code and response shape, down to ``additionalProperties``
+and nullable fields, so that a response-schema conformance check (tests/test_openapi.py runs
+schemathesis against a live server) catches a payload that drifts. tests/test_openapi.py also
+checks that every /api rule of the Flask url_map is documented and nothing else is.
+
+The document needs no API key: it says how to present one (the ``bearer`` security scheme).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify
+
+from store.schema import JOB_KINDS, JOB_STATES
+from web.models_api import LOSSES, STRATEGIES
+
+OPENAPI_PATH = "/api/v1/openapi.json"
+VERSION = "1"
+
+openapi = Blueprint("openapi", __name__)
+
+Schema = dict[str, Any]
+
+# Error codes each status can carry (web.errors renders all of them in one shape).
+ERROR_CODES = {
+    400: "bad input; `error.code` names the field (`invalid_<field>`, `missing_archive`, …)",
+    401: "no API key, or an unknown or revoked one (`unauthorized`)",
+    404: "no such resource for this tenant (`not_found`)",
+    409: "the resource is not in a state that allows this",
+    413: "the request body exceeds MMBATCH_MAX_UPLOAD_BYTES (`request_entity_too_large`)",
+    415: "the upload is not a zip, tar or tar.gz archive (`invalid_archive`)",
+    429: "more requests a minute than this key may make (`rate_limited`); see Retry-After",
+    503: "the database, blob storage or the job queue is unavailable "
+         "(`database_unavailable`, `storage_unavailable`, `broker_unavailable`)",
+}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {**schema, "nullable": True}
+
+
+def _obj(properties: dict[str, Schema], required: list[str] | None = None,
+         additional: bool | Schema = False) -> Schema:
+    """An object schema; every property is required unless ``required`` says otherwise."""
+    names = list(properties) if required is None else required
+    out: Schema = {"type": "object", "properties": properties, "additionalProperties": additional}
+    if names:  # OpenAPI 3.0 wants a non-empty list or none
+        out["required"] = names
+    return out
+
+
+def _json(schema: Schema, description: str, headers: dict[str, Any] | None = None) -> Schema:
+    out: Schema = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _error(status: int) -> Schema:
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string"},
+                                       "description": "`Bearer realm=\"mmbatch\"`"}
+    if status == 429:
+        headers["Retry-After"] = {"required": True,
+                                  "schema": {"type": "integer", "minimum": 1},
+                                  "description": "seconds until the next window"}
+    return _json(_ref("Error"), ERROR_CODES[status], headers)
+
+
+def _errors(*statuses: int, auth: bool = True) -> dict[str, Schema]:
+    """Error responses: those named, plus 401/429 for authenticated routes and 503 always."""
+    codes = set(statuses) | {503} | ({401, 429} if auth else set())
+    return {str(code): {"$ref": f"#/components/responses/Error{code}"} for code in sorted(codes)}
+
+
+def _schemas(settings: Any) -> dict[str, Schema]:
+    date_time = {"type": "string", "format": "date-time"}
+    model_ref = _obj({"id": {"type": "integer"}, "name": {"type": "string"},
+                      "version": {"type": "integer", "minimum": 1}})
+    links = {name: {"type": "string"} for name in ("self", "results", "errors", "report",
+                                                    "cancel")}
+    job = _obj({
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "kind": {"type": "string", "enum": [*JOB_KINDS, "reprocess"]},
+        "state": {"type": "string", "enum": list(JOB_STATES)},
+        "stage": _nullable({"type": "string", "enum": ["extracting", "training"]}),
+        "total": {"type": "integer", "minimum": 0},
+        "done": {"type": "integer", "minimum": 0},
+        "failed": {"type": "integer", "minimum": 0},
+        "progress": {"type": "number", "minimum": 0, "maximum": 1},
+        "model": _nullable(model_ref),
+        "throughput": _nullable({"type": "number", "minimum": 0,
+                                 "description": "items per second since the job started"}),
+        "eta_seconds": _nullable({"type": "number", "minimum": 0}),
+        "error": _nullable({"type": "string"}),
+        "idempotency_key": _nullable({"type": "string", "maxLength": 255}),
+        "callback_url": _nullable({"type": "string", "maxLength": 2048}),
+        "archive": _obj({"name": {"type": "string"}, "bytes": {"type": "integer",
+                                                               "minimum": 0}}),
+        "skipped_files": {"type": "integer", "minimum": 0},
+        "created_at": date_time,
+        "started_at": _nullable(date_time),
+        "finished_at": _nullable(date_time),
+        "updated_at": date_time,
+        "links": _obj({**links, "evaluation": {"type": "string"}}, required=list(links)),
+    })
+    top_k = _obj({"label": {"type": "string"},
+                  "probability": {"type": "number", "minimum": 0, "maximum": 1}})
+    explanation = _obj({
+        "strategy": {"type": "string"},
+        "weights": _nullable({"type": "object", "additionalProperties": {"type": "number"}}),
+        "weights_kind": _nullable({"type": "string"}),
+        "leave_one_out": {"type": "object", "additionalProperties": {"type": "number"}},
+    })
+    item = _obj({
+        "item_id": {"type": "integer"},
+        "key": {"type": "string"},
+        "modalities": {"type": "array", "uniqueItems": True,
+                       "items": {"type": "string", "enum": ["image", "text", "audio"]}},
+        "status": {"type": "string", "enum": ["pending", "ok", "failed"]},
+        "label": _nullable({"type": "string"}),
+        "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "top_k": _nullable({"type": "array", "items": top_k}),
+        "given_label": _nullable({"type": "string"}),
+        "split": _nullable({"type": "string"}),
+        "group": _nullable({"type": "string"}),
+        "error": _nullable({"type": "string"}),
+        "explanation": _nullable(explanation),
+        "embedding": _nullable({"type": "array", "items": {"type": "number"}}),
+    }, required=["item_id", "key", "modalities", "status", "label", "confidence", "top_k",
+                 "given_label", "split", "error"])
+    item["description"] = ("`explanation` appears once the item has a result; `embedding` only "
+                           "with `embeddings=1`.")
+    model = _obj({
+        "id": {"type": "integer"},
+        "name": {"type": "string"},
+        "version": {"type": "integer", "minimum": 1},
+        "fusion": {"type": "string"},
+        "classes": {"type": "array", "items": {"type": "string"}},
+        "encoders": {"type": "object"},
+        "metrics": {"type": "object",
+                    "description": "the list shows scalar metrics only; one model all of them"},
+        "is_default": {"type": "boolean"},
+        "job_id": _nullable({"type": "string"}),
+        "created_at": date_time,
+    })
+    per_class = _obj({"precision": {"type": "number"}, "recall": {"type": "number"},
+                      "f1": {"type": "number"}, "support": {"type": "integer", "minimum": 0}})
+    score = _nullable({"type": "number", "minimum": 0, "maximum": 1})
+    return {
+        "Error": _obj({"error": _obj({"code": {"type": "string", "pattern": "^[a-z0-9_]+$"},
+                                      "message": {"type": "string"}})}),
+        "Job": job,
+        "JobList": _obj({"jobs": {"type": "array", "items": _ref("Job"),
+                                  "maxItems": settings.max_page_size},
+                         "next_cursor": _nullable({"type": "string"})}),
+        "ResultItem": item,
+        "ResultPage": _obj({"job": {"type": "string"},
+                            "state": {"type": "string", "enum": list(JOB_STATES)},
+                            "items": {"type": "array", "items": _ref("ResultItem"),
+                                      "maxItems": settings.max_page_size},
+                            "next_cursor": _nullable({"type": "string"})}),
+        "Report": _obj({
+            "id": {"type": "string"},
+            "report": _obj({
+                "members": {"type": "integer", "minimum": 0},
+                "items": {"type": "integer", "minimum": 0},
+                "labelled": {"type": "integer", "minimum": 0},
+                "skipped": {"type": "array", "items": _obj({"name": {"type": "string"},
+                                                            "reason": {"type": "string"}})},
+                "skipped_count": {"type": "integer", "minimum": 0},
+                "labels_without_item": {"type": "array", "items": {"type": "string"}},
+            }, required=[], additional=True),
+        }),
+        "Model": model,
+        "ModelList": _obj({"models": {"type": "array", "items": _ref("Model")}}),
+        "Evaluation": _obj({
+            "job": {"type": "string"},
+            "state": {"type": "string", "enum": list(JOB_STATES)},
+            "model": model_ref,
+            "items": {"type": "integer", "minimum": 0},
+            "classified": {"type": "integer", "minimum": 0},
+            "not_classified": {"type": "integer", "minimum": 0},
+            "accuracy": score,
+            "macro_f1": score,
+            "ece": score,
+            "per_class": {"type": "object", "additionalProperties": per_class},
+            "confusion": {"type": "array", "items": {"type": "array",
+                                                     "items": {"type": "integer",
+                                                               "minimum": 0}}},
+            "unknown_labels": {"type": "array", "items": {"type": "string"}},
+        }),
+        "ReprocessAccepted": _obj({"status": {"type": "string", "enum": ["accepted"]},
+                                   "links": _obj({"jobs": {"type": "string"}})}),
+        "Health": _obj({"status": {"type": "string", "enum": ["ok"]},
+                        "database": {"type": "string", "enum": ["ok"]}}),
+    }
+
+
+def _params(settings: Any) -> dict[str, Schema]:
+    return {
+        "JobId": {"name": "job_id", "in": "path", "required": True,
+                  "description": "a job id (32 hex digits); another tenant's answers 404",
+                  "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
+        "ModelId": {"name": "model_id", "in": "path", "required": True,
+                    "schema": {"type": "integer", "minimum": 0}},
+        "Limit": {"name": "limit", "in": "query", "required": False,
+                  "description": f"page size (default {settings.default_page_size})",
+                  "schema": {"type": "integer", "minimum": 1,
+                             "maximum": settings.max_page_size}},
+        "Cursor": {"name": "cursor", "in": "query", "required": False,
+                   "description": "the previous page's `next_cursor`",
+                   "schema": {"type": "string"}},
+        "Embeddings": {"name": "embeddings", "in": "query", "required": False,
+                       "description": "`1`, `true`, `yes` or `on` to include each item's "
+                                      "fused embedding",
+                       "schema": {"type": "string"}},
+    }
+
+
+def _responses() -> dict[str, Schema]:
+    return {f"Error{code}": _error(code) for code in ERROR_CODES}
+
+
+def _p(name: str) -> Schema:
+    return {"$ref": f"#/components/parameters/{name}"}
+
+
+def _multipart(schema: Schema) -> Schema:
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": schema, "encoding": {"archive": {"contentType": "application/octet-stream"}}}}}
+
+
+def _paths(settings: Any) -> dict[str, Any]:
+    location = {"Location": {"required": True, "schema": {"type": "string"},
+                             "description": "the job's URL"}}
+    job_ok = _json(_ref("Job"), "the job")
+    archive = {"type": "string", "format": "binary",
+               "description": "a .zip, .tar or .tar.gz archive (recognised by its bytes)"}
+    new_job = {
+        "type": "object",
+        "required": ["kind", "archive"],
+        "properties": {
+            "kind": {"type": "string", "enum": list(JOB_KINDS)},
+            "archive": archive,
+            "model": {"type": "integer", "minimum": 1,
+                      "description": "embed/classify: a model version id (default: the "
+                                     "default model); train: not allowed"},
+            "callback_url": {"type": "string", "maxLength": 2048,
+                             "description": "webhook called when the job finishes"},
+            "name": {"type": "string", "maxLength": 128, "description": "train only"},
+            "epochs": {"type": "integer", "minimum": 1, "maximum": 10_000},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+            "strategy": {"type": "string", "enum": list(STRATEGIES)},
+            "loss": {"type": "string", "enum": list(LOSSES)},
+            "gamma": {"type": "number", "minimum": 0, "maximum": 10,
+                      "description": "loss=focal only"},
+            "balanced": {"type": "boolean"},
+            "modality_dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
+            "patience": {"type": "integer", "minimum": 1, "maximum": 10_000},
+        },
+    }
+    jobs_list_params = [
+        _p("Limit"), _p("Cursor"),
+        {"name": "state", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": list(JOB_STATES)}},
+        {"name": "kind", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": [*JOB_KINDS, "reprocess"]}},
+        {"name": "created_after", "in": "query", "required": False,
+         "schema": {"type": "string", "format": "date-time"}},
+        {"name": "created_before", "in": "query", "required": False,
+         "schema": {"type": "string", "format": "date-time"}},
+    ]
+    exports = {"application/x-ndjson": {"schema": {"type": "string"}},
+               "text/csv": {"schema": {"type": "string"}},
+               "application/vnd.apache.parquet": {"schema": {"type": "string",
+                                                             "format": "binary"}}}
+    results = _json(_ref("ResultPage"), "a page of item results (format=json), or the whole "
+                                        "export as a download (jsonl, csv, parquet)")
+    results["content"].update(exports)
+    return {
+        "/healthz": {"get": {
+            "operationId": "healthz", "tags": ["health"], "security": [],
+            "summary": "Liveness with a database round trip",
+            "responses": {"200": _json(_ref("Health"), "the web process and its database "
+                                                       "answer"), **_errors(auth=False)}}},
+        OPENAPI_PATH: {"get": {
+            "operationId": "openapi", "tags": ["meta"], "security": [],
+            "summary": "This document",
+            "responses": {"200": _json({"type": "object", "required": ["openapi", "paths"]},
+                                       "the OpenAPI document")}}},
+        "/api/v1/jobs": {
+            "post": {
+                "operationId": "createJob", "tags": ["jobs"],
+                "summary": "Upload an archive and start a job",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "description": "a retry with the same key answers the job "
+                                               "the first request made (200)",
+                                "schema": {"type": "string", "maxLength": 255}}],
+                "requestBody": _multipart(new_job),
+                "responses": {
+                    "200": _json(_ref("Job"), "the job an earlier request with this "
+                                              "Idempotency-Key made", location),
+                    "202": _json(_ref("Job"), "the job, queued", location),
+                    **_errors(400, 409, 413, 415)}},
+            "get": {
+                "operationId": "listJobs", "tags": ["jobs"],
+                "summary": "This tenant's jobs, newest first",
+                "parameters": jobs_list_params,
+                "responses": {"200": _json(_ref("JobList"), "a page of jobs"),
+                              **_errors(400)}}},
+        "/api/v1/jobs/{job_id}": {"get": {
+            "operationId": "getJob", "tags": ["jobs"], "parameters": [_p("JobId")],
+            "responses": {"200": job_ok, **_errors(404)}}},
+        "/api/v1/jobs/{job_id}/cancel": {"post": {
+            "operationId": "cancelJob", "tags": ["jobs"], "parameters": [_p("JobId")],
+            "summary": "Stop a job; results already written stay",
+            "responses": {"200": _json(_ref("Job"), "the cancelled job"),
+                          **_errors(404, 409)}}},
+        "/api/v1/jobs/{job_id}/report": {"get": {
+            "operationId": "getReport", "tags": ["jobs"], "parameters": [_p("JobId")],
+            "summary": "What ingest found: members, items, skipped files and why",
+            "responses": {"200": _json(_ref("Report"), "the ingest report ({} before "
+                                                       "ingest)"), **_errors(404)}}},
+        "/api/v1/jobs/{job_id}/errors": {"get": {
+            "operationId": "getErrors", "tags": ["jobs"],
+            "summary": "The job's failed items",
+            "parameters": [_p("JobId"), _p("Limit"), _p("Cursor"), _p("Embeddings")],
+            "responses": {"200": _json(_ref("ResultPage"), "a page of failed items"),
+                          **_errors(400, 404)}}},
+        "/api/v1/jobs/{job_id}/results": {"get": {
+            "operationId": "getResults", "tags": ["jobs"],
+            "summary": "The job's item results, in archive order",
+            "parameters": [_p("JobId"), _p("Limit"), _p("Cursor"), _p("Embeddings"),
+                           {"name": "format", "in": "query", "required": False,
+                            "schema": {"type": "string",
+                                       "enum": ["json", "jsonl", "csv", "parquet"]}}],
+            "responses": {"200": results, **_errors(400, 404)}}},
+        "/api/v1/jobs/{job_id}/evaluation": {"get": {
+            "operationId": "getEvaluation", "tags": ["models"], "parameters": [_p("JobId")],
+            "summary": "Scores of a classify job against its archive's labels",
+            "responses": {"200": _json(_ref("Evaluation"), "the scores"),
+                          **_errors(404, 409)}}},
+        "/api/v1/reprocess": {"post": {
+            "operationId": "reprocess", "tags": ["jobs"],
+            "summary": "Reprocess this tenant's stale or failed items now",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"model": {"type": "integer", "minimum": 1},
+                               "limit": {"type": "integer", "minimum": 1,
+                                         "maximum": 10_000_000}}}}}},
+            "responses": {"202": _json(_ref("ReprocessAccepted"), "the reprocess job(s) will "
+                                                                  "appear in the job list"),
+                          **_errors(400, 413)}}},
+        "/api/v1/models": {"get": {
+            "operationId": "listModels", "tags": ["models"],
+            "responses": {"200": _json(_ref("ModelList"), "this tenant's model versions"),
+                          **_errors()}}},
+        "/api/v1/models/{model_id}": {"get": {
+            "operationId": "getModel", "tags": ["models"], "parameters": [_p("ModelId")],
+            "responses": {"200": _json(_ref("Model"), "the model version with all its "
+                                                      "metrics"), **_errors(404)}}},
+        "/api/v1/models/{model_id}/promote": {"post": {
+            "operationId": "promoteModel", "tags": ["models"], "parameters": [_p("ModelId")],
+            "summary": "Make this version the tenant's default model",
+            "responses": {"200": _json(_ref("Model"), "the promoted model"),
+                          **_errors(404)}}},
+        "/api/v1/models/{model_id}/confusion.png": {"get": {
+            "operationId": "getConfusionMatrix", "tags": ["models"],
+            "parameters": [_p("ModelId")],
+            "responses": {"200": {"description": "the validation confusion matrix",
+                                  "content": {"image/png": {"schema": {
+                                      "type": "string", "format": "binary"}}}},
+                          **_errors(404)}}},
+        "/api/v1/models/{model_id}/evaluate": {"post": {
+            "operationId": "evaluateModel", "tags": ["models"], "parameters": [_p("ModelId")],
+            "summary": "Classify a labelled archive with this model (a classify job)",
+            "requestBody": _multipart({"type": "object", "required": ["archive"],
+                                       "properties": {"archive": archive}}),
+            "responses": {"202": _json(_ref("Job"), "the classify job; `links.evaluation` "
+                                                    "scores it", location),
+                          **_errors(400, 404, 413, 415)}}},
+    }
+
+
+def document(settings: Any) -> dict[str, Any]:
+    """The OpenAPI document for an app built with ``settings`` (page sizes come from them)."""
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "mmbatch", "version": VERSION,
+                 "description": "Batch processing for multimodal machine learning: upload "
+                                "media archives, get per-item features, fused embeddings and "
+                                "labels. Every error is `{\"error\": {\"code\", \"message\"}}`"
+                                " with a 4xx status (503 while a dependency is down)."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "tags": [{"name": "jobs"}, {"name": "models"}, {"name": "health"}, {"name": "meta"}],
+        "paths": _paths(settings),
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "an API key: `mmbatch keys create --name NAME`"}},
+            "schemas": _schemas(settings),
+            "parameters": _params(settings),
+            "responses": _responses(),
+        },
+    }
+
+
+@openapi.get(OPENAPI_PATH)
+def openapi_json():  # type: ignore[no-untyped-def]
+    return jsonify(document(current_app.extensions["mmbatch"].settings))
