@@ -1,0 +1,290 @@
+"""Training with scratch encoders (models.scratch) end to end with the fusion, and ``auto``:
+per modality, frozen features or a scratch encoder, whichever validates better within a time
+budget.
+
+Modalities in ``frozen`` mode feed cached features, as in models.training; those in
+``scratch`` mode feed raw inputs (pixels, byte tokens, log-mels) through their encoder, trained
+with the fusion from random weights. After training, the scratch encoders turn every item into
+features, so evaluation, calibration and explanations run on a plain FeatureSet and the fusion
+checkpoint is the usual one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.fusion import FusionClassifier, FusionConfig
+from models.losses import ClassificationLoss, balanced_order
+from models.scratch import ScratchConfig, build_scratch
+from models.training import (
+    FeatureSet,
+    TrainConfig,
+    _fit_standardization,
+    _scores,
+    drop_modalities,
+    fit,
+)
+
+MODES = ("frozen", "scratch", "auto")
+AUTO_MARGIN = 0.01  # auto keeps frozen unless scratch validates better by more than this
+
+
+@dataclass
+class InputSet:
+    """N items: per modality either cached features (N, D) or raw encoder inputs (N, ...);
+    ``mask`` columns follow the fusion config's modality order."""
+
+    inputs: dict[str, torch.Tensor]
+    mask: torch.Tensor  # (N, M) bool
+    labels: torch.Tensor  # (N,) int64
+
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0]
+        if self.mask.ndim != 2 or self.mask.dtype != torch.bool or self.mask.shape[0] != n:
+            raise ValueError(f"mask must be ({n}, M) bool, got {tuple(self.mask.shape)}")
+        for m, x in self.inputs.items():
+            if x.shape[0] != n:
+                raise ValueError(f"inputs[{m!r}] has {x.shape[0]} rows, labels {n}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> InputSet:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return InputSet({m: x[idx] for m, x in self.inputs.items()}, self.mask[idx],
+                        self.labels[idx])
+
+
+class AdaptedClassifier(nn.Module):
+    """Scratch encoders for some modalities, then the fusion classifier over all of them."""
+
+    def __init__(self, fusion: FusionClassifier, encoders: dict[str, nn.Module]) -> None:
+        super().__init__()
+        unknown = set(encoders) - set(fusion.modalities)
+        if unknown:
+            raise ValueError(f"encoders for modalities the fusion does not take: {unknown}")
+        self.fusion = fusion
+        self.encoders = nn.ModuleDict(encoders)
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """inputs[m]: raw (B, ...) for scratch modalities, (B, D_m) for the others."""
+        return {m: self.encoders[m](x) if m in self.encoders else x for m, x in inputs.items()}
+
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fusion(self.features(inputs), mask)  # (B, C), (B, F)
+
+
+def encode_all(model: AdaptedClassifier, data: InputSet, batch_size: int = 256) -> FeatureSet:
+    """Every item's features (scratch encoders in eval mode): a FeatureSet for evaluation."""
+    model.eval()
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for m, x in data.inputs.items():
+            if m in model.encoders:
+                parts = [model.encoders[m](x[i : i + batch_size]) for i in
+                         range(0, len(data), batch_size)]
+                out[m] = torch.cat(parts) if parts else torch.zeros(0, model.fusion.cfg.input_dims[m])
+            else:
+                out[m] = x.float()
+    return FeatureSet(out, data.mask, data.labels)
+
+
+def _shift_images(x: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pixels`` (zero fill): (B, C, H, W) -> (B, C, H, W)."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pixels, pixels, pixels, pixels))
+    dy = torch.randint(0, 2 * pixels + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pixels + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None])  # (B, W)
+    batch = torch.arange(b)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _macro_f1(model: AdaptedClassifier, data: InputSet) -> tuple[float, float]:
+    """(macro F1, loss) with every modality, eval mode."""
+    feats = encode_all(model, data)
+    model.fusion.eval()
+    with torch.no_grad():
+        logits, _ = model.fusion(feats.features, feats.mask)
+        loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
+    _, _, f1 = _scores(data.labels.numpy(), logits.argmax(dim=1).numpy(),
+                       model.fusion.cfg.num_classes)
+    return f1, loss
+
+
+def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: TrainConfig,
+                scratch: dict[str, ScratchConfig], *, budget_seconds: float = 600.0,
+                init: dict[str, nn.Module] | None = None, encoder_lr: float | None = None
+                ) -> tuple[AdaptedClassifier, dict[str, Any]]:
+    """Train the scratch encoders of ``scratch`` (modality -> config) with the fusion, Adam,
+    the loss and modality dropout of ``tcfg``; early stopping on the validation macro F1 with
+    every modality (ties: lower loss), and at ``budget_seconds`` whatever the epoch count.
+
+    ``init`` gives encoders to start from (a trial's, in ``auto``). Seeded like
+    models.training.fit. Returns the model in eval mode and metrics with ``seconds_per_epoch``
+    and ``stopped`` ("patience", "epochs" or "budget").
+    """
+    started = time.perf_counter()
+    if not scratch:
+        raise ValueError("no scratch modality: use models.training.fit")
+    for m, scfg in scratch.items():
+        if scfg.dim != cfg.input_dims.get(m):
+            raise ValueError(f"the fusion takes {cfg.input_dims.get(m)} {m} features, "
+                             f"the scratch encoder gives {scfg.dim}")
+    if len(train) == 0:
+        raise ValueError("no training items")
+    if val is not None and len(val) == 0:
+        val = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tcfg.seed)
+        generator = torch.Generator().manual_seed(tcfg.seed)
+        encoders = {m: copy.deepcopy(init[m]) if init and m in init else build_scratch(s)
+                    for m, s in scratch.items()}
+        fusion = FusionClassifier(cfg)
+        frozen = [m for m in cfg.input_dims if m not in scratch]
+        if frozen:
+            _fit_standardization(fusion, FeatureSet(
+                {m: train.inputs[m].float() if m in frozen else
+                 torch.zeros(len(train), cfg.input_dims[m]) for m in cfg.input_dims},
+                train.mask, train.labels))
+        model = AdaptedClassifier(fusion, encoders)
+        groups: list[dict[str, Any]] = [{"params": list(fusion.parameters())},
+                                        {"params": [p for e in encoders.values()
+                                                    for p in e.parameters()],
+                                         "lr": encoder_lr or tcfg.lr}]
+        optimizer = torch.optim.Adam(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        criterion = ClassificationLoss(tcfg.loss, train.labels, cfg.num_classes, tcfg.gamma)
+        best_state = copy.deepcopy(model.state_dict())
+        best_f1, best_loss, best_epoch, stale, epoch = -1.0, float("inf"), 0, 0, 0
+        stopped = "epochs"
+        for epoch in range(1, tcfg.epochs + 1):
+            model.train()
+            order = (balanced_order(train.labels, generator) if tcfg.balanced
+                     else torch.randperm(len(train), generator=generator))
+            for start in range(0, len(train), tcfg.batch_size):
+                idx = order[start : start + tcfg.batch_size]
+                if len(idx) < 2 and any(isinstance(mod, nn.BatchNorm2d) for mod in model.modules()):
+                    continue  # BatchNorm cannot train on one item
+                inputs = {m: x[idx] for m, x in train.inputs.items()}
+                if "image" in scratch:
+                    inputs["image"] = _shift_images(inputs["image"], generator)
+                mask = drop_modalities(train.mask[idx], tcfg.modality_dropout, generator)
+                logits, _ = model(inputs, mask)
+                loss = criterion(logits, train.labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if val is not None:
+                f1, val_loss = _macro_f1(model, val)
+                if f1 > best_f1 or (f1 == best_f1 and val_loss < best_loss - 1e-4):
+                    best_f1, best_loss, best_epoch, stale = f1, val_loss, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                    if stale >= tcfg.patience:
+                        stopped = "patience"
+                        break
+            else:
+                best_epoch = epoch
+            if time.perf_counter() - started >= budget_seconds:
+                stopped = "budget"
+                break
+        if val is not None:
+            model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {
+        "val_macro_f1": best_f1 if val is not None else None,
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(epoch, 1),
+        "stopped": stopped,
+    }
+    return model, metrics
+
+
+def _only(data: InputSet, column: int, modality: str) -> InputSet:
+    """The items that have ``modality``, with that modality alone."""
+    idx = torch.nonzero(data.mask[:, column]).flatten()
+    return InputSet({modality: data.inputs[modality][idx]}, torch.ones(len(idx), 1,
+                    dtype=torch.bool), data.labels[idx])
+
+
+def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
+                 scratch: dict[str, ScratchConfig], num_classes: int, tcfg: TrainConfig,
+                 budget_seconds: float, frozen_train: FeatureSet, frozen_val: FeatureSet,
+                 ) -> tuple[dict[str, str], dict[str, Any], dict[str, nn.Module]]:
+    """``auto``: for each modality of ``scratch``, a single-modality model on frozen features
+    and one with the scratch encoder; keep scratch where it validates better by AUTO_MARGIN.
+
+    ``train``/``val`` carry raw inputs for the scratch candidates, ``frozen_train``/``frozen_val``
+    the cached features of every modality (``features``: modality -> dim, mask column order).
+    Each scratch trial gets an equal share of ``budget_seconds``. Returns the chosen modes,
+    a report per modality (scores, seconds per epoch, the reason) and the trained scratch
+    encoders (to start the final model from).
+    """
+    modes = {m: "frozen" for m in features}
+    report: dict[str, Any] = {}
+    trained: dict[str, nn.Module] = {}
+    share = budget_seconds / max(len(scratch), 1)
+    columns = {m: i for i, m in enumerate(features)}
+    for m, scfg in scratch.items():
+        col = columns[m]
+        ftrain = FeatureSet({m: frozen_train.features[m][frozen_train.mask[:, col]]},
+                            torch.ones(int(frozen_train.mask[:, col].sum()), 1, dtype=torch.bool),
+                            frozen_train.labels[frozen_train.mask[:, col]])
+        fval = FeatureSet({m: frozen_val.features[m][frozen_val.mask[:, col]]},
+                          torch.ones(int(frozen_val.mask[:, col].sum()), 1, dtype=torch.bool),
+                          frozen_val.labels[frozen_val.mask[:, col]])
+        if len(ftrain) == 0 or len(fval) == 0:
+            report[m] = {"mode": "frozen", "why": "no validation items with this modality"}
+            continue
+        single = TrainConfig(**{**_fields(tcfg), "modality_dropout": 0.0, "select": "full"})
+        _, frozen_metrics = fit(ftrain, fval, FusionConfig({m: features[m]}, num_classes), single)
+        strain, sval = _only(train, col, m), _only(val, col, m)
+        encoder_model, scratch_metrics = fit_adapted(
+            strain, sval, FusionConfig({m: scfg.dim}, num_classes), single, {m: scfg},
+            budget_seconds=share)
+        trained[m] = encoder_model.encoders[m]
+        f_frozen = float(frozen_metrics["val_macro_f1"])
+        f_scratch = float(scratch_metrics["val_macro_f1"])
+        if f_scratch > f_frozen + AUTO_MARGIN:
+            modes[m] = "scratch"
+            why = (f"scratch validated better alone: macro F1 {f_scratch:.3f} against "
+                   f"{f_frozen:.3f} frozen")
+        else:
+            why = (f"frozen validated as well alone (macro F1 {f_frozen:.3f} against "
+                   f"{f_scratch:.3f} scratch) and costs less")
+        report[m] = {
+            "mode": modes[m], "why": why,
+            "frozen": {"val_macro_f1": f_frozen, "epochs": frozen_metrics["epochs"],
+                       "seconds_per_epoch": frozen_metrics["seconds_per_epoch"]},
+            "scratch": {"val_macro_f1": f_scratch, "epochs": scratch_metrics["epochs"],
+                        "seconds_per_epoch": scratch_metrics["seconds_per_epoch"],
+                        "stopped": scratch_metrics["stopped"]},
+        }
+    return modes, report, trained
+
+
+def _fields(tcfg: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(tcfg)
+
+
+def scratch_features(model: AdaptedClassifier, data: InputSet) -> dict[str, np.ndarray]:
+    """Each scratch modality's features (N_m, D) over the items that have it."""
+    feats = encode_all(model, data)
+    columns = {m: i for i, m in enumerate(model.fusion.modalities)}
+    return {m: feats.features[m][data.mask[:, columns[m]]].numpy() for m in model.encoders}
