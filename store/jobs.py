@@ -15,8 +15,8 @@ from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from store import joblog
-from store.schema import (ACTIVE_STATES, NO_MODEL, TERMINAL_STATES, Item, Job, JobMember, Result,
-                          WebhookDelivery, utcnow)
+from store.schema import (ACTIVE_STATES, JOB_ID_LENGTH, NO_MODEL, TERMINAL_STATES, Item, Job,
+                          JobMember, Result, WebhookDelivery, utcnow)
 from store.upsert import insert_new
 
 INSERT_CHUNK = 500
@@ -30,6 +30,10 @@ ANY_TENANT = -1  # worker code acts on the ids it was given
 
 
 def get_job(session: Session, job_id: str, tenant_id: int | None = ANY_TENANT) -> Job:
+    # No job has an id longer than the column or with a NUL in it (PostgreSQL refuses to
+    # compare with one): such an id is not found, like any other id that names no job.
+    if len(job_id) > JOB_ID_LENGTH or "\x00" in job_id:
+        raise JobNotFound(job_id)
     job = session.get(Job, job_id)
     if job is None or (tenant_id != ANY_TENANT and job.tenant_id != tenant_id):
         raise JobNotFound(job_id)

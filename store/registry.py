@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from store.schema import ModelVersion
+from store.schema import MAX_ID, ModelVersion
 
 
 class ModelNotFound(LookupError):
@@ -26,7 +26,7 @@ def _owned(tenant_id: int | None):  # type: ignore[no-untyped-def]
 
 def get_model(session: Session, model_id: int, tenant_id: int | None = ANY_TENANT
               ) -> ModelVersion:
-    model = session.get(ModelVersion, model_id)
+    model = session.get(ModelVersion, model_id) if 0 < model_id <= MAX_ID else None
     if model is None or (tenant_id != ANY_TENANT and model.tenant_id != tenant_id):
         raise ModelNotFound(model_id)
     return model

@@ -29,6 +29,10 @@ TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "ingesting", "running")
 # Results of jobs that run no classifier (embed with no model) use this model_version_id.
 NO_MODEL = 0
+# The largest value of an INTEGER id column: a larger id names no row (and PostgreSQL refuses
+# to compare an INTEGER column with it).
+MAX_ID = 2**31 - 1
+JOB_ID_LENGTH = 32
 
 
 def utcnow() -> dt.datetime:
@@ -75,7 +79,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), primary_key=True, default=new_job_id)
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))

@@ -17,10 +17,10 @@ from mmbatch.netpolicy import DestinationRefused, check_url
 from store import jobs
 from store.blobs import sniff_archive
 from store.registry import ModelNotFound, default_model, get_model, list_models
-from store.schema import JOB_KINDS, JOB_STATES, Job, ModelVersion
+from store.schema import JOB_ID_LENGTH, JOB_KINDS, JOB_STATES, MAX_ID, Job, ModelVersion
 from web import auth
 from web.errors import ApiError
-from web.uploads import writer_of
+from web.uploads import archive_name, writer_of
 from worker.app import TASK_INGEST, TASK_REPROCESS, TASK_WEBHOOKS
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ def create_job():  # type: ignore[no-untyped-def]
     svc = services()
     tenant = auth.tenant_id()
     idem = request.headers.get("Idempotency-Key", "").strip() or None
-    if idem is not None and len(idem) > 255:
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters")
+    if idem is not None and (len(idem) > 255 or not idem.isprintable()):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "Idempotency-Key is at most 255 printable characters")
     if idem is not None:
         with svc.db.session() as s:
             existing = jobs.find_by_idempotency_key(s, tenant, idem)
@@ -85,7 +86,7 @@ def create_job():  # type: ignore[no-untyped-def]
     try:
         with svc.db.session() as s:
             job = jobs.create_job(s, kind=kind, archive_blob=digest,
-                                  archive_name=(upload.filename or "archive")[:255],
+                                  archive_name=archive_name(upload),
                                   archive_bytes=writer.size, model_version_id=model_id,
                                   options=options, tenant_id=tenant,
                                   api_key_id=auth.current().key_id, idempotency_key=idem,
@@ -140,8 +141,9 @@ def _job_options(kind: str) -> dict[str, Any]:
     if kind == "train":
         name = request.form.get("name", "").strip()
         if name:
-            if len(name) > 128:
-                raise ApiError(400, "invalid_name", "name must be at most 128 characters")
+            if len(name) > 128 or not name.isprintable():
+                raise ApiError(400, "invalid_name",
+                               "name must be at most 128 printable characters")
             options["name"] = name
         for field, low, high in (("epochs", 1, 10_000), ("seed", 0, 2**31 - 1)):
             raw = request.form.get(field)
@@ -195,6 +197,8 @@ def list_jobs():  # type: ignore[no-untyped-def]
         try:
             at, job_id = _decode(cursor, "j").split("|", 1)
             position = (dt.datetime.fromisoformat(at), job_id)
+            if len(job_id) > JOB_ID_LENGTH or "\x00" in job_id:
+                raise ValueError(cursor)
         except ValueError:
             raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
     with services().db.session() as s:
@@ -284,7 +288,7 @@ def start_reprocess():  # type: ignore[no-untyped-def]
         with services().db.session() as s:
             try:
                 model = get_model(s, int(model), auth.tenant_id()).id
-            except (TypeError, ValueError, ModelNotFound):
+            except (TypeError, ValueError, OverflowError, ModelNotFound):  # inf: Overflow
                 raise ApiError(400, "unknown_model", f"no model version with id {model!r}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
                               or not 1 <= limit <= 10_000_000):
@@ -361,7 +365,10 @@ def _cursor(raw: str | None) -> int:
     if not raw:
         return 0
     try:
-        return int(_decode(raw, "i"))
+        after = int(_decode(raw, "i"))
+        if not 0 <= after <= MAX_ID:  # an item id this API returned
+            raise ValueError(raw)
+        return after
     except ValueError:
         raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
 

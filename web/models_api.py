@@ -24,7 +24,7 @@ from store.registry import ModelNotFound, get_model, promote
 from web import auth
 from web.api import accepted, enqueue_ingest, job_payload, model_payload
 from web.errors import ApiError
-from web.uploads import writer_of
+from web.uploads import archive_name, writer_of
 
 models_api = Blueprint("models_api", __name__)
 models_api.before_request(auth.authenticate)
@@ -128,7 +128,7 @@ def evaluate_model(model_id: int):  # type: ignore[no-untyped-def]
     digest = writer.commit()
     with svc.db.session() as s:
         job_id = jobs.create_job(s, kind="classify", archive_blob=digest,
-                                 archive_name=(upload.filename or "archive")[:255],
+                                 archive_name=archive_name(upload),
                                  archive_bytes=writer.size, model_version_id=model_id,
                                  options={"evaluate": True}, tenant_id=tenant,
                                  api_key_id=auth.current().key_id).id

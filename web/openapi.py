@@ -198,6 +198,8 @@ def _schemas(settings: Any) -> dict[str, Schema]:
                                                      "items": {"type": "integer",
                                                                "minimum": 0}}},
             "unknown_labels": {"type": "array", "items": {"type": "string"}},
+            "shift": _nullable({"type": "object", "description": "how far the job's features "
+                                "are from the model's training data (report.shift)"}),
         }),
         "ReprocessAccepted": _obj({"status": {"type": "string", "enum": ["accepted"]},
                                    "links": _obj({"jobs": {"type": "string"}})}),

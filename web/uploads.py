@@ -29,3 +29,11 @@ def discard_uploads(_exc: BaseException | None = None) -> None:
 def writer_of(storage: object) -> BlobWriter | None:
     stream = getattr(storage, "stream", None)
     return stream if isinstance(stream, BlobWriter) else None
+
+
+def archive_name(storage: object) -> str:
+    """The uploaded file's name as a job records it: control characters (NUL among them, which
+    PostgreSQL refuses in text) dropped, at most 255 characters, ``archive`` when none is left."""
+    raw = getattr(storage, "filename", None) or ""
+    name = "".join(c for c in raw if c.isprintable())
+    return (name or "archive")[:255]
