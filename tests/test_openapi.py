@@ -348,6 +348,18 @@ def test_route_and_document_differences_are_noticed(app: Any) -> None:
     assert ("put", "/api/v1/undocumented/{n}") in _routes(app) - documented
 
 
+def test_every_form_field_the_code_reads_is_documented(app: Any) -> None:
+    from web.openapi import TRAIN_OPTIONS, train_fields
+
+    form = _document(app)["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]
+    read = {"archive", "kind", "model", "callback_url", "name", "epochs", "seed",
+            *train_fields()}
+    assert set(form) == read
+    assert set(TRAIN_OPTIONS) <= set(train_fields()), "documented options the code ignores"
+    assert form["balanced"] == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"
+
+
 def test_every_authenticated_operation_needs_the_bearer_key(app: Any) -> None:
     doc = _document(app)
     assert doc["components"]["securitySchemes"]["bearer"] == {

@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
+from werkzeug.datastructures import MultiDict
 
 from store.schema import JOB_KINDS, JOB_STATES
-from web.models_api import LOSSES, STRATEGIES
+from web.models_api import LOSSES, STRATEGIES, train_options
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 VERSION = "1"
@@ -242,6 +243,38 @@ def _multipart(schema: Schema) -> Schema:
         "schema": schema, "encoding": {"archive": {"contentType": "application/octet-stream"}}}}}
 
 
+# A train job's model options, as train_options parses them.
+TRAIN_OPTIONS: dict[str, Schema] = {
+    "strategy": {"type": "string", "enum": list(STRATEGIES)},
+    "loss": {"type": "string", "enum": list(LOSSES)},
+    "gamma": {"type": "number", "minimum": 0, "maximum": 10, "description": "loss=focal only"},
+    "balanced": {"type": "boolean"},
+    "modality_dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
+    "patience": {"type": "integer", "minimum": 1, "maximum": 10_000},
+}
+
+
+class _Recording(MultiDict[str, str]):
+    """An empty form that remembers the fields asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def get(self, key: str, default: Any = None, type: Any = None) -> Any:  # type: ignore[override]
+        self.names.append(key)
+        return super().get(key, default, type)
+
+
+def train_fields() -> dict[str, Schema]:
+    """Every form field train_options reads: so the document lists an option as soon as the
+    code takes it (one not in TRAIN_OPTIONS yet is described as plain text)."""
+    form = _Recording()
+    train_options(form)
+    plain: Schema = {"type": "string", "description": "train only (docs/models.md)"}
+    return {name: TRAIN_OPTIONS.get(name, plain) for name in dict.fromkeys(form.names)}
+
+
 def _paths(settings: Any) -> dict[str, Any]:
     location = {"Location": {"required": True, "schema": {"type": "string"},
                              "description": "the job's URL"}}
@@ -262,13 +295,7 @@ def _paths(settings: Any) -> dict[str, Any]:
             "name": {"type": "string", "maxLength": 128, "description": "train only"},
             "epochs": {"type": "integer", "minimum": 1, "maximum": 10_000},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
-            "strategy": {"type": "string", "enum": list(STRATEGIES)},
-            "loss": {"type": "string", "enum": list(LOSSES)},
-            "gamma": {"type": "number", "minimum": 0, "maximum": 10,
-                      "description": "loss=focal only"},
-            "balanced": {"type": "boolean"},
-            "modality_dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
-            "patience": {"type": "integer", "minimum": 1, "maximum": 10_000},
+            **train_fields(),
         },
     }
     jobs_list_params = [
