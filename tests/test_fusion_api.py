@@ -21,7 +21,7 @@ from store.keys import create_key
 from store.migrate import upgrade
 from store.registry import register_model
 from web.app import create_app
-from web.models_api import LOSSES, STRATEGIES, score
+from web.models_api import ENCODER_MODES, LOSSES, STRATEGIES, score
 
 ENCODERS = {"text": {"name": "minilm", "version": "v1", "dim": 384}}
 
@@ -80,6 +80,11 @@ def test_the_web_copies_of_the_model_names_match_the_models_package() -> None:
     ({"balanced": "maybe"}, "invalid_balanced"),
     ({"modality_dropout": "0.95"}, "invalid_modality_dropout"),
     ({"patience": "0"}, "invalid_patience"),
+    ({"mode": "finetune"}, "invalid_mode"),
+    ({"text_mode": "warm"}, "invalid_text_mode"),
+    ({"budget": "5"}, "invalid_budget"),
+    ({"budget": "nan"}, "invalid_budget"),
+    ({"budget": "soon"}, "invalid_budget"),
 ])
 def test_bad_train_options_are_400(env: dict[str, Any], form: dict[str, str], code: str) -> None:
     r = env["client"].post("/api/v1/jobs", data={
@@ -103,6 +108,20 @@ def test_train_options_reach_the_job(env: dict[str, Any]) -> None:
         {"strategy": "attention"},
         {"loss": "focal", "gamma": 1.5, "balanced": True, "modality_dropout": 0.3,
          "patience": 12})
+
+
+def test_encoder_modes_reach_the_job(env: dict[str, Any]) -> None:
+    from worker.adaptation import MODES, encoder_modes
+
+    assert ENCODER_MODES == MODES
+    r = env["client"].post("/api/v1/jobs", data={
+        "kind": "train", "mode": "Auto", "image_mode": "frozen", "budget": "60",
+        "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar")})
+    assert r.status_code == 202, r.get_json()
+    with env["db"].session() as s:
+        options = jobs.get_job(s, r.get_json()["id"]).options
+    assert options == {"mode": "auto", "image_mode": "frozen", "budget": 60.0}
+    assert encoder_modes(options, ["image", "text"]) == {"image": "frozen", "text": "auto"}
 
 
 def test_promote_makes_a_version_the_default_within_its_tenant(env: dict[str, Any]) -> None:

@@ -32,6 +32,8 @@ models_api.before_request(auth.authenticate)
 # models.fusion.STRATEGIES and models.losses.LOSSES, without importing torch.
 STRATEGIES = ("concat", "weighted", "gated", "attention", "hierarchical", "late")
 LOSSES = ("ce", "weighted", "focal")
+# worker.adaptation.MODES: how each modality's encoder is trained.
+ENCODER_MODES = ("frozen", "scratch", "auto")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 ECE_BINS = 15  # as models.evaluation
@@ -43,7 +45,8 @@ def _services() -> Any:
 
 def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
     """A train job's model options from its form: strategy, loss, gamma, balanced,
-    modality_dropout, patience. Raises ApiError 400 ``invalid_<field>`` for a bad value."""
+    modality_dropout, patience, encoder modes (``mode``, ``<modality>_mode``) and ``budget``.
+    Raises ApiError 400 ``invalid_<field>`` for a bad value."""
     options: dict[str, Any] = {}
     for field, choices in (("strategy", STRATEGIES), ("loss", LOSSES)):
         raw = form.get(field, "").strip().lower()
@@ -70,6 +73,22 @@ def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
             options[field] = value
     if "gamma" in options and options.get("loss") != "focal":
         raise ApiError(400, "invalid_gamma", "gamma applies to loss=focal only")
+    for field in ("mode", "image_mode", "text_mode", "audio_mode"):
+        raw = form.get(field, "").strip().lower()
+        if raw:
+            if raw not in ENCODER_MODES:
+                raise ApiError(400, f"invalid_{field}", f"{field} must be one of "
+                               f"{', '.join(ENCODER_MODES)}; got {raw!r}")
+            options[field] = raw
+    raw = form.get("budget", "").strip()
+    if raw:
+        try:
+            budget = float(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_budget", "budget must be a number of seconds")
+        if not 10.0 <= budget <= 3600.0:  # NaN fails this too
+            raise ApiError(400, "invalid_budget", "budget must be between 10 and 3600 seconds")
+        options["budget"] = budget
     raw = form.get("patience", "").strip()
     if raw:
         try:

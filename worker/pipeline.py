@@ -59,7 +59,7 @@ def process_batch(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchRep
     mismatch = encoder_mismatch(rt, batch.model) if batch.model else None
     if mismatch:
         return fail_batch(rt, job_id, [it["id"] for it in batch.items], mismatch)
-    encoded = encode_items(rt, batch.items)
+    encoded = encode_items(rt, batch.items, batch.model)
     outcomes = _outcomes(rt, batch, encoded)
     model_version_id = batch.model["id"] if batch.model else NO_MODEL
     with rt.db.session() as s:
@@ -116,6 +116,8 @@ def _read(rt: Runtime, job_id: str, item_ids: Sequence[int]) -> BatchInput | Non
 def encoder_mismatch(rt: Runtime, model: dict[str, Any]) -> str | None:
     """Why this worker's encoders cannot feed a model trained on other encoder versions, if so."""
     for modality, trained in sorted(model["encoders"].items()):
+        if trained.get("mode") == "scratch":
+            continue  # the model's own encoder (worker.adaptation), shipped with it
         current = rt.encoder(modality).spec.version
         if trained.get("version") != current:
             return (f"model {model['id']} was trained on {modality} encoder "
@@ -123,25 +125,30 @@ def encoder_mismatch(rt: Runtime, model: dict[str, Any]) -> str | None:
     return None
 
 
-def encode_items(rt: Runtime, items: Sequence[dict[str, Any]]) -> Encoded:
+def encode_items(rt: Runtime, items: Sequence[dict[str, Any]],
+                 model: dict[str, Any] | None = None) -> Encoded:
     """Features for every present modality of every item, from the cache or the encoders.
 
     One cache read for all modalities; the misses of all modalities are decoded ahead of the
     encoders (worker.encoding) and the new features written in one transaction. An item fails
-    with the error of its first modality (image, text, audio) that cannot be decoded.
+    with the error of its first modality (image, text, audio) that cannot be decoded. A model
+    trained with scratch encoders brings its own for those modalities, cached under their own
+    versions.
     """
     from models.registry import SPECS
+    from worker.adaptation import scratch_encoders
 
+    own = scratch_encoders(rt, model) if model is not None else {}
     wanted = {m: {it["id"]: it["media"][m] for it in items if m in it["media"]}
               for m in MODALITIES}
-    versions = {m: SPECS[m].version for m in MODALITIES}
+    versions = {m: own[m].spec.version if m in own else SPECS[m].version for m in MODALITIES}
     with rt.db.session() as s:
         cached = {m: feature_cache.get_features(s, versions[m],
                                                 {ref["blob"] for ref in refs.values()})
                   for m, refs in wanted.items() if refs}
     missing = [MediaRef(m, ref["blob"], ref["name"]) for m in MODALITIES
                for ref in wanted[m].values() if ref["blob"] not in cached.get(m, {})]
-    fresh, errors = _encode_blobs(rt, missing)
+    fresh, errors = _encode_blobs(rt, missing, own)
     if fresh:
         with rt.db.session() as s:
             for m in MODALITIES:
@@ -166,14 +173,17 @@ def encode_items(rt: Runtime, items: Sequence[dict[str, Any]]) -> Encoded:
     return out
 
 
-def _encode_blobs(rt: Runtime, refs: Sequence[MediaRef]
+def _encode_blobs(rt: Runtime, refs: Sequence[MediaRef], own: dict[str, Any] | None = None
                   ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str]]:
     """Read, decode and preprocess in the decode threads, ahead of the encoders, which take
-    each modality in chunks of its batch size; (modality, blob) -> features, or -> error."""
+    each modality in chunks of its batch size; (modality, blob) -> features, or -> error.
+    ``own``: a model's scratch encoders, used instead of the frozen ones for their modality."""
     if not refs:
         return {}, {}
+    own = own or {}
     decoders = {m: _decoder(rt, m) for m in {ref.modality for ref in refs}}
-    encoders = {m: rt.encoder(m) for m in decoders}  # loaded here, in the model thread
+    # loaded here, in the model thread
+    encoders = {m: own[m] if m in own else rt.encoder(m) for m in decoders}
 
     def prepare(ref: MediaRef) -> Any:
         raw = decoders[ref.modality](rt.blobs.read(ref.blob), ref.name)

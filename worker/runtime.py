@@ -29,6 +29,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._encoders: dict[str, Any] = {}
         self._classifiers: dict[int, Any] = {}
+        self._scratch: dict[str, Any] = {}  # weights blob -> models.scratch encoder
         self._pool: ThreadPoolExecutor | None = None
         self._device: Any = None
         self._sandbox: Any = None
@@ -129,6 +130,20 @@ class Runtime:
                 model = load_checkpoint(self.blobs.read(checkpoint_blob), config)
                 self._classifiers[model_id] = model.to(device).eval()
             return self._classifiers[model_id]
+
+    def scratch_encoder(self, modality: str, weights_blob: str, config: dict[str, Any],
+                        version: str) -> Any:
+        """A model's own trained scratch encoder (models.scratch), loaded once per process."""
+        device = self.device
+        with self._lock:
+            if weights_blob not in self._scratch:
+                from models.scratch import ScratchConfig, ScratchFeatureEncoder, load_encoder
+
+                cfg = ScratchConfig.from_dict(config)
+                module = load_encoder(cfg, self.blobs.read(weights_blob))
+                self._scratch[weights_blob] = ScratchFeatureEncoder(
+                    cfg, module, version, device, max_batch=self.batch_sizes[modality])
+            return self._scratch[weights_blob]
 
     def after_fork(self) -> None:
         self.db.dispose()

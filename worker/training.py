@@ -12,6 +12,7 @@ from store import features as feature_cache
 from store import jobs
 from store.registry import register_model
 from store.schema import NO_MODEL, Item, Result
+from worker.adaptation import DEFAULT_BUDGET_SECONDS, encoder_modes, save_scratch, train_adapted
 from worker.pipeline import MODALITIES, stack_features
 from worker.runtime import Runtime
 from worker.shift import store_training_summary
@@ -113,12 +114,36 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
         tcfg = TrainConfig(epochs=epochs, seed=seed, **train_kw)
     except ValueError as exc:
         raise TrainingError(f"bad training options: {exc}") from exc
+    try:
+        modes = encoder_modes(options or {}, present)
+    except ValueError as exc:
+        raise TrainingError(f"bad training options: {exc}") from exc
+    budget = float((options or {}).get("budget") or DEFAULT_BUDGET_SECONDS)
+    if "auto" in modes.values() and val_set is None:
+        raise TrainingError("mode auto chooses on the validation split, and it is empty")
     log.info("training job=%s items=%d train=%d val=%d classes=%d strategy=%s loss=%s "
-             "balanced=%s", job_id, len(rows), len(train_idx), len(val_idx), len(classes),
-             cfg.strategy, tcfg.loss, tcfg.balanced)
+             "balanced=%s modes=%s", job_id, len(rows), len(train_idx), len(val_idx),
+             len(classes), cfg.strategy, tcfg.loss, tcfg.balanced,
+             ",".join(f"{m}:{mode}" for m, mode in modes.items()))
     assert train_set is not None
-    model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
+    scratch_section: dict[str, Any] = {}
+    registry = {m: {"name": encoders[m].name, "version": encoders[m].version,
+                    "dim": encoders[m].dim} for m in present}
+    adaptation = None
+    if all(mode == "frozen" for mode in modes.values()):
+        model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
+    else:
+        out = train_adapted(rt, rows, modes, input_dims, train_idx, val_idx, train_set,
+                            val_set, len(classes), fusion_kw, tcfg, budget)
+        model, fit_metrics = out["fusion"], out["metrics"]
+        train_set, val_set = out["train"], out["val"]
+        scratch_section, own = save_scratch(rt, out["encoders"], out["configs"])
+        registry.update(own)
+        adaptation = out["report"]
     metrics: dict[str, Any] = dict(fit_metrics)
+    metrics["encoder_modes"] = {m: registry[m].get("mode", "frozen") for m in present}
+    if adaptation is not None:
+        metrics["adaptation"] = {"budget_seconds": budget, "modalities": adaptation}
     metrics["split"] = split_source
     metrics["groups"] = split_groups(rows, train_idx, val_idx)
     temperature = 1.0
@@ -138,12 +163,13 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     data, config = save_checkpoint(model.cpu())
     config["temperature"] = temperature  # worker/pipeline.py classify applies it
     config["shift"] = shift  # worker/shift.py compares classify jobs with it
+    if scratch_section:
+        config["scratch"] = scratch_section  # worker/adaptation.py loads them for inference
     blob = rt.blobs.put_bytes(data)
     with rt.db.session() as s:
         mv = register_model(
             s, name=name, fusion=cfg.strategy, classes=classes,
-            encoders={m: {"name": encoders[m].name, "version": encoders[m].version,
-                          "dim": encoders[m].dim} for m in present},
+            encoders=registry,
             metrics=_jsonable(metrics), config=config, checkpoint_blob=blob, job_id=job_id,
             tenant_id=jobs.get_job(s, job_id).tenant_id)
         jobs.get_job(s, job_id).model_version_id = mv.id

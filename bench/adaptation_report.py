@@ -1,0 +1,133 @@
+"""Acceptance figures of encoder adaptation, on a sample far from the encoders' pretraining.
+
+    python -m bench.adaptation_report [--per-group 48] [--seed 0] [--budget 120] [--json FILE]
+
+Writes ``mmbatch.far_sample`` (16 x 16 glyph images and made-up words in eight scripts, eight
+sources as ``group``), then runs the service's own train path (ingest, extraction, training,
+as plain functions on SQLite, no Celery) with ``mode=frozen`` and with ``mode=auto``. Both use
+the same group-disjoint stratified split (no source on both sides). Prints validation accuracy
+and macro F1 of each, auto's choice per modality with its single-modality scores and seconds
+per epoch, then classifies the archive again with the auto model (the shift report).
+
+About a minute on two CPU cores; the figures are in docs/models.md, and
+tests/test_acceptance_adaptation.py asserts the criterion on the same computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mmbatch.far_sample import write_far_sample
+from mmbatch.settings import Settings
+from store import jobs
+from store.migrate import upgrade
+from store.registry import get_model
+from worker.ingest import ingest_job
+from worker.pipeline import process_batch
+from worker.runtime import Runtime
+from worker.training import train_job
+
+
+def run_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
+            options: dict[str, Any] | None = None) -> str:
+    """Create a job and run it to the end in this process, as the worker would."""
+    digest = rt.blobs.put_bytes(archive.read_bytes())
+    with rt.db.session() as s:
+        job_id = jobs.create_job(s, kind=kind, archive_blob=digest, archive_name=archive.name,
+                                 archive_bytes=archive.stat().st_size, model_version_id=model,
+                                 options=options).id
+    for batch in ingest_job(rt, job_id):
+        report = process_batch(rt, job_id, batch)
+        if report.next_step == "train":
+            train_job(rt, job_id)
+    return job_id
+
+
+def _model_of(rt: Runtime, job_id: str) -> dict[str, Any]:
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state != "succeeded" or job.model_version_id is None:
+            raise RuntimeError(f"job {job_id} {job.state}: {job.error}")
+        m = get_model(s, job.model_version_id)
+        return {"id": m.id, "metrics": dict(m.metrics), "encoders": dict(m.encoders),
+                "config": dict(m.config)}
+
+
+def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 120.0,
+            epochs: int = 150) -> dict[str, Any]:
+    """Train frozen and auto on the far sample; their metrics and the auto model's shift report
+    on the training archive."""
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
+                                  "MMBATCH_BROKER_URL": "memory://",
+                                  "MMBATCH_BATCH_SIZE": "64"})
+    upgrade(settings.db_url)
+    rt = Runtime(settings)
+    try:
+        archive = write_far_sample(data_dir / "sample", per_group, seed)
+        out: dict[str, Any] = {"per_group": per_group, "seed": seed, "budget": budget}
+        for mode in ("frozen", "auto"):
+            started = time.perf_counter()
+            job_id = run_job(rt, archive, "train",
+                             options={"name": f"far-{mode}", "epochs": epochs, "seed": seed,
+                                      "mode": mode, "budget": budget, "patience": 25})
+            model = _model_of(rt, job_id)
+            model["wall_seconds"] = time.perf_counter() - started
+            out[mode] = model
+        classify = run_job(rt, archive, "classify", model=out["auto"]["id"])
+        with rt.db.session() as s:
+            job = jobs.get_job(s, classify)
+            out["classify"] = {"state": job.state, "shift": (job.report or {}).get("shift"),
+                               "done": job.done, "failed": job.failed}
+        return out
+    finally:
+        rt.close()
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"far sample: {result['per_group']} items per source x 8 sources, seed "
+          f"{result['seed']}, budget {result['budget']:g} s")
+    print("| mode | val acc | macro F1 | modes | groups train/val/shared | s/epoch | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for mode in ("frozen", "auto"):
+        m = result[mode]["metrics"]
+        g = m["groups"]
+        modes = ", ".join(f"{k} {v}" for k, v in m["encoder_modes"].items())
+        print(f"| {mode} | {100 * m['val_accuracy']:.1f} | {100 * m['val_macro_f1']:.1f} | "
+              f"{modes} | {g['train']}/{g['val']}/{g['shared']} | "
+              f"{m['seconds_per_epoch']:.3f} | {result[mode]['wall_seconds']:.0f} |")
+    adaptation = result["auto"]["metrics"].get("adaptation", {}).get("modalities", {})
+    print("\n| modality | frozen alone F1 | scratch alone F1 | scratch s/epoch | chosen |")
+    print("| --- | --- | --- | --- | --- |")
+    for modality, r in adaptation.items():
+        if "frozen" in r:
+            print(f"| {modality} | {100 * r['frozen']['val_macro_f1']:.1f} | "
+                  f"{100 * r['scratch']['val_macro_f1']:.1f} | "
+                  f"{r['scratch']['seconds_per_epoch']:.3f} | {r['mode']} |")
+    shift = result["classify"]["shift"] or {}
+    print("\nshift of the training archive against the auto model:",
+          json.dumps(shift.get("modalities")), "warnings:", shift.get("warnings"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--per-group", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=120.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="adaptation-") as tmp:
+        result = measure(Path(tmp), args.per_group, args.seed, args.budget)
+    _print(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
