@@ -358,6 +358,8 @@ def test_every_form_field_the_code_reads_is_documented(app: Any) -> None:
     assert set(form) == read
     assert set(TRAIN_OPTIONS) <= set(train_fields()), "documented options the code ignores"
     assert form["balanced"] == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"
+    plain = [name for name in train_fields() if name not in TRAIN_OPTIONS]
+    assert plain == [], "train options described only as plain text"
 
 
 def test_every_authenticated_operation_needs_the_bearer_key(app: Any) -> None:

@@ -17,7 +17,7 @@ from flask import Blueprint, current_app, jsonify
 from werkzeug.datastructures import MultiDict
 
 from store.schema import JOB_KINDS, JOB_STATES
-from web.models_api import LOSSES, STRATEGIES, train_options
+from web.models_api import ENCODER_MODES, LOSSES, STRATEGIES, train_options
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 VERSION = "1"
@@ -251,6 +251,11 @@ TRAIN_OPTIONS: dict[str, Schema] = {
     "balanced": {"type": "boolean"},
     "modality_dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
     "patience": {"type": "integer", "minimum": 1, "maximum": 10_000},
+    **{field: {"type": "string", "enum": list(ENCODER_MODES),
+               "description": "how the encoders (all, or this modality's) are trained"}
+       for field in ("mode", "image_mode", "text_mode", "audio_mode")},
+    "budget": {"type": "number", "minimum": 10, "maximum": 3600,
+               "description": "mode=auto's time budget in seconds"},
 }
 
 
