@@ -138,7 +138,7 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "explanation": _nullable(explanation),
         "embedding": _nullable({"type": "array", "items": {"type": "number"}}),
     }, required=["item_id", "key", "modalities", "status", "label", "confidence", "top_k",
-                 "given_label", "split", "error"])
+                 "given_label", "split", "group", "error"])
     item["description"] = ("`explanation` appears once the item has a result; `embedding` only "
                            "with `embeddings=1`.")
     model = _obj({
