@@ -126,7 +126,8 @@ def web(host: str | None, port: int | None) -> None:
 @click.option("--url", default=None, help="API base URL (default MMBATCH_URL or host:port).")
 @click.option("--set", "settings_", multiple=True, metavar="KEY=VALUE",
               help="A train option: strategy, loss, gamma, balanced, modality_dropout, "
-                   "patience, epochs, seed (repeatable; docs/models.md).")
+                   "patience, epochs, seed, mode, image_mode, text_mode, audio_mode, budget "
+                   "(repeatable; docs/models.md).")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
            idempotency_key: str | None, callback_url: str | None, url: str | None,
            settings_: tuple[str, ...]) -> None:

@@ -183,6 +183,11 @@ def test_evaluate_classifies_a_labelled_archive_and_scores_its_results(
     assert scores["unknown_labels"] == ["zebra"]
     assert scores["per_class"]["a"]["precision"] == pytest.approx(0.5)
     assert scores["per_class"]["b"]["recall"] == pytest.approx(0.5)
+    assert scores["shift"] is None  # the worker writes it when the job finishes
+    shift = {"modalities": {"text": {"items": 5, "mean_shift": 0.9}}, "warnings": ["text …"]}
+    with env["db"].session() as s:
+        jobs.get_job(s, job["id"]).report = {"shift": shift}
+    assert client.get(job["links"]["evaluation"]).get_json()["shift"] == shift
     r = client.post(f"/api/v1/models/{model_id}/evaluate", data={})
     assert r.status_code == 400 and _error(r) == "missing_archive"
     r = client.post(f"/api/v1/models/{model_id}/evaluate",

@@ -58,12 +58,15 @@ def record_job_shift(rt: Runtime, job_id: str, model: dict[str, Any]) -> dict[st
         return None
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
-        ids = (select(JobMember.item_id).where(JobMember.job_id == job_id)
-               if job.kind == "reprocess" else select(Item.id).where(Item.job_id == job_id))
-        media = [m for (m,) in s.execute(select(Item.media).where(Item.id.in_(ids))
-                                         .order_by(Item.id))]
-    if len(media) > MAX_ITEMS:
-        media = [media[i] for i in np.linspace(0, len(media) - 1, MAX_ITEMS).astype(int)]
+        members = (select(JobMember.item_id).where(JobMember.job_id == job_id)
+                   if job.kind == "reprocess" else select(Item.id).where(Item.job_id == job_id))
+        ids = sorted(s.scalars(members))
+        if len(ids) > MAX_ITEMS:  # evenly spread over the job
+            ids = [ids[i] for i in np.linspace(0, len(ids) - 1, MAX_ITEMS).astype(int)]
+        media = []
+        for start in range(0, len(ids), 1000):
+            media += list(s.scalars(select(Item.media).where(
+                Item.id.in_(ids[start:start + 1000]))))
     tensors = load(rt.blobs.read(shift["stats_blob"]))
     scores: dict[str, Any] = {}
     warnings: list[str] = []
