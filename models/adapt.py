@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,13 +124,15 @@ def _macro_f1(model: AdaptedClassifier, data: InputSet) -> tuple[float, float]:
 
 def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: TrainConfig,
                 scratch: dict[str, ScratchConfig], *, budget_seconds: float = 600.0,
-                init: dict[str, nn.Module] | None = None, encoder_lr: float | None = None
+                init: dict[str, nn.Module] | None = None, encoder_lr: float | None = None,
+                on_epoch: Callable[[int], None] | None = None,
                 ) -> tuple[AdaptedClassifier, dict[str, Any]]:
     """Train the scratch encoders of ``scratch`` (modality -> config) with the fusion, Adam,
     the loss and modality dropout of ``tcfg``; early stopping on the validation macro F1 with
     every modality (ties: lower loss), and at ``budget_seconds`` whatever the epoch count.
 
-    ``init`` gives encoders to start from (a trial's, in ``auto``). Seeded like
+    ``init`` gives encoders to start from (a trial's, in ``auto``); ``on_epoch(epoch)`` is
+    called after every epoch (the worker's heartbeat: a long run must not look stale). Seeded like
     models.training.fit. Returns the model in eval mode and metrics with ``seconds_per_epoch``
     and ``stopped`` ("patience", "epochs" or "budget").
     """
@@ -196,6 +198,8 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                         break
             else:
                 best_epoch = epoch
+            if on_epoch is not None:
+                on_epoch(epoch)
             if time.perf_counter() - started >= budget_seconds:
                 stopped = "budget"
                 break
@@ -224,6 +228,7 @@ def _only(data: InputSet, column: int, modality: str) -> InputSet:
 def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
                  scratch: dict[str, ScratchConfig], num_classes: int, tcfg: TrainConfig,
                  budget_seconds: float, frozen_train: FeatureSet, frozen_val: FeatureSet,
+                 on_epoch: Callable[[int], None] | None = None,
                  ) -> tuple[dict[str, str], dict[str, Any], dict[str, nn.Module]]:
     """``auto``: for each modality of ``scratch``, a single-modality model on frozen features
     and one with the scratch encoder; keep scratch where it validates better by AUTO_MARGIN.
@@ -255,7 +260,7 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
         strain, sval = _only(train, col, m), _only(val, col, m)
         encoder_model, scratch_metrics = fit_adapted(
             strain, sval, FusionConfig({m: scfg.dim}, num_classes), single, {m: scfg},
-            budget_seconds=share)
+            budget_seconds=share, on_epoch=on_epoch)
         trained[m] = encoder_model.encoders[m]
         f_frozen = float(frozen_metrics["val_macro_f1"])
         f_scratch = float(scratch_metrics["val_macro_f1"])

@@ -127,3 +127,8 @@ def test_a_budget_stops_training() -> None:
                              TrainConfig(epochs=10_000, patience=10_000), {"text": cfg},
                              budget_seconds=0.0)
     assert metrics["stopped"] == "budget" and metrics["epochs"] == 1
+    seen: list[int] = []
+    _, metrics = fit_adapted(data, data, FusionConfig({"text": 8}, 3),
+                             TrainConfig(epochs=3, patience=10), {"text": cfg},
+                             on_epoch=seen.append)
+    assert seen == [1, 2, 3] and metrics["stopped"] == "epochs"

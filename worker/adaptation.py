@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from worker.runtime import Runtime
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("frozen", "scratch", "auto")
 DEFAULT_BUDGET_SECONDS = 300.0
+# Training touches its job this often: well under MMBATCH_STALE_AFTER_SECONDS (600 by default).
+HEARTBEAT_SECONDS = 60.0
 # Scratch encoders of the service: low-resolution grayscale images, the first 128 UTF-8 bytes
 # of a text, the first 3 s of audio.
 SCRATCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -80,13 +83,14 @@ def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str]) -> tuple[
     return inputs, {"configs": configs, "present": present}
 
 
-def train_adapted(rt: Runtime, rows: list[Any], modes: dict[str, str], input_dims: dict[str, int],
-                  train_idx: list[int], val_idx: list[int], train_set: Any, val_set: Any,
-                  num_classes: int, fusion_kw: dict[str, Any], tcfg: Any,
-                  budget_seconds: float) -> dict[str, Any]:
+def train_adapted(rt: Runtime, job_id: str, rows: list[Any], modes: dict[str, str],
+                  input_dims: dict[str, int], train_idx: list[int], val_idx: list[int],
+                  train_set: Any, val_set: Any, num_classes: int, fusion_kw: dict[str, Any],
+                  tcfg: Any, budget_seconds: float) -> dict[str, Any]:
     """Train with scratch/auto modes. Returns the fusion model, fit metrics, FeatureSets of
     train and val as the final model sees them, the scratch encoders and their configs, and the
-    adaptation report for the model's metrics."""
+    adaptation report for the model's metrics. The job's ``updated_at`` moves at least every
+    HEARTBEAT_SECONDS meanwhile, so the sweeper does not take a long training for a lost one."""
     import torch
 
     from models.adapt import AdaptedClassifier, InputSet, choose_modes, encode_all, fit_adapted
@@ -94,6 +98,7 @@ def train_adapted(rt: Runtime, rows: list[Any], modes: dict[str, str], input_dim
     from models.training import fit
 
     started = time.perf_counter()
+    heartbeat = _heartbeat(rt, job_id)
     wanted = [m for m in input_dims if modes[m] in ("scratch", "auto")]
     raw, info = decode_inputs(rt, rows, wanted)
     configs = {m: c for m, c in info["configs"].items() if m in raw}
@@ -120,7 +125,7 @@ def train_adapted(rt: Runtime, rows: list[Any], modes: dict[str, str], input_dim
             raise ValueError("auto needs a validation split to choose on")
         picked, trials, init = choose_modes(
             train_in, val_in, input_dims, {m: configs[m] for m in auto}, num_classes, tcfg,
-            budget_seconds / 2, train_set, val_set)
+            budget_seconds / 2, train_set, val_set, on_epoch=heartbeat)
         for m in auto:
             chosen[m] = picked[m]
             report[m].update(trials[m], requested="auto")
@@ -136,7 +141,7 @@ def train_adapted(rt: Runtime, rows: list[Any], modes: dict[str, str], input_dim
     dims = {m: scratch[m].dim if m in scratch else d for m, d in input_dims.items()}
     cfg = FusionConfig(input_dims=dims, num_classes=num_classes, **fusion_kw)
     adapted, fit_metrics = fit_adapted(train_in, val_in, cfg, tcfg, scratch,
-                                       budget_seconds=left, init=init)
+                                       budget_seconds=left, init=init, on_epoch=heartbeat)
     train_feats = encode_all(adapted, train_in)
     val_feats = encode_all(adapted, val_in) if val_in is not None else None
     metrics = _final_metrics(adapted, train_feats, val_feats, fit_metrics, cfg, tcfg)
@@ -146,6 +151,20 @@ def train_adapted(rt: Runtime, rows: list[Any], modes: dict[str, str], input_dim
     assert isinstance(adapted, AdaptedClassifier)
     return {"fusion": adapted.fusion, "metrics": metrics, "train": train_feats, "val": val_feats,
             "encoders": dict(adapted.encoders), "configs": scratch, "report": report}
+
+
+def _heartbeat(rt: Runtime, job_id: str) -> Callable[[int], None]:
+    from store import jobs
+
+    last = [time.monotonic()]
+
+    def beat(epoch: int) -> None:
+        if time.monotonic() - last[0] >= HEARTBEAT_SECONDS:
+            with rt.db.session() as s:
+                jobs.touch(s, job_id)
+            last[0] = time.monotonic()
+
+    return beat
 
 
 def _final_metrics(model: Any, train: Any, val: Any, fit_metrics: dict[str, Any], cfg: Any,

@@ -133,7 +133,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     if all(mode == "frozen" for mode in modes.values()):
         model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
     else:
-        out = train_adapted(rt, rows, modes, input_dims, train_idx, val_idx, train_set,
+        out = train_adapted(rt, job_id, rows, modes, input_dims, train_idx, val_idx, train_set,
                             val_set, len(classes), fusion_kw, tcfg, budget)
         model, fit_metrics = out["fusion"], out["metrics"]
         train_set, val_set = out["train"], out["val"]
