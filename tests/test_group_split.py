@@ -21,7 +21,8 @@ from worker.training import choose_split, split_groups
 
 
 def _dataset(n_groups: int = 12, per_group: int = 10) -> tuple[list[str], list[str | None]]:
-    labels, groups = [], []
+    labels: list[str] = []
+    groups: list[str | None] = []
     for g in range(n_groups):
         for i in range(per_group):
             labels.append("abc"[(g + i) % 3])
@@ -101,7 +102,7 @@ def test_ingest_keeps_the_group_and_the_trainer_splits_by_it(tmp_path: Path) -> 
             got = {it.key: (it.label, it.split, it.group) for it in items}
             assert got["w5"] == ("y", None, "src1")
             items = list(items)
-            train, val, how = choose_split(items, [it.label for it in items], seed=0)
+            train, val, how = choose_split(items, [str(it.label) for it in items], seed=0)
         assert how.startswith("group-disjoint")
         assert split_groups(items, train, val) == {"train": 5, "val": 1, "shared": 0}
     finally:
