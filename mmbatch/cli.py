@@ -342,6 +342,8 @@ def evaluate(model_id: int, archive: Path, url: str | None) -> None:
         click.echo(f"accuracy {scores['accuracy']:.3f}  macro F1 {scores['macro_f1']:.3f}  "
                    f"ECE {scores['ece']:.3f}  ({scores['classified']} of {scores['items']} "
                    "labelled items classified)", err=True)
+    for warning in (scores.get("shift") or {}).get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _key_value(item: str) -> tuple[str, str]:
