@@ -177,6 +177,19 @@ def test_every_api_route_needs_a_key(settings: Settings) -> None:
     wrong = authed(app, "mmb_not-a-real-key")
     assert wrong.get("/api/v1/jobs").status_code == 401
     assert anonymous.get("/healthz").status_code == 200
+    # a key that worked stops working the moment it is revoked
+    from store import keys
+    from store.db import Database
+
+    key = make_key(settings.db_url)
+    client = authed(app, key)
+    assert client.get("/api/v1/jobs").status_code == 200
+    db = Database(settings.db_url)
+    with db.session() as s:
+        assert keys.revoke(s, keys.authenticate(s, key).id)
+    db.dispose()
+    r = client.get("/api/v1/jobs")
+    assert r.status_code == 401 and _error(r)["code"] == "unauthorized"
 
 
 def test_a_tenant_sees_only_its_own_jobs(settings: Settings) -> None:
