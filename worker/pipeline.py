@@ -253,7 +253,6 @@ def plain_embedding(rt: Runtime, feats: dict[str, np.ndarray]) -> np.ndarray:
 def classify(rt: Runtime, model: dict[str, Any], feats: Sequence[dict[str, np.ndarray]]
              ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Class probabilities and fused embeddings for items given their per-modality features."""
-    import torch
 
     from models.training import predict
 

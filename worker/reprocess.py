@@ -14,7 +14,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import exists, select
 
 from store import jobs, leases
 from store.registry import default_model, get_model
