@@ -6,7 +6,6 @@ Each ``s3_settings`` gets its own bucket, so tests never see each other's blobs.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,22 +17,17 @@ import pytest
 import requests
 
 from mmbatch.settings import Settings
+from tests.util import free_port
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a moto S3 server running for the whole session."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                              "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

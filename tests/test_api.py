@@ -11,7 +11,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,8 @@ import pytest
 from mmbatch.settings import Settings
 from store.migrate import upgrade
 from tests.conftest import make_key
+from tests.util import tar_bytes
 from web.app import create_app
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -62,7 +52,7 @@ def test_healthz(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_embed_job_is_accepted_with_location(client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    data = _tar({"a/x.txt": b"hello"})
+    data = tar_bytes({"a/x.txt": b"hello"})
     r = client.post("/api/v1/jobs", data={"kind": "embed",
                                          "archive": (io.BytesIO(data), "x.tar")})
     assert r.status_code == 202, r.get_json()
@@ -101,7 +91,7 @@ def test_not_an_archive_is_415_and_leaves_no_blob(client, settings: Settings) ->
 def test_bad_job_requests(client, form: dict, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
     data = dict(form)
     if data.pop("archive", "yes") is not None:
-        data["archive"] = (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar")
+        data["archive"] = (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")
     r = client.post("/api/v1/jobs", data=data)
     assert r.status_code == status
     assert _error(r)["code"] == code
@@ -116,7 +106,7 @@ def test_unknown_job_and_model_are_404(client) -> None:  # type: ignore[no-untyp
 
 def test_bad_query_arguments_are_400(client) -> None:  # type: ignore[no-untyped-def]
     r = client.post("/api/v1/jobs", data={"kind": "embed",
-                                         "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar")})
+                                         "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")})
     job_id = r.get_json()["id"]
     for query, code in (("limit=0", "invalid_limit"), ("limit=x", "invalid_limit"),
                         ("cursor=%%%", "invalid_cursor"), ("cursor=Zm9vOjE", "invalid_cursor")):
@@ -129,7 +119,7 @@ def test_upload_over_the_limit_is_413(tmp_path: Path) -> None:
                            "MMBATCH_MAX_UPLOAD_BYTES": "1000"})
     client = authed(create_app(s), make_key(s.db_url))
     r = client.post("/api/v1/jobs", data={"kind": "embed", "archive": (
-        io.BytesIO(_tar({"a.txt": b"x" * 5000})), "a.tar")})
+        io.BytesIO(tar_bytes({"a.txt": b"x" * 5000})), "a.tar")})
     assert r.status_code == 413 and _error(r)["code"] == "request_entity_too_large"
 
 
@@ -162,7 +152,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "
 
 def _post(client, **form):  # type: ignore[no-untyped-def]
     headers = form.pop("headers", {})
-    data = {"kind": "embed", "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar"), **form}
+    data = {"kind": "embed", "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar"), **form}
     return client.post("/api/v1/jobs", data=data, headers=headers)
 
 
@@ -301,7 +291,7 @@ def test_enqueue_is_tried_again_before_the_job_fails(settings: Settings, failure
     celery.send_task = flaky
     client = authed(app, make_key(settings.db_url))
     r = client.post("/api/v1/jobs", data={"kind": "embed",
-                                         "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "x.tar")})
+                                         "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "x.tar")})
     assert r.status_code == status and len(calls) == min(failures + 1, 3)
     [job] = client.get("/api/v1/jobs").get_json()["jobs"]
     assert job["state"] == state

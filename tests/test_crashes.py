@@ -8,13 +8,11 @@ the results; while the database is unreachable the API answers 503 with the JSON
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -32,26 +30,17 @@ from mmbatch.stack import Stack
 from store.db import Database
 from store.schema import Item, Job, Result
 from tests.conftest import IN_CI, make_key
+from tests.util import free_port, write_tar
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ITEMS = 120  # text items, two per batch: 60 batches, long enough to act in the middle
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tar(path: Path, n: int, prefix: str) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for i in range(n):
-            data = f"caption {i} of {prefix}: a dog runs along the beach".encode()
-            info = tarfile.TarInfo(f"{prefix}/item_{i:03d}.txt")
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, {f"{prefix}/item_{i:03d}.txt":
+                            f"caption {i} of {prefix}: a dog runs along the beach".encode()
+                            for i in range(n)})
 
 
 class RedisServer:
@@ -59,7 +48,7 @@ class RedisServer:
     restart keeps the queues (as the deployment's Redis does), killable and restartable."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir, self.port = directory, _free_port()
+        self.dir, self.port = directory, free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -93,7 +82,7 @@ class TcpProxy:
     ones (the database has become unreachable), ``restore()`` listens again on the same port."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target, self.port = target, _free_port()
+        self.target, self.port = target, free_port()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -171,7 +160,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str) -> Iterato
         # the sweeper (beat, every 3 s) re-sends the work of a job that has not moved for 15 s
         "MMBATCH_SWEEP_INTERVAL_SECONDS": "3", "MMBATCH_STALE_AFTER_SECONDS": "15"})
     key = make_key(pg_url_module, "crashes")
-    stack = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs", beat=True)
+    stack = Stack(settings, "127.0.0.1", free_port(), log_dir=data_dir / "logs", beat=True)
     stack.start(wait=180)
     db = Database(pg_url_module)  # the test's own view of the database, around the proxy
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +26,7 @@ import pytest
 from mmbatch.settings import Settings
 from mmbatch.stack import Stack
 from tests.conftest import IN_CI, make_key
+from tests.util import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -43,12 +43,6 @@ def _need(condition: bool, message: str) -> None:
     if IN_CI:
         pytest.fail(message + " (CI=true: run scripts/test-deps.sh and install the test extra)")
     pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
                                   # small batches: the bar moves in more, visible steps
                                   "MMBATCH_BATCH_SIZE": "8"})
     key = make_key(settings.db_url, "dashboard")
-    stack = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs")
+    stack = Stack(settings, "127.0.0.1", free_port(), log_dir=data_dir / "logs")
     stack.start(wait=180)
     try:
         yield stack.url, key

@@ -5,7 +5,6 @@ and the tasks it ran."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ import requests
 
 from mmbatch.settings import Settings
 from mmbatch.stack import child_env, worker_command
+from tests.util import free_port
 from worker.app import TASK_WEBHOOKS, create_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _poll(fn: Any, what: str, procs: dict[str, Path], wait: float = 90) -> Any:
@@ -55,7 +49,7 @@ def test_flower_sees_the_worker_and_its_tasks(redis_url: str, broker_prefix: str
     upgrade(settings.db_url)
     env = child_env(settings)
     env["FLOWER_UNAUTHENTICATED_API"] = "true"  # the JSON API, for this test only
-    port = _free_port()
+    port = free_port()
     logs = {"worker": tmp_path / "worker.log", "flower": tmp_path / "flower.log"}
     commands = {
         "worker": worker_command(settings, "ingest", "flowertest") + ["-E"],

@@ -7,7 +7,6 @@ transport and nothing consumes it, so results are written here the way a worker 
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,11 @@ from store.db import Database
 from store.keys import create_key
 from store.migrate import upgrade
 from store.registry import register_model
+from tests.util import tar_bytes
 from web.app import create_app
 from web.models_api import ENCODER_MODES, LOSSES, STRATEGIES, score
 
 ENCODERS = {"text": {"name": "minilm", "version": "v1", "dim": 384}}
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -88,7 +78,7 @@ def test_the_web_copies_of_the_model_names_match_the_models_package() -> None:
 ])
 def test_bad_train_options_are_400(env: dict[str, Any], form: dict[str, str], code: str) -> None:
     r = env["client"].post("/api/v1/jobs", data={
-        "kind": "train", **form, "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar")})
+        "kind": "train", **form, "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")})
     assert r.status_code == 400 and _error(r) == code, r.get_json()
 
 
@@ -96,7 +86,7 @@ def test_train_options_reach_the_job(env: dict[str, Any]) -> None:
     r = env["client"].post("/api/v1/jobs", data={
         "kind": "train", "strategy": "Attention", "loss": "focal", "gamma": "1.5",
         "balanced": "yes", "modality_dropout": "0.3", "patience": "12", "epochs": "20",
-        "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar")})
+        "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")})
     assert r.status_code == 202, r.get_json()
     with env["db"].session() as s:
         options = jobs.get_job(s, r.get_json()["id"]).options
@@ -116,7 +106,7 @@ def test_encoder_modes_reach_the_job(env: dict[str, Any]) -> None:
     assert ENCODER_MODES == MODES
     r = env["client"].post("/api/v1/jobs", data={
         "kind": "train", "mode": "Auto", "image_mode": "frozen", "budget": "60",
-        "archive": (io.BytesIO(_tar({"a.txt": b"x"})), "a.tar")})
+        "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")})
     assert r.status_code == 202, r.get_json()
     with env["db"].session() as s:
         options = jobs.get_job(s, r.get_json()["id"]).options
@@ -154,7 +144,7 @@ def test_evaluate_classifies_a_labelled_archive_and_scores_its_results(
 ) -> None:
     model_id = _model(env)
     client = env["client"]
-    archive = _tar({"x1.txt": b"a", "x2.txt": b"b", "x3.txt": b"c", "x4.txt": b"d",
+    archive = tar_bytes({"x1.txt": b"a", "x2.txt": b"b", "x3.txt": b"c", "x4.txt": b"d",
                     "labels.csv": b"key,label\nx1,a\nx2,b\nx3,b\nx4,zebra\n"})
     r = client.post(f"/api/v1/models/{model_id}/evaluate",
                     data={"archive": (io.BytesIO(archive), "eval.tar")})

@@ -24,23 +24,15 @@ from sqlalchemy import func, select
 
 from mmbatch.client import Client
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack, child_env
+from mmbatch.stack import Stack
 from store.db import Database
-from store.migrate import upgrade
 from store.schema import Result
 from tests.conftest import make_key
+from tests.util import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, wait: float = 180) -> None:
@@ -62,7 +54,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client,
     """``mmbatch up`` as a user runs it, with nothing configured but the data directory."""
     data_dir = tmp_path_factory.mktemp("embedded")
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir)})
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMBATCH_")}
     env["MMBATCH_DATA_DIR"] = str(data_dir)
     log = data_dir / "up.log"
@@ -96,7 +88,7 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str,
                                   "MMBATCH_BROKER_PREFIX": broker_prefix})
     assert not settings.embedded
     key = make_key(settings.db_url)
-    stack = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs")
+    stack = Stack(settings, "127.0.0.1", free_port(), log_dir=data_dir / "logs")
     stack.start(wait=180)
     try:
         yield Client(stack.url, api_key=key), settings

@@ -3,10 +3,8 @@ commits, never for a conditional UPDATE that matched nothing or a transaction ro
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-import tarfile
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +13,7 @@ from mmbatch.settings import Settings
 from store import jobs
 from store.joblog import format_fields
 from store.migrate import upgrade
+from tests.util import tar_bytes
 from worker.ingest import ingest_job
 from worker.pipeline import process_batch
 from worker.runtime import Runtime
@@ -46,16 +45,11 @@ def _states(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
 
 
 def _archive(rt: Runtime, files: dict[str, bytes], kind: str = "embed") -> str:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    digest = rt.blobs.put_bytes(buf.getvalue())
+    data = tar_bytes(files)
+    digest = rt.blobs.put_bytes(data)
     with rt.db.session() as s:
         return jobs.create_job(s, kind=kind, archive_blob=digest, archive_name="t.tar",
-                               archive_bytes=len(buf.getvalue()), model_version_id=None).id
+                               archive_bytes=len(data), model_version_id=None).id
 
 
 def test_a_job_run_logs_each_state_once(rt: Runtime, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import io
 import json
-import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -31,25 +30,9 @@ from store.db import Database
 from store.registry import promote
 from store.schema import Feature, Result
 from tests.conftest import make_key
+from tests.util import free_port, write_tar
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tar(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 class Hooks(BaseHTTPRequestHandler):
@@ -89,7 +72,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str, redis_ur
     with db.session() as s:
         secret = keys.authenticate(s, key).webhook_secret
     # prefork with one child: a child that dies is replaced and its task redelivered
-    st = Stack(settings, "127.0.0.1", _free_port(), log_dir=data_dir / "logs", beat=True,
+    st = Stack(settings, "127.0.0.1", free_port(), log_dir=data_dir / "logs", beat=True,
                worker_args=["--pool", "prefork", "--concurrency", "1"])
     st.start(wait=180)
     try:
@@ -110,7 +93,7 @@ def test_poison_item_fails_after_its_attempts_and_the_rest_succeeds(
     client = stack["client"]
     files = _texts(7, "p")
     files["p/poison.txt"] = b"this item kills the worker process that reads it"
-    job = client.submit(_tar(tmp_path / "p.tar", files), "embed")
+    job = client.submit(write_tar(tmp_path / "p.tar", files), "embed")
     job = client.wait(job["id"], timeout=600)
     assert job["state"] == "succeeded", job
     assert (job["total"], job["done"], job["failed"]) == (8, 7, 1)
@@ -123,7 +106,7 @@ def test_poison_item_fails_after_its_attempts_and_the_rest_succeeds(
 def test_webhook_is_signed_and_exports_stream(stack: dict[str, Any], tmp_path: Path,
                                               hook_server: str) -> None:
     client = stack["client"]
-    job = client.submit(_tar(tmp_path / "w.tar", _texts(5, "w")), "embed",
+    job = client.submit(write_tar(tmp_path / "w.tar", _texts(5, "w")), "embed",
                         callback_url=hook_server)
     job = client.wait(job["id"], timeout=300)
     assert job["state"] == "succeeded" and job["callback_url"] == hook_server
@@ -172,7 +155,7 @@ def test_webhook_is_signed_and_exports_stream(stack: dict[str, Any], tmp_path: P
 
 def test_cancel_mid_job_keeps_written_results(stack: dict[str, Any], tmp_path: Path) -> None:
     client = stack["client"]
-    job = client.submit(_tar(tmp_path / "c.tar", _texts(120, "c")), "embed")
+    job = client.submit(write_tar(tmp_path / "c.tar", _texts(120, "c")), "embed")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         state = client.job(job["id"])
@@ -197,7 +180,7 @@ def test_sweeper_revives_a_job_whose_messages_were_lost(stack: dict[str, Any],
     worker = st.procs["worker"]
     worker.terminate()
     worker.wait(60)
-    job = stack["client"].submit(_tar(tmp_path / "s.tar", _texts(6, "s")), "embed")
+    job = stack["client"].submit(write_tar(tmp_path / "s.tar", _texts(6, "s")), "embed")
     r = redis.Redis.from_url(settings.broker_url)
     queue = f"{settings.broker_prefix}ingest"
     assert r.llen(queue) >= 1  # the ingest message (and beat's housekeeping)

@@ -6,7 +6,6 @@ broker. The worker's own HTTP endpoint is scraped in tests/test_deploy_s3.py, en
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mmbatch.settings import Settings
 from mmbatch.stack import child_env, web_command
 from store.migrate import upgrade
+from tests.util import free_port
 from web.app import create_app
 from worker.app import INGEST_QUEUE, MODEL_QUEUE, TASK_PROCESS_BATCH, create_celery
 from worker.metrics import QueueDepthCollector, WorkerMetrics
@@ -64,18 +64,12 @@ def test_requests_are_counted_and_timed_by_route_and_status(tmp_path: Path) -> N
     assert again[(("method", "GET"), ("route", "/metrics"), ("status", "200"))] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """The web server as `mmbatch web` runs it, with two worker processes."""
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path)})
     upgrade(settings.db_url)
-    port = _free_port()
+    port = free_port()
     env = child_env(settings)
     multiproc = tmp_path / "prometheus"
     env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
@@ -151,7 +145,7 @@ def test_queue_depth_is_read_from_the_sqlite_broker(tmp_path: Path) -> None:
 
 def test_an_unreachable_broker_is_reported_not_raised(tmp_path: Path) -> None:
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
-                                  "MMBATCH_BROKER_URL": f"redis://127.0.0.1:{_free_port()}/0"})
+                                  "MMBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
     metrics = WorkerMetrics()
     metrics.registry.register(QueueDepthCollector(create_celery(settings), (MODEL_QUEUE,)))
     from prometheus_client import generate_latest

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import threading
 import zlib
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from werkzeug.serving import make_server
 
 from mmbatch.settings import Settings
 from tests.conftest import make_key
+from tests.util import tar_bytes
 from web.app import create_app
 from web.openapi import OPENAPI_PATH, document
 
@@ -60,17 +60,7 @@ def _png() -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-TAR = _tar({"a/x.txt": b"hello", "labels.csv": b"a/x,cat\n"})
+TAR = tar_bytes({"a/x.txt": b"hello", "labels.csv": b"a/x,cat\n"})
 
 
 @dataclass

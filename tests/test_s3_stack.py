@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
-import tarfile
 import time
 import wave
 from collections.abc import Iterator
@@ -23,14 +21,9 @@ from store.blobs import open_blob_store
 from tests.conftest import make_key
 from tests.s3 import make_bucket, s3_env
 from tests.test_metrics import samples
+from tests.util import free_port, write_tar
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
@@ -55,12 +48,7 @@ def _archive(path: Path) -> Path:
     files = {"red.png": _png((200, 30, 30)), "red.txt": b"a red square",
              "blue.png": _png((30, 30, 200)), "blue.wav": _wav(),
              "note.txt": b"words alone"}
-    with tarfile.open(path, "w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, files)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +56,11 @@ def stack(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     data = tmp_path_factory.mktemp("s3stack")
     bucket = make_bucket(s3_endpoint)
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data),
-                                  "MMBATCH_WORKER_METRICS_PORT": str(_free_port()),
+                                  "MMBATCH_WORKER_METRICS_PORT": str(free_port()),
                                   "MMBATCH_DECODE_ISOLATION": "off",
                                   **s3_env(s3_endpoint, bucket, "mmbatch")})
     key = make_key(settings.db_url)
-    with Stack(settings, "127.0.0.1", _free_port(), log_dir=data / "logs") as running:
+    with Stack(settings, "127.0.0.1", free_port(), log_dir=data / "logs") as running:
         # Submit once the worker has declared its queues: kombu's SQLAlchemy transport lets a
         # first enqueue and a worker starting up race to create the same queue row.
         deadline = time.monotonic() + 120
