@@ -78,14 +78,13 @@ def test_eps_never_reaches_ghostscript() -> None:
         decode_image(eps, "x.png")
 
 
+@pytest.mark.timeout(30)  # a hang guard, not a speed check: allocating 10^10 pixels would not end
 @pytest.mark.parametrize("width,height", [(100_000, 100_000), (70_000, 1_000), (2**31 - 1, 1)])
 def test_pixel_bomb_headers_fail_before_any_pixel_is_allocated(width: int, height: int) -> None:
     data = _forge_png_size(_png(), width, height)
-    started = time.monotonic()
     with pytest.raises(MediaError, match=rf"^image b\.png: .*(over the limit of 64000000|too many"
                                          r" pixels)"):
         decode_image(data, "b.png")
-    assert time.monotonic() - started < 1
 
 
 def test_forged_png_size_within_the_limit_is_a_corrupt_image() -> None:
@@ -104,10 +103,9 @@ def test_png_cut_anywhere_is_a_media_error(cut: int) -> None:
 
 def test_huge_text_is_cut_without_decoding_all_of_it() -> None:
     data = "ä".encode() * (20 * 1024 * 1024)  # 40 MiB
-    started = time.monotonic()
+    # the invalid byte at the very end is never reached: what is past the kept part is not decoded
     text = decode_text(data + b"\xff", "big.txt", max_chars=1000)
     assert text == "ä" * 1000
-    assert time.monotonic() - started < 0.5
 
 
 @pytest.mark.parametrize("data,offset", [(b"\xff", 0), (b"ok \xc3", 3), (b"\xed\xa0\x80", 0),
@@ -122,11 +120,10 @@ def test_invalid_utf8_forms_are_media_errors(data: bytes, offset: int) -> None:
 # --- audio -------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)  # a hang guard: the exact kernel took 45 s (and 12 GB); now ~0.1 s
 def test_odd_sample_rate_resamples_in_bounded_time() -> None:
     """44,101 Hz took 45 s and 12 GB with the exact sinc kernel; now it is rounded first."""
-    started = time.monotonic()
     out = decode_audio(_wav(_tone(1.0, 44_101), 44_101), "odd.wav")
-    assert time.monotonic() - started < 5
     assert abs(len(out) - 16_000) <= 2
 
 
@@ -226,12 +223,11 @@ def test_sandbox_decodes_like_the_module_functions() -> None:
         assert box.restarts == 0 and len(box.pids) == 1  # one child did all of it
 
 
+@pytest.mark.timeout(60)  # a hang guard: the child sleeps for an hour unless it is stopped
 def test_a_hanging_decoder_fails_its_item_within_the_limit(sandbox: DecodeSandbox) -> None:
-    started = time.monotonic()
     with pytest.raises(MediaError, match=r"^image x/hang\.png: decoding took longer than 3 s "
                                          r"\(stopped\)$"):
         sandbox.decode_image(_png(), "x/hang.png")
-    assert time.monotonic() - started < 6
     assert sandbox.decode_image(_png(), "next.png").size == (32, 24)  # a new child took over
     assert sandbox.restarts == 1
 
@@ -263,12 +259,11 @@ def test_a_poison_file_among_many_threads_fails_alone(sandbox: DecodeSandbox) ->
             outcomes[name] = str(exc)
 
     threads = [threading.Thread(target=run, args=(n,)) for n in names]
-    started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
-    assert time.monotonic() - started < 20
+        t.join(timeout=120)  # a hang guard; the 20 files take a few seconds
+    assert not any(t.is_alive() for t in threads)
     assert sum(v == "ok" for v in outcomes.values()) == 18
     assert "took longer than 3 s" in outcomes["hang.png"]
     assert "crashed" in outcomes["crash.png"]

@@ -483,6 +483,8 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
                 data = _MemberReader(f, labels_entry, budget).read()
         except _TooLarge as exc:
             raise ArchiveError(str(exc)) from exc
+        except NotImplementedError as exc:  # zip: an unsupported compression method
+            raise ArchiveError(f"{LABELS_FILE} cannot be unpacked ({exc})") from exc
         result.labels = parse_labels(data)
         return
     ext = posixpath.splitext(name)[1].lower()
