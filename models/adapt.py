@@ -25,6 +25,7 @@ from models.fusion import FusionClassifier, FusionConfig
 from models.losses import ClassificationLoss, balanced_order
 from models.scratch import ScratchConfig, build_scratch
 from models.training import (
+    BestEpoch,
     FeatureSet,
     TrainConfig,
     _fit_standardization,
@@ -166,9 +167,7 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                                          "lr": encoder_lr or tcfg.lr}]
         optimizer = torch.optim.Adam(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         criterion = ClassificationLoss(tcfg.loss, train.labels, cfg.num_classes, tcfg.gamma)
-        best_state = copy.deepcopy(model.state_dict())
-        best_f1, best_loss, best_epoch, stale, epoch = -1.0, float("inf"), 0, 0, 0
-        stopped = "epochs"
+        best, epoch, stopped = BestEpoch(model, tcfg.patience), 0, "epochs"
         for epoch in range(1, tcfg.epochs + 1):
             model.train()
             order = (balanced_order(train.labels, generator) if tcfg.balanced
@@ -186,31 +185,24 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            if val is not None:
-                f1, val_loss = _macro_f1(model, val)
-                if f1 > best_f1 or (f1 == best_f1 and val_loss < best_loss - 1e-4):
-                    best_f1, best_loss, best_epoch, stale = f1, val_loss, epoch, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    stale += 1
-                    if stale >= tcfg.patience:
-                        stopped = "patience"
-                        break
-            else:
-                best_epoch = epoch
+            if val is None:
+                best.epoch = epoch
+            elif best.update(epoch, *_macro_f1(model, val)):
+                stopped = "patience"
+                break
             if on_epoch is not None:
                 on_epoch(epoch)
             if time.perf_counter() - started >= budget_seconds:
                 stopped = "budget"
                 break
         if val is not None:
-            model.load_state_dict(best_state)
+            best.restore()
     model.eval()
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {
-        "val_macro_f1": best_f1 if val is not None else None,
+        "val_macro_f1": best.f1 if val is not None else None,
         "epochs": epoch,
-        "best_epoch": best_epoch,
+        "best_epoch": best.epoch,
         "seconds": seconds,
         "seconds_per_epoch": seconds / max(epoch, 1),
         "stopped": stopped,

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from models.checkpoint import load_weights, state_tensors
 from models.registry import EncoderSpec
 
 ARCHS = {"image": "scratch_image_cnn", "text": "scratch_byte_cnn", "audio": "scratch_logmel_cnn"}
@@ -203,23 +203,13 @@ def _logmel(cfg: ScratchConfig, wave: Any) -> torch.Tensor:
 
 def save_encoder(module: nn.Module) -> bytes:
     """The encoder's weights (and BatchNorm statistics) as safetensors bytes."""
-    return save_tensors({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                        metadata={"format": "mmbatch.scratch"})
+    return save_tensors(state_tensors(module), metadata={"format": "mmbatch.scratch"})
 
 
 def load_encoder(cfg: ScratchConfig, data: bytes) -> nn.Module:
     """Rebuild an encoder saved by :func:`save_encoder` (CPU, eval mode); every tensor must
     match the architecture ``cfg`` describes."""
-    module = build_scratch(cfg)
-    try:
-        tensors = load_tensors(bytes(data))
-    except Exception as exc:  # safetensors raises its own error types for corrupt data
-        raise ValueError(f"unreadable scratch encoder weights: {exc}") from exc
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"scratch encoder weights do not match its config: {exc}") from exc
-    return module.eval()
+    return load_weights(build_scratch(cfg), data, "scratch encoder")
 
 
 def encoder_version(cfg: ScratchConfig, weights_blob: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.fusion import FusionClassifier, FusionConfig
 from models.losses import LOSSES, ClassificationLoss, balanced_order
@@ -98,6 +99,30 @@ class TrainConfig:
             raise ValueError(f"select must be 'full' or 'robust', got {self.select!r}")
         if not self.aux_weight >= 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight!r}")
+
+
+class BestEpoch:
+    """Early stopping on a validation score: keeps the weights of the best epoch (higher macro
+    F1; on a tie, a loss lower by more than 1e-4) and says when ``patience`` epochs have passed
+    without a better one."""
+
+    def __init__(self, model: nn.Module, patience: int) -> None:
+        self.model, self.patience = model, patience
+        self.state = copy.deepcopy(model.state_dict())
+        self.f1, self.loss, self.epoch, self.stale = -1.0, float("inf"), 0, 0
+
+    def update(self, epoch: int, f1: float, loss: float) -> bool:
+        """Score one epoch; True when training should stop (patience ran out)."""
+        if f1 > self.f1 or (f1 == self.f1 and loss < self.loss - 1e-4):
+            self.f1, self.loss, self.epoch, self.stale = f1, loss, epoch, 0
+            self.state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self) -> None:
+        """Put the best epoch's weights back into the model."""
+        self.model.load_state_dict(self.state)
 
 
 def _check(data: FeatureSet, cfg: FusionConfig, what: str) -> None:
@@ -296,8 +321,7 @@ def fit(
         optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         criterion = ClassificationLoss(tcfg.loss, train.labels, cfg.num_classes, tcfg.gamma)
 
-        best_state = copy.deepcopy(model.state_dict())
-        best_f1, best_loss, best_epoch, stale, epoch = -1.0, float("inf"), 0, 0, 0
+        best, epoch = BestEpoch(model, tcfg.patience), 0
         for epoch in range(1, tcfg.epochs + 1):
             model.train()
             if tcfg.balanced:
@@ -318,18 +342,12 @@ def fit(
                 loss.backward()
                 optimizer.step()
             if val is None:
-                best_epoch = epoch
+                best.epoch = epoch
                 continue
-            f1, val_loss = _selection_score(model, val, tcfg.select)
-            if f1 > best_f1 or (f1 == best_f1 and val_loss < best_loss - 1e-4):
-                best_f1, best_loss, best_epoch, stale = f1, val_loss, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= tcfg.patience:
-                    break
+            if best.update(epoch, *_selection_score(model, val, tcfg.select)):
+                break
         if val is not None:
-            model.load_state_dict(best_state)
+            best.restore()
     model.eval()
 
     seconds = time.perf_counter() - started
@@ -343,7 +361,7 @@ def fit(
         "val_macro_f1": final[0],
         "val_loss": final[1],
         "epochs": epoch,
-        "best_epoch": best_epoch,
+        "best_epoch": best.epoch,
         "train_size": len(train),
         "val_size": len(val) if val is not None else 0,
         "seconds": seconds,

@@ -135,11 +135,7 @@ def item_ids(session: Session, job_id: str, *, pending_only: bool = False) -> li
     job = get_job(session, job_id)
     ids = sorted(session.scalars(_members(job)))
     if pending_only:
-        written = select(Result.item_id).where(Result.model_version_id == result_model(job),
-                                               Result.item_id.in_(_members(job)))
-        if job.kind == "reprocess":  # an older failed result for the same model is not ours
-            written = written.where(Result.job_id == job.id)
-        done = set(session.scalars(written))
+        done = _written(session, job, _members(job))
         ids = [i for i in ids if i not in done]
     return ids
 
@@ -150,12 +146,17 @@ def pending_among(session: Session, job: Job, ids: Sequence[int]) -> list[int]:
     Costs what the batch costs, not what the job costs: a batch task calls it on every delivery.
     """
     mine = set(belongs(session, job, ids))
+    done = _written(session, job, list(mine))
+    return [i for i in ids if i in mine and i not in done]
+
+
+def _written(session: Session, job: Job, among: Any) -> set[int]:
+    """Of the item ids ``among`` (a list or a select), those the job has written a result for."""
     written = select(Result.item_id).where(Result.model_version_id == result_model(job),
-                                           Result.item_id.in_(list(mine)))
+                                           Result.item_id.in_(among))
     if job.kind == "reprocess":  # an older failed result for the same model is not ours
         written = written.where(Result.job_id == job.id)
-    done = set(session.scalars(written))
-    return [i for i in ids if i in mine and i not in done]
+    return set(session.scalars(written))
 
 
 def belongs(session: Session, job: Job, ids: Sequence[int]) -> list[int]:

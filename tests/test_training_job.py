@@ -4,19 +4,16 @@ real SQLite database: what the model version stores, and the explanation of ever
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.adaptation_report import run_job
 from mmbatch.settings import Settings
 from store import jobs
 from store.migrate import upgrade
 from store.registry import get_model
-from worker.ingest import ingest_job
-from worker.pipeline import process_batch
 from worker.runtime import Runtime
-from worker.training import train_job
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +27,9 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     runtime.close()
 
 
-def _run(rt: Runtime, archive: Path, kind: str, model: int | None = None,
-         options: dict[str, Any] | None = None) -> str:
-    digest = rt.blobs.put_bytes(archive.read_bytes())
-    with rt.db.session() as s:
-        job_id = jobs.create_job(s, kind=kind, archive_blob=digest, archive_name=archive.name,
-                                 archive_bytes=archive.stat().st_size, model_version_id=model,
-                                 options=options).id
-    for batch in ingest_job(rt, job_id):
-        report = process_batch(rt, job_id, batch)
-        if report.next_step == "train":
-            train_job(rt, job_id)
-    return job_id
-
-
 @pytest.fixture(scope="module")
 def trained(rt: Runtime, sample_dir: Any) -> dict[str, Any]:
-    job_id = _run(rt, sample_dir.train, "train",
+    job_id = run_job(rt, sample_dir.train, "train",
                   options={"name": "gated", "epochs": 60, "strategy": "gated",
                            "loss": "weighted", "balanced": True})
     with rt.db.session() as s:
@@ -77,7 +60,7 @@ def test_the_model_version_stores_its_evaluation(rt: Runtime, trained: dict[str,
 
 
 def test_bad_options_fail_the_job_with_a_reason(rt: Runtime, sample_dir: Any) -> None:
-    job_id = _run(rt, sample_dir.train, "train", options={"strategy": "sum", "epochs": 1})
+    job_id = run_job(rt, sample_dir.train, "train", options={"strategy": "sum", "epochs": 1})
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         assert job.state == "failed" and "strategy" in job.error
@@ -85,7 +68,7 @@ def test_bad_options_fail_the_job_with_a_reason(rt: Runtime, sample_dir: Any) ->
 
 def test_every_classify_result_carries_its_explanation(rt: Runtime, sample_dir: Any,
                                                        trained: dict[str, Any]) -> None:
-    job_id = _run(rt, sample_dir.unlabelled, "classify", model=trained["id"])
+    job_id = run_job(rt, sample_dir.unlabelled, "classify", model=trained["id"])
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         assert job.state == "succeeded"
