@@ -1,10 +1,12 @@
-"""Training with scratch encoders (models.scratch) end to end with the fusion, and ``auto``:
-per modality, frozen features or a scratch encoder, whichever validates better within a time
-budget.
+"""Training with scratch encoders (models.scratch) or finetuned pretrained tops
+(models.finetune) end to end with the fusion, and ``auto``: per modality, frozen features, a
+scratch encoder or a finetuned top, whichever validates best within a time budget.
 
 Modalities in ``frozen`` mode feed cached features, as in models.training; those in
 ``scratch`` mode feed raw inputs (pixels, byte tokens, log-mels) through their encoder, trained
-with the fusion from random weights. After training, the scratch encoders turn every item into
+with the fusion from random weights; those in ``finetune`` mode feed the cached activations
+below the pretrained encoder's last blocks through those blocks, trained from the pretrained
+weights at a smaller learning rate. After training, the encoders turn every item into
 features, so evaluation, calibration and explanations run on a plain FeatureSet and the fusion
 checkpoint is the usual one.
 """
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.finetune import LR_FACTOR, spec_augment
 from models.fusion import FusionClassifier, FusionConfig
 from models.losses import ClassificationLoss, balanced_order
 from models.scratch import ScratchConfig, build_scratch
@@ -34,8 +37,8 @@ from models.training import (
     fit,
 )
 
-MODES = ("frozen", "scratch", "auto")
-AUTO_MARGIN = 0.01  # auto keeps frozen unless scratch validates better by more than this
+MODES = ("frozen", "finetune", "scratch", "auto")
+AUTO_MARGIN = 0.01  # auto keeps frozen unless a candidate validates better by more than this
 
 
 @dataclass
@@ -126,20 +129,29 @@ def _macro_f1(model: AdaptedClassifier, data: InputSet) -> tuple[float, float]:
 def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: TrainConfig,
                 scratch: dict[str, ScratchConfig], *, budget_seconds: float = 600.0,
                 init: dict[str, nn.Module] | None = None, encoder_lr: float | None = None,
+                finetune: dict[str, nn.Module] | None = None,
                 on_epoch: Callable[[int], None] | None = None,
                 ) -> tuple[AdaptedClassifier, dict[str, Any]]:
-    """Train the scratch encoders of ``scratch`` (modality -> config) with the fusion, Adam,
-    the loss and modality dropout of ``tcfg``; early stopping on the validation macro F1 with
-    every modality (ties: lower loss), and at ``budget_seconds`` whatever the epoch count.
+    """Train the scratch encoders of ``scratch`` (modality -> config) and the pretrained tops
+    of ``finetune`` (modality -> models.finetune top, fed the cached activations below it) with
+    the fusion, Adam, the loss and modality dropout of ``tcfg``; early stopping on the
+    validation macro F1 with every modality (ties: lower loss), and at ``budget_seconds``
+    whatever the epoch count.
 
-    ``init`` gives encoders to start from (a trial's, in ``auto``); ``on_epoch(epoch)`` is
-    called after every epoch (the worker's heartbeat: a long run must not look stale). Seeded like
-    models.training.fit. Returns the model in eval mode and metrics with ``seconds_per_epoch``
-    and ``stopped`` ("patience", "epochs" or "budget").
+    ``init`` gives scratch encoders to start from (a trial's, in ``auto``); ``encoder_lr`` is
+    theirs (default: the fusion's); finetuned tops learn at models.finetune.LR_FACTOR times the
+    fusion's rate, and neither ``init`` nor ``finetune`` modules are modified (copies train).
+    ``on_epoch(epoch)`` is called after every epoch (the worker's heartbeat: a long run must not
+    look stale). Seeded like models.training.fit. Returns the model in eval mode and metrics
+    with ``seconds_per_epoch`` and ``stopped`` ("patience", "epochs" or "budget").
     """
     started = time.perf_counter()
-    if not scratch:
-        raise ValueError("no scratch modality: use models.training.fit")
+    finetune = finetune or {}
+    if not scratch and not finetune:
+        raise ValueError("no scratch or finetune modality: use models.training.fit")
+    if set(scratch) & set(finetune):
+        raise ValueError(f"a modality cannot be both scratch and finetune: "
+                         f"{sorted(set(scratch) & set(finetune))}")
     for m, scfg in scratch.items():
         if scfg.dim != cfg.input_dims.get(m):
             raise ValueError(f"the fusion takes {cfg.input_dims.get(m)} {m} features, "
@@ -153,18 +165,24 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
         generator = torch.Generator().manual_seed(tcfg.seed)
         encoders = {m: copy.deepcopy(init[m]) if init and m in init else build_scratch(s)
                     for m, s in scratch.items()}
+        tuned = {m: copy.deepcopy(top).requires_grad_(True) for m, top in finetune.items()}
         fusion = FusionClassifier(cfg)
-        frozen = [m for m in cfg.input_dims if m not in scratch]
-        if frozen:
+        if len(scratch) < len(cfg.input_dims):
+            # Frozen features as they are, finetuned tops' as they start (the pretrained
+            # features); scratch modalities keep the identity.
             _fit_standardization(fusion, FeatureSet(
-                {m: train.inputs[m].float() if m in frozen else
-                 torch.zeros(len(train), cfg.input_dims[m]) for m in cfg.input_dims},
+                {m: _initial_features(tuned[m], train.inputs[m]) if m in tuned else
+                 torch.zeros(len(train), cfg.input_dims[m]) if m in scratch else
+                 train.inputs[m].float() for m in cfg.input_dims},
                 train.mask, train.labels))
-        model = AdaptedClassifier(fusion, encoders)
-        groups: list[dict[str, Any]] = [{"params": list(fusion.parameters())},
-                                        {"params": [p for e in encoders.values()
-                                                    for p in e.parameters()],
-                                         "lr": encoder_lr or tcfg.lr}]
+        model = AdaptedClassifier(fusion, {**encoders, **tuned})
+        groups: list[dict[str, Any]] = [{"params": list(fusion.parameters())}]
+        if encoders:
+            groups.append({"params": [p for e in encoders.values() for p in e.parameters()],
+                           "lr": encoder_lr or tcfg.lr})
+        if tuned:
+            groups.append({"params": [p for e in tuned.values() for p in e.parameters()],
+                           "lr": tcfg.lr * LR_FACTOR})
         optimizer = torch.optim.Adam(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         criterion = ClassificationLoss(tcfg.loss, train.labels, cfg.num_classes, tcfg.gamma)
         best, epoch, stopped = BestEpoch(model, tcfg.patience), 0, "epochs"
@@ -179,6 +197,8 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                 inputs = {m: x[idx] for m, x in train.inputs.items()}
                 if "image" in scratch:
                     inputs["image"] = _shift_images(inputs["image"], generator)
+                if "audio" in tuned:
+                    inputs["audio"] = spec_augment(inputs["audio"], generator)
                 mask = drop_modalities(train.mask[idx], tcfg.modality_dropout, generator)
                 logits, _ = model(inputs, mask)
                 loss = criterion(logits, train.labels[idx])
@@ -210,6 +230,14 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
     return model, metrics
 
 
+def _initial_features(top: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """A finetune top's features (N, D) before training, in eval mode, without gradients."""
+    top.eval()
+    with torch.no_grad():
+        parts = [top(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts)
+
+
 def _only(data: InputSet, column: int, modality: str) -> InputSet:
     """The items that have ``modality``, with that modality alone."""
     idx = torch.nonzero(data.mask[:, column]).flatten()
@@ -221,22 +249,30 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
                  scratch: dict[str, ScratchConfig], num_classes: int, tcfg: TrainConfig,
                  budget_seconds: float, frozen_train: FeatureSet, frozen_val: FeatureSet,
                  on_epoch: Callable[[int], None] | None = None,
+                 tops: dict[str, nn.Module] | None = None,
+                 tuned_train: InputSet | None = None, tuned_val: InputSet | None = None,
                  ) -> tuple[dict[str, str], dict[str, Any], dict[str, nn.Module]]:
-    """``auto``: for each modality of ``scratch``, a single-modality model on frozen features
-    and one with the scratch encoder; keep scratch where it validates better by AUTO_MARGIN.
+    """``auto``: for each modality of ``scratch`` or ``tops``, a single-modality model on
+    frozen features and one per candidate: the scratch encoder (raw inputs of ``train``/
+    ``val``) and the finetuned pretrained top (cached activations of ``tuned_train``/
+    ``tuned_val``). The best candidate is kept where it validates better than frozen by
+    AUTO_MARGIN (a tie between candidates goes to scratch: far cheaper to serve).
 
-    ``train``/``val`` carry raw inputs for the scratch candidates, ``frozen_train``/``frozen_val``
-    the cached features of every modality (``features``: modality -> dim, mask column order).
-    Each scratch trial gets an equal share of ``budget_seconds``. Returns the chosen modes,
-    a report per modality (scores, seconds per epoch, the reason) and the trained scratch
-    encoders (to start the final model from).
+    ``frozen_train``/``frozen_val`` carry the cached features of every modality
+    (``features``: modality -> dim, mask column order). Each trial gets an equal share of
+    ``budget_seconds``. Returns the chosen modes, a report per modality (each candidate's
+    scores and seconds per epoch, the reason) and the trained encoders of the chosen
+    candidates (to start the final model from).
     """
+    tops = tops or {}
     modes = {m: "frozen" for m in features}
     report: dict[str, Any] = {}
     trained: dict[str, nn.Module] = {}
-    share = budget_seconds / max(len(scratch), 1)
+    trials = len(scratch) + len(tops)
+    share = budget_seconds / max(trials, 1)
     columns = {m: i for i, m in enumerate(features)}
-    for m, scfg in scratch.items():
+    single = TrainConfig(**{**_fields(tcfg), "modality_dropout": 0.0, "select": "full"})
+    for m in [m for m in features if m in scratch or m in tops]:
         col = columns[m]
         ftrain = FeatureSet({m: frozen_train.features[m][frozen_train.mask[:, col]]},
                             torch.ones(int(frozen_train.mask[:, col].sum()), 1, dtype=torch.bool),
@@ -247,31 +283,45 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
         if len(ftrain) == 0 or len(fval) == 0:
             report[m] = {"mode": "frozen", "why": "no validation items with this modality"}
             continue
-        single = TrainConfig(**{**_fields(tcfg), "modality_dropout": 0.0, "select": "full"})
         _, frozen_metrics = fit(ftrain, fval, FusionConfig({m: features[m]}, num_classes), single)
-        strain, sval = _only(train, col, m), _only(val, col, m)
-        encoder_model, scratch_metrics = fit_adapted(
-            strain, sval, FusionConfig({m: scfg.dim}, num_classes), single, {m: scfg},
-            budget_seconds=share, on_epoch=on_epoch)
-        trained[m] = encoder_model.encoders[m]
         f_frozen = float(frozen_metrics["val_macro_f1"])
-        f_scratch = float(scratch_metrics["val_macro_f1"])
-        if f_scratch > f_frozen + AUTO_MARGIN:
-            modes[m] = "scratch"
-            why = (f"scratch validated better alone: macro F1 {f_scratch:.3f} against "
+        entry: dict[str, Any] = {"frozen": {"val_macro_f1": f_frozen,
+                                            "epochs": frozen_metrics["epochs"],
+                                            "seconds_per_epoch": frozen_metrics["seconds_per_epoch"]}}
+        candidates: dict[str, tuple[float, nn.Module]] = {}
+        if m in scratch:
+            model, metrics = fit_adapted(
+                _only(train, col, m), _only(val, col, m),
+                FusionConfig({m: scratch[m].dim}, num_classes), single, {m: scratch[m]},
+                budget_seconds=share, on_epoch=on_epoch)
+            candidates["scratch"] = (float(metrics["val_macro_f1"]), model.encoders[m])
+            entry["scratch"] = _trial(metrics)
+        if m in tops:
+            if tuned_train is None or tuned_val is None:
+                raise ValueError("finetune candidates need tuned_train and tuned_val")
+            model, metrics = fit_adapted(
+                _only(tuned_train, col, m), _only(tuned_val, col, m),
+                FusionConfig({m: features[m]}, num_classes), single, {},
+                finetune={m: tops[m]}, budget_seconds=share, on_epoch=on_epoch)
+            candidates["finetune"] = (float(metrics["val_macro_f1"]), model.encoders[m])
+            entry["finetune"] = _trial(metrics)
+        best = max(candidates, key=lambda c: candidates[c][0])  # dict order: scratch first
+        f_best = candidates[best][0]
+        if f_best > f_frozen + AUTO_MARGIN:
+            modes[m] = best
+            trained[m] = candidates[best][1]
+            why = (f"{best} validated better alone: macro F1 {f_best:.3f} against "
                    f"{f_frozen:.3f} frozen")
         else:
             why = (f"frozen validated as well alone (macro F1 {f_frozen:.3f} against "
-                   f"{f_scratch:.3f} scratch) and costs less")
-        report[m] = {
-            "mode": modes[m], "why": why,
-            "frozen": {"val_macro_f1": f_frozen, "epochs": frozen_metrics["epochs"],
-                       "seconds_per_epoch": frozen_metrics["seconds_per_epoch"]},
-            "scratch": {"val_macro_f1": f_scratch, "epochs": scratch_metrics["epochs"],
-                        "seconds_per_epoch": scratch_metrics["seconds_per_epoch"],
-                        "stopped": scratch_metrics["stopped"]},
-        }
+                   f"{f_best:.3f} {best}) and costs less")
+        report[m] = {"mode": modes[m], "why": why, **entry}
     return modes, report, trained
+
+
+def _trial(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"val_macro_f1": float(metrics["val_macro_f1"]), "epochs": metrics["epochs"],
+            "seconds_per_epoch": metrics["seconds_per_epoch"], "stopped": metrics["stopped"]}
 
 
 def _fields(tcfg: TrainConfig) -> dict[str, Any]:

@@ -131,7 +131,10 @@ def seeded_cnn(seed: int = CNN_SEED) -> AudioCNN:
 
 
 class AudioEncoder:
-    """16 kHz mono waveforms -> 256-d features: CNN (128) + band means (64) + band stds (64)."""
+    """16 kHz mono waveforms -> 256-d features: CNN (128) + band means (64) + band stds (64).
+
+    ``finetuned``: the CNN weights of a train job (models.finetune), instead of the seeded
+    ones; the encoder then reports ``version``, which names them."""
 
     spec: EncoderSpec = SPEC
 
@@ -141,6 +144,8 @@ class AudioEncoder:
         max_batch: int = 32,
         max_batch_frames: int = 32 * 3000,
         precision: str = "fp32",
+        finetuned: bytes | None = None,
+        version: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -153,7 +158,13 @@ class AudioEncoder:
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS
         )  # stays on the CPU: preprocessing runs in worker threads
-        self.model = seeded_cnn().eval().requires_grad_(False).to(self.device)
+        cnn = seeded_cnn()
+        if finetuned is not None:  # a train job's CNN (models.finetune)
+            from models.finetune import finetuned_spec, load_top
+
+            load_top("audio", cnn, finetuned)
+            self.spec = finetuned_spec(SPEC, version)
+        self.model = cnn.eval().requires_grad_(False).to(self.device)
 
     def preprocess(self, wave: np.ndarray) -> torch.Tensor:
         """1-D float waveform at 16 kHz -> log-mel (64, T)."""

@@ -146,7 +146,10 @@ def preprocess_image(img: Image.Image) -> torch.Tensor:
 
 
 class ImageEncoder:
-    """Frozen EfficientNet-Lite0: (3, 224, 224) images -> 1280-d pooled features."""
+    """Frozen EfficientNet-Lite0: (3, 224, 224) images -> 1280-d pooled features.
+
+    ``finetuned``: the weights of a train job's last stage (models.finetune), loaded over the
+    pretrained ones; the encoder then reports ``version``, which names them."""
 
     spec: EncoderSpec = SPEC
 
@@ -158,6 +161,8 @@ class ImageEncoder:
         precision: str = "fp32",
         channels_last: bool = True,
         fold_bn: bool = True,
+        finetuned: bytes | None = None,
+        version: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -169,6 +174,11 @@ class ImageEncoder:
         with torch.random.fork_rng(devices=[]):  # the discarded random init draws from it
             model = build_model()
         load_weights(model, weights_path if weights_path is not None else default_weights_path())
+        if finetuned is not None:  # a train job's last stage over the pretrained network
+            from models.finetune import finetuned_spec, load_top
+
+            load_top("image", model, finetuned)
+            self.spec = finetuned_spec(SPEC, version)
         model.eval().requires_grad_(False)
         if fold_bn:
             # Every BatchNorm follows a convolution: folded, the network runs ~1.7x faster in

@@ -47,7 +47,10 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 class TextEncoder:
-    """Frozen MiniLM sentence encoder: strings -> 384-d unit vectors."""
+    """Frozen MiniLM sentence encoder: strings -> 384-d unit vectors.
+
+    ``finetuned``: the weights of a train job's last layer (models.finetune), loaded over the
+    pretrained ones; the encoder then reports ``version``, which names them."""
 
     spec: EncoderSpec = SPEC
 
@@ -57,6 +60,8 @@ class TextEncoder:
         model_path: str | Path | None = None,
         max_batch: int = 64,
         precision: str = "fp32",
+        finetuned: bytes | None = None,
+        version: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -69,6 +74,11 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         with torch.random.fork_rng(devices=[]):  # any random init would draw from it
             model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        if finetuned is not None:  # a train job's last layer over the pretrained model
+            from models.finetune import finetuned_spec, load_top
+
+            load_top("text", model, finetuned)
+            self.spec = finetuned_spec(SPEC, version)
         model.eval().requires_grad_(False)
         self.model = model.to(self.device)
         # A fast tokenizer mutates its truncation/padding state on each call and is not safe to

@@ -20,8 +20,10 @@ def test_modes_from_options() -> None:
     assert modes({}, ["image", "text"]) == {"image": "frozen", "text": "frozen"}
     assert modes({"mode": "scratch", "text_mode": "auto"}, ["image", "text", "audio"]) == {
         "image": "scratch", "text": "auto", "audio": "scratch"}
-    with pytest.raises(ValueError, match="unknown image mode 'finetune'"):
-        modes({"image_mode": "finetune"}, ["image"])
+    assert modes({"mode": "finetune", "audio_mode": "frozen"}, ["image", "audio"]) == {
+        "image": "finetune", "audio": "frozen"}
+    with pytest.raises(ValueError, match="unknown image mode 'tuned'"):
+        modes({"image_mode": "tuned"}, ["image"])
 
 
 def test_heartbeat_touches_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

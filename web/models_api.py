@@ -33,7 +33,7 @@ models_api.before_request(auth.authenticate)
 STRATEGIES = ("concat", "weighted", "gated", "attention", "hierarchical", "late")
 LOSSES = ("ce", "weighted", "focal")
 # worker.adaptation.MODES: how each modality's encoder is trained.
-ENCODER_MODES = ("frozen", "scratch", "auto")
+ENCODER_MODES = ("frozen", "finetune", "scratch", "auto")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 ECE_BINS = 15  # as models.evaluation
@@ -45,7 +45,8 @@ def _services() -> Any:
 
 def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
     """A train job's model options from its form: strategy, loss, gamma, balanced,
-    modality_dropout, patience, encoder modes (``mode``, ``<modality>_mode``) and ``budget``.
+    modality_dropout, patience, encoder modes (``mode``, ``<modality>_mode``), ``budget`` and
+    ``stacking_folds`` (late fusion only).
     Raises ApiError 400 ``invalid_<field>`` for a bad value."""
     options: dict[str, Any] = {}
     for field, choices in (("strategy", STRATEGIES), ("loss", LOSSES)):
@@ -98,6 +99,19 @@ def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
         if not 1 <= patience <= 10_000:
             raise ApiError(400, "invalid_patience", "patience must be between 1 and 10000")
         options["patience"] = patience
+    raw = form.get("stacking_folds", "").strip()
+    if raw:
+        try:
+            folds = int(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_stacking_folds", "stacking_folds must be an integer")
+        if folds != 0 and not 2 <= folds <= 10:
+            raise ApiError(400, "invalid_stacking_folds",
+                           "stacking_folds must be 0 (joint training) or between 2 and 10")
+        if folds and options.get("strategy") != "late":
+            raise ApiError(400, "invalid_stacking_folds",
+                           "stacking_folds applies to strategy=late only")
+        options["stacking_folds"] = folds
     return options
 
 

@@ -118,6 +118,15 @@ def encoder_mismatch(rt: Runtime, model: dict[str, Any]) -> str | None:
     for modality, trained in sorted(model["encoders"].items()):
         if trained.get("mode") == "scratch":
             continue  # the model's own encoder (worker.adaptation), shipped with it
+        if trained.get("mode") == "finetune":
+            # Its own top over this worker's pretrained bottom: the bottom must be the same.
+            from models.registry import SPECS
+
+            if trained.get("base_version") != SPECS[modality].version:
+                return (f"model {model['id']} finetuned {modality} encoder "
+                        f"{trained.get('base_version')!r}; this worker has "
+                        f"{SPECS[modality].version!r}: retrain the model")
+            continue
         current = rt.encoder(modality).spec.version
         if trained.get("version") != current:
             return (f"model {model['id']} was trained on {modality} encoder "
@@ -132,13 +141,13 @@ def encode_items(rt: Runtime, items: Sequence[dict[str, Any]],
     One cache read for all modalities; the misses of all modalities are decoded ahead of the
     encoders (worker.encoding) and the new features written in one transaction. An item fails
     with the error of its first modality (image, text, audio) that cannot be decoded. A model
-    trained with scratch encoders brings its own for those modalities, cached under their own
-    versions.
+    trained with scratch or finetuned encoders brings its own for those modalities, cached
+    under their own versions.
     """
     from models.registry import SPECS
-    from worker.adaptation import scratch_encoders
+    from worker.adaptation import own_encoders
 
-    own = scratch_encoders(rt, model) if model is not None else {}
+    own = own_encoders(rt, model) if model is not None else {}
     wanted = {m: {it["id"]: it["media"][m] for it in items if m in it["media"]}
               for m in MODALITIES}
     versions = {m: own[m].spec.version if m in own else SPECS[m].version for m in MODALITIES}
@@ -177,7 +186,7 @@ def _encode_blobs(rt: Runtime, refs: Sequence[MediaRef], own: dict[str, Any] | N
                   ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str]]:
     """Read, decode and preprocess in the decode threads, ahead of the encoders, which take
     each modality in chunks of its batch size; (modality, blob) -> features, or -> error.
-    ``own``: a model's scratch encoders, used instead of the frozen ones for their modality."""
+    ``own``: a model's own encoders, used instead of the frozen ones for their modality."""
     if not refs:
         return {}, {}
     own = own or {}

@@ -29,7 +29,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._encoders: dict[str, Any] = {}
         self._classifiers: dict[int, Any] = {}
-        self._scratch: dict[str, Any] = {}  # weights blob -> models.scratch encoder
+        self._scratch: dict[str, Any] = {}  # weights blob -> a model's own encoder
         self._pool: ThreadPoolExecutor | None = None
         self._device: Any = None
         self._sandbox: Any = None
@@ -143,6 +143,23 @@ class Runtime:
                 module = load_encoder(cfg, self.blobs.read(weights_blob))
                 self._scratch[weights_blob] = ScratchFeatureEncoder(
                     cfg, module, version, device, max_batch=self.batch_sizes[modality])
+            return self._scratch[weights_blob]
+
+    def finetuned_encoder(self, modality: str, weights_blob: str, version: str) -> Any:
+        """A pretrained encoder with a model's own finetuned top (models.finetune), built like
+        the frozen one (device, precision, batch size) and loaded once per process."""
+        device = self.device
+        with self._lock:
+            if weights_blob not in self._scratch:
+                from models.registry import build_encoder
+
+                started = time.perf_counter()
+                self._scratch[weights_blob] = build_encoder(
+                    modality, device, precision=self.settings.precision,
+                    max_batch=self.batch_sizes[modality],
+                    finetuned=self.blobs.read(weights_blob), version=version)
+                log.info("model_loaded modality=%s finetuned=%s seconds=%.2f", modality,
+                         version, time.perf_counter() - started)
             return self._scratch[weights_blob]
 
     def after_fork(self) -> None:

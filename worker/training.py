@@ -12,7 +12,7 @@ from store import features as feature_cache
 from store import jobs
 from store.registry import register_model
 from store.schema import NO_MODEL, Item, Result
-from worker.adaptation import DEFAULT_BUDGET_SECONDS, encoder_modes, save_scratch, train_adapted
+from worker.adaptation import DEFAULT_BUDGET_SECONDS, encoder_modes, save_encoders, train_adapted
 from worker.pipeline import MODALITIES, stack_features
 from worker.runtime import Runtime
 from worker.shift import store_training_summary
@@ -52,7 +52,8 @@ def train_job(rt: Runtime, job_id: str) -> int | None:
 
 def model_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A train job's fusion and training options (as web/api.py ``_job_options`` validated
-    them): FusionConfig keywords and TrainConfig keywords. Unknown keys are ignored."""
+    them): FusionConfig keywords and TrainConfig keywords. Unknown keys are ignored; a bad
+    ``stacking_folds`` (fit would reject it only after the split) raises TrainingError."""
     fusion: dict[str, Any] = {}
     training: dict[str, Any] = {}
     if options.get("strategy"):
@@ -67,6 +68,16 @@ def model_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         training["modality_dropout"] = float(options["modality_dropout"])
     if options.get("patience") is not None:
         training["patience"] = int(options["patience"])
+    if options.get("stacking_folds") is not None:
+        folds = options["stacking_folds"]
+        if isinstance(folds, bool) or not isinstance(folds, int) or not (
+                folds == 0 or 2 <= folds <= 10):
+            raise TrainingError(f"bad training options: stacking_folds must be 0 or 2..10, "
+                                f"got {folds!r}")
+        if folds and fusion.get("strategy") != "late":
+            raise TrainingError("bad training options: stacking_folds applies to "
+                                "strategy=late only")
+        training["stacking_folds"] = folds
     return fusion, training
 
 
@@ -126,7 +137,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
              len(classes), cfg.strategy, tcfg.loss, tcfg.balanced,
              ",".join(f"{m}:{mode}" for m, mode in modes.items()))
     assert train_set is not None
-    scratch_section: dict[str, Any] = {}
+    own_sections: dict[str, Any] = {}
     registry = {m: {"name": encoders[m].name, "version": encoders[m].version,
                     "dim": encoders[m].dim} for m in present}
     adaptation = None
@@ -137,7 +148,7 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
                             val_set, len(classes), fusion_kw, tcfg, budget)
         model, fit_metrics = out["fusion"], out["metrics"]
         train_set, val_set = out["train"], out["val"]
-        scratch_section, own = save_scratch(rt, out["encoders"], out["configs"])
+        own_sections, own = save_encoders(rt, out["encoders"], out["configs"])
         registry.update(own)
         adaptation = out["report"]
     metrics: dict[str, Any] = dict(fit_metrics)
@@ -163,8 +174,8 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     data, config = save_checkpoint(model.cpu())
     config["temperature"] = temperature  # worker/pipeline.py classify applies it
     config["shift"] = shift  # worker/shift.py compares classify jobs with it
-    if scratch_section:
-        config["scratch"] = scratch_section  # worker/adaptation.py loads them for inference
+    # "scratch" and "finetune" sections: worker/adaptation.py loads them for inference
+    config.update(own_sections)
     blob = rt.blobs.put_bytes(data)
     with rt.db.session() as s:
         mv = register_model(
