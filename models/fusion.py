@@ -14,7 +14,8 @@ The strategies differ in how the projections are combined:
 - ``hierarchical``: two levels, pairwise fusions of every two present modalities, then an
   attention pooling over the single-modality and pairwise units;
 - ``late``: decision-level fusion, one classifier per modality, their log-probabilities combined
-  as ``Σ_i w_i log p_i(c)`` with learned softmax weights over the present modalities.
+  as ``Σ_i w_i log p_i(c)`` with learned softmax weights over the present modalities (trained
+  jointly with the classifiers, or stacked on out-of-fold predictions: models/training.py).
 
 All of them take any subset of modalities per item, and a masked modality's features cannot
 change any output, NaN included: masked positions are replaced (``torch.where``) before use, and
@@ -390,10 +391,24 @@ class FusionClassifier(nn.Module):
         unimodal = torch.stack(
             [self.modality_heads[m](proj[:, i]) for i, m in enumerate(self.modalities)], dim=1
         )  # (B, M, C)
-        weights = masked_softmax(self.modality_logits.expand(mask.shape), mask)  # (B, M)
-        log_probs = torch.log_softmax(unimodal, dim=-1)  # (B, M, C)
-        # A weighted product of the per-modality distributions (log-linear pooling); missing
-        # modalities have weight exactly 0, and their log-probabilities are finite.
-        logits = (weights[:, :, None] * log_probs).sum(dim=1)  # (B, C)
+        logits, weights = combine_late(
+            torch.log_softmax(unimodal, dim=-1), mask, self.modality_logits
+        )  # (B, C), (B, M)
         fused = (weights[:, :, None] * proj).sum(dim=1)  # (B, P)
         return FusionOutput(logits, fused, weights, unimodal)
+
+
+def combine_late(
+    log_probs: torch.Tensor, mask: torch.Tensor, modality_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Late fusion's combination of per-modality predictions: ``Σ_i w_i log p_i(c)`` with
+    ``w = softmax(modality_logits)`` over the present modalities.
+
+    log_probs: (B, M, C); mask: (B, M) bool; modality_logits: (M,) -> logits (B, C) and
+    weights (B, M). A weighted product of the per-modality distributions (log-linear pooling);
+    missing modalities have weight exactly 0, and their log-probabilities must be finite. The
+    forward pass and stacking (models.training) both combine through here, so weights fit on
+    out-of-fold predictions mean at inference what they meant when they were fit.
+    """
+    weights = masked_softmax(modality_logits.expand(mask.shape), mask)  # (B, M)
+    return (weights[:, :, None] * log_probs).sum(dim=1), weights  # (B, C), (B, M)

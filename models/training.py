@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fusion import FusionClassifier, FusionConfig
+from models.fusion import FusionClassifier, FusionConfig, combine_late
 from models.losses import LOSSES, ClassificationLoss, balanced_order
 
 
@@ -75,6 +76,9 @@ class TrainConfig:
     # "robust" = the best mean of that and of the macro F1 with each modality dropped in turn,
     # so that the kept epoch also copes when a modality is missing.
     select: str = "robust"
+    # Late fusion only: 0 trains the per-modality classifiers and their weights jointly; k >= 2
+    # stacks, fitting the weights on k-fold out-of-fold predictions (see fit).
+    stacking_folds: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -99,6 +103,9 @@ class TrainConfig:
             raise ValueError(f"select must be 'full' or 'robust', got {self.select!r}")
         if not self.aux_weight >= 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight!r}")
+        folds = self.stacking_folds
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+            raise ValueError(f"stacking_folds must be 0 (joint) or an int >= 2, got {folds!r}")
 
 
 class BestEpoch:
@@ -292,8 +299,15 @@ def fit(
     loss); without validation data (``None`` or empty) it trains for all epochs. Seeded: the
     same inputs and config give the same model and metrics; the caller's RNG state is left
     untouched. Returns the model in eval mode and its metrics.
+
+    ``tcfg.stacking_folds`` >= 2 (``late`` fusion only) stacks instead of training jointly: see
+    :func:`_fit_stacked`; the result is the same kind of model.
     """
     started = time.perf_counter()
+    if tcfg.stacking_folds and cfg.strategy != "late":
+        raise ValueError(
+            f"stacking_folds applies to the late strategy only, not {cfg.strategy!r}"
+        )
     _check(train, cfg, "train")
     if len(train) == 0:
         raise ValueError("no training items")
@@ -312,7 +326,44 @@ def fit(
             val.mask.cpu(),
             val.labels.cpu(),
         )
+    if tcfg.stacking_folds:
+        model, extra = _fit_stacked(train, val, cfg, tcfg)
+        epoch, best_epoch = extra.pop("epochs"), extra.pop("best_epoch")
+    else:
+        model, epoch, best_epoch = _fit_joint(train, val, cfg, tcfg)
+        extra = {}
+    model.eval()
 
+    seconds = time.perf_counter() - started
+    _, _, train_accuracy = _val_scores(model, train)
+    final: tuple[float | None, float | None, float | None] = (
+        _val_scores(model, val) if val is not None else (None, None, None)
+    )
+    metrics: dict[str, Any] = {
+        "train_accuracy": train_accuracy,
+        "val_accuracy": final[2],
+        "val_macro_f1": final[0],
+        "val_loss": final[1],
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        "train_size": len(train),
+        "val_size": len(val) if val is not None else 0,
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(epoch, 1),
+        "strategy": cfg.strategy,
+        "loss": tcfg.loss,
+        "gamma": tcfg.gamma if tcfg.loss == "focal" else None,
+        "balanced": tcfg.balanced,
+        "seed": tcfg.seed,
+        **extra,
+    }
+    return model, metrics
+
+
+def _fit_joint(
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+) -> tuple[FusionClassifier, int, int]:
+    """fit's training loop on checked CPU data: (model, epochs run, epoch kept)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tcfg.seed)  # weight init and dropout
         generator = torch.Generator().manual_seed(tcfg.seed)  # shuffling and modality dropout
@@ -348,31 +399,146 @@ def fit(
                 break
         if val is not None:
             best.restore()
-    model.eval()
+    return model.eval(), epoch, best.epoch
 
-    seconds = time.perf_counter() - started
-    _, _, train_accuracy = _val_scores(model, train)
-    final: tuple[float | None, float | None, float | None] = (
-        _val_scores(model, val) if val is not None else (None, None, None)
-    )
-    metrics: dict[str, Any] = {
-        "train_accuracy": train_accuracy,
-        "val_accuracy": final[2],
-        "val_macro_f1": final[0],
-        "val_loss": final[1],
-        "epochs": epoch,
-        "best_epoch": best.epoch,
-        "train_size": len(train),
-        "val_size": len(val) if val is not None else 0,
-        "seconds": seconds,
-        "seconds_per_epoch": seconds / max(epoch, 1),
-        "strategy": cfg.strategy,
-        "loss": tcfg.loss,
-        "gamma": tcfg.gamma if tcfg.loss == "focal" else None,
-        "balanced": tcfg.balanced,
-        "seed": tcfg.seed,
+
+# Ridge on the stacked modality logits: keeps them finite when one modality's out-of-fold
+# predictions are perfect (the optimum is then at infinity), negligible otherwise.
+STACKING_RIDGE = 1e-3
+
+
+def _fit_stacked(
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+) -> tuple[FusionClassifier, dict[str, Any]]:
+    """Late fusion by stacking, on checked CPU data.
+
+    Jointly trained weights see each classifier's predictions on items it trains on, so they
+    over-trust the modality whose classifier memorises the training set best. Here:
+
+    1. the training items are split into ``k`` stratified folds (seeded);
+    2. for each fold, every modality's classifier is trained on the other folds alone (as
+       :func:`_fit_modality_heads`) and predicts the fold's items: out-of-fold log-probabilities
+       (N, M, C) for every training item;
+    3. the modality weights (the only parameters late fusion's combination has) are fit on
+       those with :func:`models.fusion.combine_late`, missing modalities masked as at inference;
+    4. the classifiers are trained once more on every training item, and take those weights.
+
+    Returns the model and metrics: ``epochs``/``best_epoch`` (the largest over the final
+    classifiers) and a ``stacking`` section.
+    """
+    k = tcfg.stacking_folds
+    if len(train) < k:
+        raise ValueError(f"stacking_folds={k} needs at least {k} training items, got {len(train)}")
+    folds = stratified_folds(train.labels.tolist(), k, tcfg.seed)
+    oof = torch.zeros(len(train), len(cfg.input_dims), cfg.num_classes)  # (N, M, C)
+    for held in folds:
+        held_set = set(held)
+        rest = [i for i in range(len(train)) if i not in held_set]
+        heads, _ = _fit_modality_heads(train.subset(rest), val, cfg, tcfg)
+        part = train.subset(held)
+        with torch.no_grad():
+            out = heads.forward_details(part.features, part.mask)
+            assert out.unimodal_logits is not None
+            oof[torch.as_tensor(held)] = torch.log_softmax(out.unimodal_logits, dim=-1)
+    criterion = ClassificationLoss(tcfg.loss, train.labels, cfg.num_classes, tcfg.gamma)
+    modality_logits = fit_late_weights(oof, train.mask, train.labels, criterion)
+    with torch.no_grad():
+        oof_logits, _ = combine_late(oof, train.mask, modality_logits)  # (N, C)
+    oof_accuracy = float((oof_logits.argmax(dim=1) == train.labels).float().mean())
+
+    model, epochs = _fit_modality_heads(train, val, cfg, tcfg)
+    with torch.no_grad():
+        model.modality_logits.copy_(modality_logits)
+    weights = torch.softmax(modality_logits, dim=0)  # (M,) with every modality present
+    return model.eval(), {
+        "epochs": max(e for e, _ in epochs.values()),
+        "best_epoch": max(b for _, b in epochs.values()),
+        "stacking": {
+            "folds": k,
+            "modality_weights": {m: float(w) for m, w in zip(model.modalities, weights)},
+            "oof_accuracy": oof_accuracy,
+            "head_epochs": {m: e for m, (e, _) in epochs.items()},
+            "head_best_epochs": {m: b for m, (_, b) in epochs.items()},
+        },
     }
-    return model, metrics
+
+
+def _fit_modality_heads(
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+) -> tuple[FusionClassifier, dict[str, tuple[int, int]]]:
+    """A late fusion model whose per-modality classifiers are each trained alone, with equal
+    modality weights, and each one's (epochs run, epoch kept).
+
+    Each modality's classifier (standardisation, projection, head) is a one-modality late
+    model trained by :func:`fit` on the items that have that modality (the same architecture,
+    loss, sampling and early stopping, on the validation items that have it), then copied in.
+    Modality dropout cannot act on one modality, and the auxiliary loss would only repeat the
+    main one, so both are off. A modality no training item has keeps its initial weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tcfg.seed)
+        model = FusionClassifier(cfg)
+    alone = dataclasses.replace(tcfg, stacking_folds=0, modality_dropout=0.0, aux_weight=0.0)
+    state = model.state_dict()
+    epochs: dict[str, tuple[int, int]] = {}
+    for i, (m, dim) in enumerate(cfg.input_dims.items()):
+        unimodal_train = _one_modality(train, m, i)
+        if len(unimodal_train) == 0:
+            epochs[m] = (0, 0)
+            continue
+        unimodal_val = _one_modality(val, m, i) if val is not None else None
+        one_cfg = dataclasses.replace(cfg, input_dims={m: dim})
+        unimodal, metrics = fit(unimodal_train, unimodal_val, one_cfg, alone)
+        for key, value in unimodal.state_dict().items():
+            if key != "modality_logits":
+                state[key] = value
+        epochs[m] = (int(metrics["epochs"]), int(metrics["best_epoch"]))
+    model.load_state_dict(state)
+    return model.eval(), epochs
+
+
+def _one_modality(data: FeatureSet, modality: str, column: int) -> FeatureSet:
+    """The items of ``data`` that have ``modality``, with that modality only."""
+    rows = data.mask[:, column]  # (N,)
+    return FeatureSet(
+        {modality: data.features[modality][rows]},
+        torch.ones(int(rows.sum()), 1, dtype=torch.bool),
+        data.labels[rows],
+    )
+
+
+def fit_late_weights(
+    log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: ClassificationLoss,
+) -> torch.Tensor:
+    """Late fusion's modality logits (M,) that minimise ``criterion`` on the combination of
+    given per-modality predictions (a small smooth problem: L-BFGS, full batch, from equal
+    weights, deterministic), plus a ridge of STACKING_RIDGE.
+
+    log_probs: (N, M, C) finite; mask: (N, M) bool; labels: (N,). Items with no modality
+    present cannot move the weights and are left out.
+    """
+    some = mask.any(dim=1)  # (N,)
+    log_probs, mask, labels = log_probs[some].detach(), mask[some], labels[some]
+    modality_logits = torch.zeros(mask.shape[1], requires_grad=True)  # (M,)
+    if not len(labels):
+        return modality_logits.detach()
+    optimizer = torch.optim.LBFGS(
+        [modality_logits], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits, _ = combine_late(log_probs, mask, modality_logits)  # (N, C)
+        loss = criterion(logits, labels) + STACKING_RIDGE * modality_logits.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return modality_logits.detach().clone()
 
 
 def _unimodal_loss(
@@ -388,6 +554,29 @@ def _unimodal_loss(
         if mask[:, i].any()
     ]
     return torch.stack(losses).mean() if losses else unimodal.sum() * 0.0
+
+
+def stratified_folds(labels: Sequence[Any], k: int, seed: int) -> list[list[int]]:
+    """Split item indices into ``k`` folds with about the same share of each class.
+
+    Each class's items, shuffled by the seed, are dealt to the folds in turn, continuing where
+    the previous class stopped, so fold sizes differ by at most one. Deterministic for a given
+    seed; each fold is sorted. With fewer than ``k`` items some folds are empty.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an int >= 2, got {k!r}")
+    rng = np.random.default_rng(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0
+    for label in sorted(groups, key=str):  # fixed class order: the draw depends on the seed only
+        members = groups[label]
+        for j in rng.permutation(len(members)):
+            folds[dealt % k].append(members[j])
+            dealt += 1
+    return [sorted(f) for f in folds]
 
 
 def stratified_split(

@@ -256,6 +256,11 @@ TRAIN_OPTIONS: dict[str, Schema] = {
        for field in ("mode", "image_mode", "text_mode", "audio_mode")},
     "budget": {"type": "number", "minimum": 10, "maximum": 3600,
                "description": "mode=auto's time budget in seconds"},
+    "stacking_folds": {"type": "integer", "minimum": 0, "maximum": 10,
+                       "description": "strategy=late only: 0 trains the per-modality "
+                                      "classifiers and their weights jointly; 2 to 10 fits "
+                                      "the weights on that many folds' out-of-fold "
+                                      "predictions (1 is rejected)"},
 }
 
 
