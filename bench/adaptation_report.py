@@ -4,7 +4,8 @@
 
 Writes ``mmbatch.far_sample`` (16 x 16 glyph images and made-up words in eight scripts, eight
 sources as ``group``), then runs the service's own train path (ingest, extraction, training,
-as plain functions on SQLite, no Celery) with ``mode=frozen`` and with ``mode=auto``. Both use
+as plain functions on SQLite, no Celery) with ``mode=frozen``, ``mode=finetune`` and
+``mode=auto``. Both use
 the same group-disjoint stratified split (no source on both sides). Prints validation accuracy
 and macro F1 of each, auto's choice per modality with its single-modality scores and seconds
 per epoch, then classifies the archive again with the auto model (the shift report).
@@ -59,9 +60,10 @@ def _model_of(rt: Runtime, job_id: str) -> dict[str, Any]:
 
 
 def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 120.0,
-            epochs: int = 150) -> dict[str, Any]:
-    """Train frozen and auto on the far sample; their metrics and the auto model's shift report
-    on the training archive."""
+            epochs: int = 150, modes: tuple[str, ...] = ("frozen", "finetune", "auto"),
+            ) -> dict[str, Any]:
+    """Train each of ``modes`` (frozen and auto at least) on the far sample; their metrics and
+    the auto model's shift report on the training archive."""
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
                                   "MMBATCH_BROKER_URL": "memory://",
                                   "MMBATCH_BATCH_SIZE": "64"})
@@ -70,7 +72,7 @@ def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 
     try:
         archive = write_far_sample(data_dir / "sample", per_group, seed)
         out: dict[str, Any] = {"per_group": per_group, "seed": seed, "budget": budget}
-        for mode in ("frozen", "auto"):
+        for mode in modes:
             started = time.perf_counter()
             job_id = run_job(rt, archive, "train",
                              options={"name": f"far-{mode}", "epochs": epochs, "seed": seed,
@@ -93,7 +95,7 @@ def _print(result: dict[str, Any]) -> None:
           f"{result['seed']}, budget {result['budget']:g} s")
     print("| mode | val acc | macro F1 | modes | groups train/val/shared | s/epoch | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for mode in ("frozen", "auto"):
+    for mode in [m for m in ("frozen", "finetune", "scratch", "auto") if m in result]:
         m = result[mode]["metrics"]
         g = m["groups"]
         modes = ", ".join(f"{k} {v}" for k, v in m["encoder_modes"].items())
@@ -101,13 +103,16 @@ def _print(result: dict[str, Any]) -> None:
               f"{modes} | {g['train']}/{g['val']}/{g['shared']} | "
               f"{m['seconds_per_epoch']:.3f} | {result[mode]['wall_seconds']:.0f} |")
     adaptation = result["auto"]["metrics"].get("adaptation", {}).get("modalities", {})
-    print("\n| modality | frozen alone F1 | scratch alone F1 | scratch s/epoch | chosen |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| modality | frozen alone F1 | finetune alone F1 | finetune s/epoch | "
+          "scratch alone F1 | scratch s/epoch | chosen |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for modality, r in adaptation.items():
         if "frozen" in r:
-            print(f"| {modality} | {100 * r['frozen']['val_macro_f1']:.1f} | "
-                  f"{100 * r['scratch']['val_macro_f1']:.1f} | "
-                  f"{r['scratch']['seconds_per_epoch']:.3f} | {r['mode']} |")
+            cells = [f"{100 * r['frozen']['val_macro_f1']:.1f}"]
+            for c in ("finetune", "scratch"):
+                cells += ([f"{100 * r[c]['val_macro_f1']:.1f}", f"{r[c]['seconds_per_epoch']:.3f}"]
+                          if c in r else ["-", "-"])
+            print(f"| {modality} | {' | '.join(cells)} | {r['mode']} |")
     shift = result["classify"]["shift"] or {}
     print("\nshift of the training archive against the auto model:",
           json.dumps(shift.get("modalities")), "warnings:", shift.get("warnings"))

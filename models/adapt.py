@@ -271,7 +271,8 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
     trials = len(scratch) + len(tops)
     share = budget_seconds / max(trials, 1)
     columns = {m: i for i, m in enumerate(features)}
-    single = TrainConfig(**{**_fields(tcfg), "modality_dropout": 0.0, "select": "full"})
+    single = TrainConfig(**{**_fields(tcfg), "modality_dropout": 0.0, "select": "full",
+                            "stacking_folds": 0})
     for m in [m for m in features if m in scratch or m in tops]:
         col = columns[m]
         ftrain = FeatureSet({m: frozen_train.features[m][frozen_train.mask[:, col]]},

@@ -111,6 +111,10 @@ def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
         if folds and options.get("strategy") != "late":
             raise ApiError(400, "invalid_stacking_folds",
                            "stacking_folds applies to strategy=late only")
+        if folds and any(options.get(f, "frozen") != "frozen" for f in
+                         ("mode", "image_mode", "text_mode", "audio_mode")):
+            raise ApiError(400, "invalid_stacking_folds",
+                           "stacking_folds applies to frozen encoders only (mode=frozen)")
         options["stacking_folds"] = folds
     return options
 

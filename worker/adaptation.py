@@ -48,14 +48,18 @@ def encoder_modes(options: dict[str, Any], modalities: list[str]) -> dict[str, s
 
 
 def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str],
-                  finetune: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  finetune: list[str] | None = None,
+                  on_progress: Callable[[int], None] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Training inputs of every row: for ``modalities`` the scratch encoders' (models.scratch),
     for ``finetune`` the activations below the pretrained encoders' tops (models.finetune),
     each decoded once. Per modality an (N, ...) tensor (zeros where the item lacks it or it no
     longer decodes), and ``info``: the scratch configs, and ``present`` / ``tuned_present``
     (per modality, whether each row has it). The media were decoded once already
     (extraction), so a failure here is rare; such an item counts as missing that modality.
-    Returns ({"scratch": inputs, "finetune": inputs}, info)."""
+    ``on_progress(rows done)`` is called every 64 rows (the training heartbeat: decoding a
+    large archive again takes a while). Returns ({"scratch": inputs, "finetune": inputs}, info).
+    """
     import torch
 
     from models.finetune import AUDIO_MAX_FRAMES, bottom_inputs
@@ -74,7 +78,10 @@ def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str],
         encoder = rt.encoder(m) if m in finetune else None
         scratch_x: list[Any] = []
         tuned_x: list[Any] = []  # preprocessed for the pretrained encoder, None where missing
-        for r in rows:
+        pending: list[int] = []  # image rows preprocessed but not yet through the bottom
+        for i, r in enumerate(rows):
+            if on_progress is not None and i % 64 == 63:
+                on_progress(i + 1)
             ref = r.media.get(m)
             x = t = None
             if ref is not None:
@@ -91,20 +98,41 @@ def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str],
                     x = t = None
             scratch_x.append(x)
             tuned_x.append(t)
+            if m == "image" and t is not None:
+                # A preprocessed image is 600 KB, its activation 37 KB: through the bottom in
+                # chunks, so that an archive's worth of 224 x 224 inputs never sits in memory.
+                pending.append(i)
+                if len(pending) == rt.batch_sizes[m]:
+                    _bottom_in_place(m, encoder, tuned_x, pending)
         if m in configs and any(x is not None for x in scratch_x):
             blank = torch.zeros_like(next(x for x in scratch_x if x is not None))
             scratch_in[m] = torch.stack([x if x is not None else blank for x in scratch_x])
             present[m] = [x is not None for x in scratch_x]
         if encoder is not None and any(t is not None for t in tuned_x):
             have = [i for i, t in enumerate(tuned_x) if t is not None]
-            acts = bottom_inputs(m, encoder, [tuned_x[i] for i in have],
-                                 batch_size=rt.batch_sizes[m])  # (n, ...)
+            if m == "image":
+                _bottom_in_place(m, encoder, tuned_x, pending)
+                acts = torch.stack([tuned_x[i] for i in have])  # (n, 192, 7, 7)
+            else:
+                acts = bottom_inputs(m, encoder, [tuned_x[i] for i in have],
+                                     batch_size=rt.batch_sizes[m])  # (n, ...)
             full = torch.zeros(len(rows), *acts.shape[1:])
             full[torch.tensor(have)] = acts
             tuned_in[m] = full
             tuned_present[m] = [t is not None for t in tuned_x]
     return {"scratch": scratch_in, "finetune": tuned_in}, {
         "configs": configs, "present": present, "tuned_present": tuned_present}
+
+
+def _bottom_in_place(modality: str, encoder: Any, items: list[Any], rows: list[int]) -> None:
+    """Replace ``items[i]`` for ``i`` in ``rows`` by its bottom activation; empties ``rows``."""
+    from models.finetune import bottom_inputs
+
+    if rows:
+        acts = bottom_inputs(modality, encoder, [items[i] for i in rows], batch_size=len(rows))
+        for i, a in zip(rows, acts, strict=True):
+            items[i] = a.clone()  # its own storage: the batch's is freed
+        rows.clear()
 
 
 def train_adapted(rt: Runtime, job_id: str, rows: list[Any], modes: dict[str, str],
@@ -126,7 +154,8 @@ def train_adapted(rt: Runtime, job_id: str, rows: list[Any], modes: dict[str, st
     started = time.perf_counter()
     heartbeat = _heartbeat(rt, job_id)
     raw, info = decode_inputs(rt, rows, [m for m in input_dims if modes[m] in ("scratch", "auto")],
-                              [m for m in input_dims if modes[m] in ("finetune", "auto")])
+                              [m for m in input_dims if modes[m] in ("finetune", "auto")],
+                              on_progress=heartbeat)
     configs = {m: c for m, c in info["configs"].items() if m in raw["scratch"]}
     columns = {m: i for i, m in enumerate(input_dims)}
 

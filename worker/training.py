@@ -77,6 +77,11 @@ def model_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         if folds and fusion.get("strategy") != "late":
             raise TrainingError("bad training options: stacking_folds applies to "
                                 "strategy=late only")
+        if folds and any(options.get(f, "frozen") not in (None, "frozen") for f in
+                         ("mode", "image_mode", "text_mode", "audio_mode")):
+            # fit_adapted trains encoders and heads together: there is nothing to stack.
+            raise TrainingError("bad training options: stacking_folds applies to frozen "
+                                "encoders only (mode=frozen)")
         training["stacking_folds"] = folds
     return fusion, training
 
@@ -142,7 +147,10 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
                     "dim": encoders[m].dim} for m in present}
     adaptation = None
     if all(mode == "frozen" for mode in modes.values()):
-        model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
+        try:
+            model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
+        except ValueError as exc:  # e.g. fewer training items than stacking folds
+            raise TrainingError(f"training failed: {exc}") from exc
     else:
         out = train_adapted(rt, job_id, rows, modes, input_dims, train_idx, val_idx, train_set,
                             val_set, len(classes), fusion_kw, tcfg, budget)
