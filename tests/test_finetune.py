@@ -4,6 +4,8 @@ masks only real frames; and the finetune mode trains end to end with the fusion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -74,16 +76,9 @@ def test_text_bottom_and_top_give_the_encoders_features() -> None:
     packed = finetune.bottom_inputs("text", enc, texts, batch_size=2)
     assert packed.shape[0] == 3 and packed.shape[2] == 385
     assert packed[1, :, -1].sum() == 2  # an empty text is [CLS] [SEP]
-    top = finetune.pretrained_top("text")
-    with torch.no_grad():
-        ours = top(packed)
-    assert torch.allclose(ours, enc.encode(texts), atol=1e-5)
-    with torch.no_grad():
-        for p in top.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        trained = top(packed)
-    tuned = TextEncoder(precision="fp32", finetuned=finetune.save_top(top), version="t-ft")
-    assert torch.allclose(tuned.encode(texts), trained, atol=1e-5)
+    _check_top("text", packed, enc.encode(texts), 0.02, 1e-5,
+               lambda weights: TextEncoder(precision="fp32", finetuned=weights,
+                                           version="t-ft").encode(texts))
 
 
 def test_audio_top_gives_the_encoders_features() -> None:
@@ -95,16 +90,24 @@ def test_audio_top_gives_the_encoders_features() -> None:
                for n in (3000, 16000, 8000)]
     packed = finetune.bottom_inputs("audio", enc, logmels)
     assert packed.shape == (3, 65, logmels[1].shape[1])
-    top = finetune.pretrained_top("audio")
+    _check_top("audio", packed, enc.encode(logmels), 0.05, 1e-4,
+               lambda weights: AudioEncoder(precision="fp32", finetuned=weights,
+                                            version="a-ft").encode(logmels))
+
+
+def _check_top(modality: str, bottoms: torch.Tensor, frozen: torch.Tensor, noise: float,
+               atol: float, tuned_features: Callable[[bytes], torch.Tensor]) -> None:
+    """The pretrained top over ``bottoms`` gives the frozen encoder's features; a changed top,
+    saved and loaded over the pretrained network (``tuned_features(weights)``), gives what the
+    changed top gives."""
+    top = finetune.pretrained_top(modality)
     with torch.no_grad():
-        ours = top(packed)
-    assert torch.allclose(ours, enc.encode(logmels), atol=1e-4)
-    with torch.no_grad():
+        assert torch.allclose(top(bottoms), frozen, atol=atol)
         for p in top.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        trained = top(packed)
-    tuned = AudioEncoder(precision="fp32", finetuned=finetune.save_top(top), version="a-ft")
-    assert torch.allclose(tuned.encode(logmels), trained, atol=1e-4)
+            p.add_(noise * torch.randn_like(p))
+        trained = top(bottoms)
+    assert not torch.allclose(trained, frozen, atol=atol)
+    assert torch.allclose(tuned_features(finetune.save_top(top)), trained, atol=atol)
 
 
 def test_batchnorm_keeps_its_statistics_while_the_top_trains() -> None:

@@ -9,20 +9,15 @@ from typing import Any
 import pytest
 
 from bench.adaptation_report import run_job
-from mmbatch.settings import Settings
 from store import jobs
-from store.migrate import upgrade
 from store.registry import get_model
+from tests.util import embedded_runtime
 from worker.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    data = tmp_path_factory.mktemp("training_job")
-    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data), "MMBATCH_BROKER_URL": "memory://",
-                                  "MMBATCH_BATCH_SIZE": "64"})
-    upgrade(settings.db_url)
-    runtime = Runtime(settings)
+    runtime = embedded_runtime(tmp_path_factory.mktemp("training_job"), MMBATCH_BATCH_SIZE="64")
     yield runtime
     runtime.close()
 

@@ -1,4 +1,5 @@
-"""Small helpers the tests share: archives built in memory or on disk, and a free TCP port."""
+"""Small helpers the tests share: archives built in memory or on disk, a free TCP port, and
+an embedded worker runtime."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import socket
 import tarfile
 from pathlib import Path
+from typing import Any
 
 
 def tar_bytes(files: dict[str, bytes]) -> bytes:
@@ -34,3 +36,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def embedded_runtime(data_dir: Path, **env: str) -> Any:
+    """A worker Runtime on a migrated SQLite database and disk blobs under ``data_dir``, with no
+    broker (jobs run as plain functions); ``env`` adds MMBATCH_* settings. Close it after."""
+    from mmbatch.settings import Settings
+    from store.migrate import upgrade
+    from worker.runtime import Runtime
+
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
+                                  "MMBATCH_BROKER_URL": "memory://", **env})
+    upgrade(settings.db_url)
+    return Runtime(settings)

@@ -90,21 +90,13 @@ def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
         if not 10.0 <= budget <= 3600.0:  # NaN fails this too
             raise ApiError(400, "invalid_budget", "budget must be between 10 and 3600 seconds")
         options["budget"] = budget
-    raw = form.get("patience", "").strip()
-    if raw:
-        try:
-            patience = int(raw)
-        except ValueError:
-            raise ApiError(400, "invalid_patience", "patience must be an integer")
+    patience = _int_field(form, "patience")
+    if patience is not None:
         if not 1 <= patience <= 10_000:
             raise ApiError(400, "invalid_patience", "patience must be between 1 and 10000")
         options["patience"] = patience
-    raw = form.get("stacking_folds", "").strip()
-    if raw:
-        try:
-            folds = int(raw)
-        except ValueError:
-            raise ApiError(400, "invalid_stacking_folds", "stacking_folds must be an integer")
+    folds = _int_field(form, "stacking_folds")
+    if folds is not None:
         if folds != 0 and not 2 <= folds <= 10:
             raise ApiError(400, "invalid_stacking_folds",
                            "stacking_folds must be 0 (joint training) or between 2 and 10")
@@ -117,6 +109,17 @@ def train_options(form: MultiDict[str, str]) -> dict[str, Any]:
                            "stacking_folds applies to frozen encoders only (mode=frozen)")
         options["stacking_folds"] = folds
     return options
+
+
+def _int_field(form: Any, field: str) -> int | None:
+    """An integer form field (None when absent); 400 ``invalid_<field>`` when not an integer."""
+    raw = form.get(field, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, f"invalid_{field}", f"{field} must be an integer")
 
 
 def _model(s: Any, model_id: int) -> Any:
