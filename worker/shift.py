@@ -6,6 +6,15 @@ split's own scores in the model's ``config["shift"]`` and ``metrics["shift"]``. 
 ran a model finishes, the worker that finished it reads the job's features back from the
 feature cache (at most MAX_ITEMS items, evenly spread), compares, and writes ``report["shift"]``
 on the job: the scores per modality, the validation baseline, and ``warnings``.
+
+Besides means, spreads and spectrum, each modality's summary holds a seeded sample of up to
+1,024 standardised training items (float16, ``<modality>.sample``: 2.5 MiB at D = 1280) and
+their own typical nearest-neighbour distance; the scores then carry ``knn_distance`` (the median
+distance from a job's item to its nearest sampled training item, per-feature RMS units),
+``train_knn_distance`` and their ratio ``knn_ratio`` (about 1 on the training distribution),
+which also warns, relative to the validation split's ratio. It catches data where the training
+data never was even when its means and spreads match. Models trained before the sample existed
+report the three as None and warn on the mean shift alone.
 """
 
 from __future__ import annotations
@@ -23,13 +32,16 @@ from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-MAX_ITEMS = 5000  # a sample is enough for means and spreads; bounds the work on huge jobs
+# A sample is enough for means, spreads and the median nearest-neighbour distance; bounds the
+# work on huge jobs (5,000 items against 1,024 sampled training items at D = 1280: about 0.1 s).
+MAX_ITEMS = 5000
 
 
 def store_training_summary(rt: Runtime, train: dict[str, np.ndarray],
                            val: dict[str, np.ndarray]) -> dict[str, Any] | None:
-    """Summarise each modality's training features (N_m, D_m), score the validation features
-    against them; the stored blob and the baseline scores, or None with no features at all."""
+    """Summarise each modality's training features (N_m, D_m), kNN sample included, score the
+    validation features against them (kNN ratio included); the stored blob and the baseline
+    scores, or None with no features at all."""
     from safetensors.numpy import save
 
     from models.shift import compare, summarize
