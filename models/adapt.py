@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.finetune import LR_FACTOR, spec_augment
+from models.finetune import LR_FACTOR
 from models.fusion import FusionClassifier, FusionConfig
 from models.losses import ClassificationLoss, balanced_order
 from models.scratch import ScratchConfig, build_scratch
@@ -175,6 +175,8 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                  torch.zeros(len(train), cfg.input_dims[m]) if m in scratch else
                  train.inputs[m].float() for m in cfg.input_dims},
                 train.mask, train.labels))
+        if "audio" in tuned:
+            tuned["audio"].augment = generator  # SpecAugment (models.finetune.AudioTop)
         model = AdaptedClassifier(fusion, {**encoders, **tuned})
         groups: list[dict[str, Any]] = [{"params": list(fusion.parameters())}]
         if encoders:
@@ -192,13 +194,12 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                      else torch.randperm(len(train), generator=generator))
             for start in range(0, len(train), tcfg.batch_size):
                 idx = order[start : start + tcfg.batch_size]
-                if len(idx) < 2 and any(isinstance(mod, nn.BatchNorm2d) for mod in model.modules()):
+                if len(idx) < 2 and any(isinstance(mod, nn.BatchNorm2d) and mod.training
+                                        for mod in model.modules()):
                     continue  # BatchNorm cannot train on one item
                 inputs = {m: x[idx] for m, x in train.inputs.items()}
                 if "image" in scratch:
                     inputs["image"] = _shift_images(inputs["image"], generator)
-                if "audio" in tuned:
-                    inputs["audio"] = spec_augment(inputs["audio"], generator)
                 mask = drop_modalities(train.mask[idx], tcfg.modality_dropout, generator)
                 logits, _ = model(inputs, mask)
                 loss = criterion(logits, train.labels[idx])
@@ -217,6 +218,8 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                 break
         if val is not None:
             best.restore()
+        if "audio" in tuned:
+            tuned["audio"].augment = None
     model.eval()
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {

@@ -134,7 +134,8 @@ class AudioEncoder:
     """16 kHz mono waveforms -> 256-d features: CNN (128) + band means (64) + band stds (64).
 
     ``finetuned``: the CNN weights of a train job (models.finetune), instead of the seeded
-    ones; the encoder then reports ``version``, which names them."""
+    ones; the encoder then reports ``version``, which names them, and keeps the first
+    models.finetune.AUDIO_MAX_FRAMES frames of a clip (10 s), as training did."""
 
     spec: EncoderSpec = SPEC
 
@@ -159,11 +160,13 @@ class AudioEncoder:
             sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS
         )  # stays on the CPU: preprocessing runs in worker threads
         cnn = seeded_cnn()
+        self.max_frames: int | None = None  # frames kept of a clip (None: MAX_SECONDS)
         if finetuned is not None:  # a train job's CNN (models.finetune)
-            from models.finetune import finetuned_spec, load_top
+            from models.finetune import AUDIO_MAX_FRAMES, finetuned_spec, load_top
 
             load_top("audio", cnn, finetuned)
             self.spec = finetuned_spec(SPEC, version)
+            self.max_frames = AUDIO_MAX_FRAMES  # what the CNN and the fusion trained on
         self.model = cnn.eval().requires_grad_(False).to(self.device)
 
     def preprocess(self, wave: np.ndarray) -> torch.Tensor:
@@ -176,15 +179,19 @@ class AudioEncoder:
             raise ValueError("audio is empty")
         if not np.issubdtype(wave.dtype, np.floating):
             raise ValueError(f"expected float samples, got {wave.dtype}")
-        samples = torch.from_numpy(
-            np.ascontiguousarray(wave[: int(MAX_SECONDS * SAMPLE_RATE)], dtype=np.float32)
-        )
+        limit = int(MAX_SECONDS * SAMPLE_RATE)
+        if self.max_frames is not None:  # enough samples for max_frames full frames
+            limit = min(limit, self.max_frames * HOP + N_FFT)
+        samples = torch.from_numpy(np.ascontiguousarray(wave[:limit], dtype=np.float32))
         if not torch.isfinite(samples).all():
             raise ValueError("audio contains NaN or infinite samples")
         if samples.numel() < MIN_SAMPLES:
             samples = torch.nn.functional.pad(samples, (0, MIN_SAMPLES - samples.numel()))
         with torch.no_grad():
-            return torch.log(self.mel(samples) + LOG_EPS)  # (64, T)
+            logmel = torch.log(self.mel(samples) + LOG_EPS)  # (64, T)
+        if self.max_frames is not None:
+            logmel = logmel[:, : self.max_frames].clone()  # its own storage, not a view
+        return logmel
 
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
         """Indices grouped by similar length, each group within the batch and frame budgets."""

@@ -12,8 +12,10 @@ fusion at a small learning rate (``LR_FACTOR`` times the fusion's):
 - text: MiniLM's last transformer layer, then the same mean pooling and L2 norm as the frozen
   encoder; the cached activation is the hidden state entering that layer, (L, 384) a text.
 - audio: the log-mel CNN has no pretrained weights (models.audio: seeded and frozen), so all
-  of it trains, with SpecAugment-style masking (a band of mel channels and a span of frames,
-  per item); the band statistics beside it stay as they are. The cached input is the log-mel.
+  of it trains, with SpecAugment-style masking of its input (a band of mel channels and a span
+  of frames, per item); the band statistics beside it stay as they are, computed on the clean
+  log-mel. The cached input is the log-mel of the first 10 s, which is also all a finetuned
+  audio encoder reads of a clip at inference.
 
 BatchNorm layers of a top keep their pretrained statistics (eval mode while training): batches
 are small and the statistics were estimated on far more data.
@@ -30,7 +32,7 @@ cached apart from the frozen encoder's and from any other training's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +46,9 @@ from models.registry import EncoderSpec
 FINETUNABLE = ("image", "text", "audio")
 LR_FACTOR = 0.1  # the top's learning rate, relative to the fusion's
 IMAGE_CUT = 6  # EfficientNet-Lite0 stages from this one on train (of 7)
-AUDIO_MAX_FRAMES = 1000  # training sees at most the first 10 s of a clip
+# A finetuned audio encoder sees the first 10 s of a clip, in training and at inference alike
+# (models.audio keeps the same frames when built with finetuned=).
+AUDIO_MAX_FRAMES = 1000
 SPEC_AUGMENT = {"bands": 8, "frames": 40}  # widest mask of each kind, drawn uniformly
 FORMAT = "mmbatch.finetune"
 
@@ -94,6 +98,9 @@ class TextTop(_Top):
 
         from models.text import mean_pool
 
+        # Texts are padded to the longest of the archive: run on this batch's longest only.
+        longest = max(int(packed[..., -1].sum(dim=1).max().item()), 1) if len(packed) else 1
+        packed = packed[:, :longest]
         hidden, mask = packed[..., :-1].float(), packed[..., -1].long()  # (B, L, 384), (B, L)
         attention = create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
                                               attention_mask=mask)
@@ -108,18 +115,28 @@ class AudioTop(_Top):
     def __init__(self, cnn: nn.Module) -> None:
         super().__init__()
         self.cnn = cnn
+        # While training: SpecAugment of the CNN's input, drawn from this generator (the
+        # training loop's, so runs stay seeded). The band statistics always see the clean
+        # log-mel: a masked band would have no spread, which inference never shows.
+        self.augment: torch.Generator | None = None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         from models.audio import MIN_FRAMES, masked_band_stats
 
-        if packed.shape[-1] < MIN_FRAMES:
-            packed = F.pad(packed, (0, MIN_FRAMES - packed.shape[-1]))
+        valid = packed[:, -1]  # (B, T)
+        longest = int(valid.sum(dim=1).max().item()) if len(packed) else 0
+        width = max(longest, MIN_FRAMES)  # a batch of short clips runs on its own length
+        packed = packed[..., :width] if packed.shape[-1] >= width else F.pad(
+            packed, (0, width - packed.shape[-1]))
         logmel = packed[:, :-1].float()  # (B, 64, T)
         lengths = packed[:, -1].sum(dim=1).long()  # (B,)
         # An item without audio (all padding, masked out of the fusion) still needs finite
         # features: NaN would survive the mask's multiplications. Give it the shortest clip.
         lengths = torch.where(lengths > 0, lengths, MIN_FRAMES)
-        deep = self.cnn(logmel, lengths)  # (B, 128)
+        heard = logmel
+        if self.training and self.augment is not None:
+            heard = spec_augment(packed, self.augment)[:, :-1].float()
+        deep = self.cnn(heard, lengths)  # (B, 128)
         return torch.cat([deep, masked_band_stats(logmel, lengths)], dim=1)  # (B, 256)
 
 
@@ -160,23 +177,25 @@ def pretrained_top(modality: str) -> nn.Module:
     return top.eval()
 
 
-def bottom_inputs(modality: str, encoder: Any, items: Sequence[Any], batch_size: int = 32
-                  ) -> torch.Tensor:
+def bottom_inputs(modality: str, encoder: Any, items: Sequence[Any], batch_size: int = 32,
+                  on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """The cached training input of every item: what the frozen bottom of ``encoder`` (the
     worker's frozen encoder of ``modality``) makes of its preprocessed ``items``. Image:
-    (N, 192, 7, 7); text: packed (N, L, 385), L the longest text; audio: packed (N, 65, T)."""
+    (N, 192, 7, 7); text: packed (N, L, 385), L the longest text; audio: packed (N, 65, T).
+    ``on_batch(items done)`` after every batch (the training heartbeat)."""
     if len(items) == 0:
         raise ValueError("no items")
     if modality == "image":
-        return _image_bottom(encoder, items, batch_size)
+        return _image_bottom(encoder, items, batch_size, on_batch)
     if modality == "text":
-        return _text_bottom(encoder, items, batch_size)
+        return _text_bottom(encoder, items, batch_size, on_batch)
     if modality == "audio":
         return pack_audio(items)
     raise ValueError(f"modality must be one of {FINETUNABLE}, got {modality!r}")
 
 
-def _image_bottom(encoder: Any, items: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
+def _image_bottom(encoder: Any, items: Sequence[torch.Tensor], batch_size: int,
+                  on_batch: Callable[[int], None] | None) -> torch.Tensor:
     from models.device import autocast, to_device
 
     net = encoder.model
@@ -190,14 +209,18 @@ def _image_bottom(encoder: Any, items: Sequence[torch.Tensor], batch_size: int) 
                 x = net.bn1(net.conv_stem(x))
                 x = net.blocks[:IMAGE_CUT](x)  # (b, 192, 7, 7)
             parts.append(x.float().cpu().contiguous())
+            if on_batch is not None:
+                on_batch(start + len(x))
     return torch.cat(parts).clone()
 
 
-def _text_bottom(encoder: Any, items: Sequence[str], batch_size: int) -> torch.Tensor:
+def _text_bottom(encoder: Any, items: Sequence[str], batch_size: int,
+                 on_batch: Callable[[int], None] | None) -> torch.Tensor:
     from models.device import autocast, to_device
     from models.text import MAX_LENGTH
 
-    tokens = encoder.tokenizer(list(items), truncation=True, max_length=MAX_LENGTH)
+    with encoder._lock:  # the fast tokenizer is not safe to share between threads
+        tokens = encoder.tokenizer(list(items), truncation=True, max_length=MAX_LENGTH)
     ids = tokens["input_ids"]
     longest = max(len(r) for r in ids)
     width = encoder.model.config.hidden_size
@@ -214,7 +237,18 @@ def _text_bottom(encoder: Any, items: Sequence[str], batch_size: int) -> torch.T
                 hidden = encoder.model(**batch, output_hidden_states=True).hidden_states[-2]
             out[start : start + len(rows), :size, :width] = hidden.float().cpu()
             out[start : start + len(rows), :size, width] = batch["attention_mask"].float().cpu()
+            if on_batch is not None:
+                on_batch(start + len(rows))
     return out
+
+
+def training_audio(encoder: Any, wave: Any) -> torch.Tensor:
+    """A clip's log-mel as a finetuned audio encoder will see it: the frozen ``encoder``'s
+    preprocessing of the samples that make the first AUDIO_MAX_FRAMES frames -> (64, T)."""
+    from models.audio import HOP, N_FFT
+
+    logmel = encoder.preprocess(wave[: AUDIO_MAX_FRAMES * HOP + N_FFT])
+    return logmel[:, :AUDIO_MAX_FRAMES].clone()
 
 
 def pack_audio(logmels: Sequence[torch.Tensor], max_frames: int = AUDIO_MAX_FRAMES

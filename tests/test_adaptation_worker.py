@@ -47,3 +47,24 @@ def test_heartbeat_touches_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             assert jobs.get_job(s, job_id).updated_at > before
     finally:
         rt.close()
+
+
+def test_own_encoders_beyond_the_cap_are_let_go(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "OWN_ENCODERS", 2)
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
+                                  "MMBATCH_BROKER_URL": "memory://"})
+    rt = Runtime(settings)
+    try:
+        with rt._lock:
+            for blob in ("a", "b"):
+                rt._scratch[blob] = blob.upper()
+                rt._own(blob)
+            assert rt._own("a") == "A"  # now the most recently used
+            rt._scratch["c"] = "C"
+            rt._own("c")
+            assert list(rt._scratch) == ["a", "c"]  # b was the least recently used
+    finally:
+        rt.close()

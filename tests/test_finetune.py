@@ -176,3 +176,35 @@ def test_an_item_without_the_modality_gets_finite_features(modality: str,
     with torch.no_grad():
         out = finetune.pretrained_top(modality)(torch.zeros(shape))
     assert torch.isfinite(out).all()
+
+
+def test_a_finetuned_audio_encoder_reads_what_training_read() -> None:
+    """Training keeps the first 10 s of a clip; the served encoder must not read more."""
+    from models.audio import AudioEncoder
+
+    rng = np.random.default_rng(2)
+    wave = (rng.standard_normal(16_000 * 25) * 0.1).astype(np.float32)  # 25 s
+    frozen = AudioEncoder(precision="fp32")
+    logmel = finetune.training_audio(frozen, wave)
+    assert logmel.shape == (64, finetune.AUDIO_MAX_FRAMES)
+    top = finetune.pretrained_top("audio")
+    with torch.no_grad():
+        for p in top.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        trained = top(finetune.pack_audio([logmel]))
+    tuned = AudioEncoder(precision="fp32", finetuned=finetune.save_top(top), version="a-ft")
+    served = tuned.encode([tuned.preprocess(wave)])
+    assert torch.allclose(served, trained, atol=1e-4)
+
+
+def test_spec_augment_reaches_the_cnn_but_not_the_band_statistics() -> None:
+    logmel = torch.randn(4, 64, 80) - 6.0
+    packed = finetune.pack_audio(list(logmel))
+    top = finetune.pretrained_top("audio")
+    with torch.no_grad():
+        clean = top(packed)
+        top.train()
+        top.augment = torch.Generator().manual_seed(0)
+        heard = top(packed)
+    assert torch.equal(heard[:, 128:], clean[:, 128:])  # band means and spreads: clean
+    assert not torch.allclose(heard[:, :128], clean[:, :128])  # the CNN heard masked input

@@ -62,7 +62,7 @@ def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str],
     """
     import torch
 
-    from models.finetune import AUDIO_MAX_FRAMES, bottom_inputs
+    from models.finetune import bottom_inputs, training_audio
     from models.scratch import ScratchConfig, preprocess
     from worker.media import MediaError
     from worker.pipeline import _decoder
@@ -90,9 +90,8 @@ def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str],
                     if m in configs:
                         x = preprocess(configs[m], raw)
                     if encoder is not None:
-                        t = encoder.preprocess(raw)
-                        if m == "audio":
-                            t = t[:, :AUDIO_MAX_FRAMES]  # training keeps no more
+                        t = (training_audio(encoder, raw) if m == "audio"
+                             else encoder.preprocess(raw))
                 except (MediaError, ValueError, TypeError, OSError) as exc:  # the item loses m
                     log.warning("adaptation_decode_failed blob=%s error=%s", ref["blob"], exc)
                     x = t = None
@@ -115,7 +114,7 @@ def decode_inputs(rt: Runtime, rows: list[Any], modalities: list[str],
                 acts = torch.stack([tuned_x[i] for i in have])  # (n, 192, 7, 7)
             else:
                 acts = bottom_inputs(m, encoder, [tuned_x[i] for i in have],
-                                     batch_size=rt.batch_sizes[m])  # (n, ...)
+                                     batch_size=rt.batch_sizes[m], on_batch=on_progress)
             full = torch.zeros(len(rows), *acts.shape[1:])
             full[torch.tensor(have)] = acts
             tuned_in[m] = full

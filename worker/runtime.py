@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +22,11 @@ from worker.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 
+# Models' own encoders (scratch, finetuned) a worker process keeps loaded at once: enough for
+# a few models in rotation; a batch of an evicted one loads it again (seconds).
+OWN_ENCODERS = 6
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -29,7 +35,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._encoders: dict[str, Any] = {}
         self._classifiers: dict[int, Any] = {}
-        self._scratch: dict[str, Any] = {}  # weights blob -> a model's own encoder
+        # weights blob -> a model's own encoder, least recently used first
+        self._scratch: OrderedDict[str, Any] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._device: Any = None
         self._sandbox: Any = None
@@ -143,7 +150,7 @@ class Runtime:
                 module = load_encoder(cfg, self.blobs.read(weights_blob))
                 self._scratch[weights_blob] = ScratchFeatureEncoder(
                     cfg, module, version, device, max_batch=self.batch_sizes[modality])
-            return self._scratch[weights_blob]
+            return self._own(weights_blob)
 
     def finetuned_encoder(self, modality: str, weights_blob: str, version: str) -> Any:
         """A pretrained encoder with a model's own finetuned top (models.finetune), built like
@@ -160,7 +167,17 @@ class Runtime:
                     finetuned=self.blobs.read(weights_blob), version=version)
                 log.info("model_loaded modality=%s finetuned=%s seconds=%.2f", modality,
                          version, time.perf_counter() - started)
-            return self._scratch[weights_blob]
+            return self._own(weights_blob)
+
+    def _own(self, weights_blob: str) -> Any:
+        """A model's own encoder, marked as just used; the least recently used beyond
+        OWN_ENCODERS are let go (a finetuned one holds a whole pretrained network, and every
+        retraining makes a new one). Call with the lock held."""
+        self._scratch.move_to_end(weights_blob)
+        while len(self._scratch) > OWN_ENCODERS:
+            dropped, _ = self._scratch.popitem(last=False)
+            log.info("own_encoder_released weights=%s", dropped[:16])
+        return self._scratch[weights_blob]
 
     def after_fork(self) -> None:
         self.db.dispose()
