@@ -88,18 +88,21 @@ class AdaptedClassifier(nn.Module):
 
 
 def encode_all(model: AdaptedClassifier, data: InputSet, batch_size: int = 256) -> FeatureSet:
-    """Every item's features (scratch encoders in eval mode): a FeatureSet for evaluation."""
+    """Every item's features (the model's encoders in eval mode): a FeatureSet for evaluation."""
     model.eval()
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for m, x in data.inputs.items():
-            if m in model.encoders:
-                parts = [model.encoders[m](x[i : i + batch_size]) for i in
-                         range(0, len(data), batch_size)]
-                out[m] = torch.cat(parts) if parts else torch.zeros(0, model.fusion.cfg.input_dims[m])
-            else:
-                out[m] = x.float()
+    out = {m: _encode(model.encoders[m], x, model.fusion.cfg.input_dims[m], batch_size)
+           if m in model.encoders else x.float() for m, x in data.inputs.items()}
     return FeatureSet(out, data.mask, data.labels)
+
+
+def _encode(encoder: nn.Module, x: torch.Tensor, dim: int, batch_size: int = 256
+            ) -> torch.Tensor:
+    """``encoder``'s features (N, dim) of inputs ``x`` (N, ...), in eval mode, in batches,
+    without gradients."""
+    encoder.eval()
+    with torch.no_grad():
+        parts = [encoder(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, dim)
 
 
 def _shift_images(x: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torch.Tensor:
@@ -171,7 +174,7 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
             # Frozen features as they are, finetuned tops' as they start (the pretrained
             # features); scratch modalities keep the identity.
             _fit_standardization(fusion, FeatureSet(
-                {m: _initial_features(tuned[m], train.inputs[m]) if m in tuned else
+                {m: _encode(tuned[m], train.inputs[m], cfg.input_dims[m]) if m in tuned else
                  torch.zeros(len(train), cfg.input_dims[m]) if m in scratch else
                  train.inputs[m].float() for m in cfg.input_dims},
                 train.mask, train.labels))
@@ -231,14 +234,6 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
         "stopped": stopped,
     }
     return model, metrics
-
-
-def _initial_features(top: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """A finetune top's features (N, D) before training, in eval mode, without gradients."""
-    top.eval()
-    with torch.no_grad():
-        parts = [top(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return torch.cat(parts)
 
 
 def _only(data: InputSet, column: int, modality: str) -> InputSet:

@@ -60,11 +60,11 @@ def test_own_encoders_beyond_the_cap_are_let_go(tmp_path: Path,
     try:
         with rt._lock:
             for blob in ("a", "b"):
-                rt._scratch[blob] = blob.upper()
+                rt._own_encoders[blob] = blob.upper()
                 rt._own(blob)
             assert rt._own("a") == "A"  # now the most recently used
-            rt._scratch["c"] = "C"
+            rt._own_encoders["c"] = "C"
             rt._own("c")
-            assert list(rt._scratch) == ["a", "c"]  # b was the least recently used
+            assert list(rt._own_encoders) == ["a", "c"]  # b was the least recently used
     finally:
         rt.close()

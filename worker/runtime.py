@@ -36,7 +36,7 @@ class Runtime:
         self._encoders: dict[str, Any] = {}
         self._classifiers: dict[int, Any] = {}
         # weights blob -> a model's own encoder, least recently used first
-        self._scratch: OrderedDict[str, Any] = OrderedDict()
+        self._own_encoders: OrderedDict[str, Any] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._device: Any = None
         self._sandbox: Any = None
@@ -143,12 +143,12 @@ class Runtime:
         """A model's own trained scratch encoder (models.scratch), loaded once per process."""
         device = self.device
         with self._lock:
-            if weights_blob not in self._scratch:
+            if weights_blob not in self._own_encoders:
                 from models.scratch import ScratchConfig, ScratchFeatureEncoder, load_encoder
 
                 cfg = ScratchConfig.from_dict(config)
                 module = load_encoder(cfg, self.blobs.read(weights_blob))
-                self._scratch[weights_blob] = ScratchFeatureEncoder(
+                self._own_encoders[weights_blob] = ScratchFeatureEncoder(
                     cfg, module, version, device, max_batch=self.batch_sizes[modality])
             return self._own(weights_blob)
 
@@ -157,11 +157,11 @@ class Runtime:
         the frozen one (device, precision, batch size) and loaded once per process."""
         device = self.device
         with self._lock:
-            if weights_blob not in self._scratch:
+            if weights_blob not in self._own_encoders:
                 from models.registry import build_encoder
 
                 started = time.perf_counter()
-                self._scratch[weights_blob] = build_encoder(
+                self._own_encoders[weights_blob] = build_encoder(
                     modality, device, precision=self.settings.precision,
                     max_batch=self.batch_sizes[modality],
                     finetuned=self.blobs.read(weights_blob), version=version)
@@ -173,11 +173,11 @@ class Runtime:
         """A model's own encoder, marked as just used; the least recently used beyond
         OWN_ENCODERS are let go (a finetuned one holds a whole pretrained network, and every
         retraining makes a new one). Call with the lock held."""
-        self._scratch.move_to_end(weights_blob)
-        while len(self._scratch) > OWN_ENCODERS:
-            dropped, _ = self._scratch.popitem(last=False)
+        self._own_encoders.move_to_end(weights_blob)
+        while len(self._own_encoders) > OWN_ENCODERS:
+            dropped, _ = self._own_encoders.popitem(last=False)
             log.info("own_encoder_released weights=%s", dropped[:16])
-        return self._scratch[weights_blob]
+        return self._own_encoders[weights_blob]
 
     def after_fork(self) -> None:
         self.db.dispose()
