@@ -32,6 +32,7 @@ from models.training import (
     FeatureSet,
     TrainConfig,
     _fit_standardization,
+    _one_modality,
     _scores,
     drop_modalities,
     fit,
@@ -273,12 +274,7 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
                             "stacking_folds": 0})
     for m in [m for m in features if m in scratch or m in tops]:
         col = columns[m]
-        ftrain = FeatureSet({m: frozen_train.features[m][frozen_train.mask[:, col]]},
-                            torch.ones(int(frozen_train.mask[:, col].sum()), 1, dtype=torch.bool),
-                            frozen_train.labels[frozen_train.mask[:, col]])
-        fval = FeatureSet({m: frozen_val.features[m][frozen_val.mask[:, col]]},
-                          torch.ones(int(frozen_val.mask[:, col].sum()), 1, dtype=torch.bool),
-                          frozen_val.labels[frozen_val.mask[:, col]])
+        ftrain, fval = _one_modality(frozen_train, m, col), _one_modality(frozen_val, m, col)
         if len(ftrain) == 0 or len(fval) == 0:
             report[m] = {"mode": "frozen", "why": "no validation items with this modality"}
             continue
