@@ -2,7 +2,7 @@
 
     python -m bench.adaptation_report [--per-group 48] [--seed 0] [--budget 120] [--json FILE]
 
-Writes ``mmbatch.far_sample`` (16 x 16 glyph images and made-up words in eight scripts, eight
+Writes ``samples.far_sample`` (16 x 16 glyph images and made-up words in eight scripts, eight
 sources as ``group``), then runs the service's own train path (ingest, extraction, training,
 as plain functions on SQLite, no Celery) with ``mode=frozen``, ``mode=finetune`` and
 ``mode=auto``. Both use
@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmbatch.far_sample import write_far_sample
+from bench.report import save_json
 from mmbatch.settings import Settings
+from samples.far_sample import write_far_sample
 from store import jobs
 from store.migrate import upgrade
 from store.registry import get_model
+from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
-from worker.pipeline import process_batch
 from worker.runtime import Runtime
 from worker.training import train_job
 
@@ -43,7 +44,7 @@ def run_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
                                  archive_bytes=archive.stat().st_size, model_version_id=model,
                                  options=options).id
     for batch in ingest_job(rt, job_id):
-        report = process_batch(rt, job_id, batch)
+        report = BatchProcessor(rt, job_id, batch).run()
         if report.next_step == "train":
             train_job(rt, job_id)
     return job_id
@@ -128,9 +129,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="adaptation-") as tmp:
         result = measure(Path(tmp), args.per_group, args.seed, args.budget)
     _print(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    save_json(args.json, result)
     return 0
 
 

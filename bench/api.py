@@ -4,7 +4,7 @@
 
 Rows are inserted directly through store/ (no encoding): a finished job of ``--items`` items with
 a result each, and a 100-item job for comparison. The web process is the production one
-(gunicorn, ``mmbatch.stack.web_command``); ``--pollers`` clients (spread over processes, so the
+(gunicorn, ``cli.stack.web_command``); ``--pollers`` clients (spread over processes, so the
 client's own GIL does not queue them) poll as fast as they can for ``--seconds``. It prints
 latency percentiles for both jobs and checks that job status is O(1) in the size of the job:
 the statements one GET runs are recorded in-process and must read neither items nor results
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import requests
 
+from cli.stack import child_env, web_command
 from mmbatch.settings import Settings
-from mmbatch.stack import child_env, web_command
 from store.migrate import upgrade
 
 CHUNK = 5000
@@ -162,8 +162,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                            "pollers": args.pollers, "seconds": args.seconds}
     try:
         upgrade(settings.db_url)
-        key = api_key(settings)
-        tenant = _tenant_of_key(settings, key)
+        key, tenant = api_key(settings)
         started = time.perf_counter()
         big = make_job(settings, args.items, tenant)
         out["insert_seconds"] = round(time.perf_counter() - started, 1)
@@ -199,23 +198,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if a.get("p50_ms") and b.get("p50_ms"):
         out["p50_ratio_big_over_small"] = round(b["p50_ms"] / a["p50_ms"], 2)
     return out
-
-
-def _tenant_of_key(settings: Settings, key: str | None) -> int | None:
-    if key is None:
-        return None
-    try:
-        from store import keys
-        from store.db import Database
-    except ImportError:
-        return None
-    db = Database(settings.db_url)
-    try:
-        with db.session() as s:
-            row = keys.authenticate(s, key)
-            return None if row is None else row.tenant_id
-    finally:
-        db.dispose()
 
 
 def _wait_healthy(base: str, proc: subprocess.Popen[bytes], wait: float = 60) -> None:

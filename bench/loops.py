@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from media import decode as media
 from mmbatch.settings import Settings
-from worker import media
+from models.registry import build_encoder
+from store.registry import ModelRow
+from worker.batch import classify
 from worker.encoding import MediaRef, encode_media
-from worker.pipeline import classify
+from worker.model_cache import models_of
 from worker.runtime import Runtime
 
 EXT_MODALITY = {".jpg": "image", ".txt": "text", ".wav": "audio"}
@@ -64,13 +68,14 @@ def _decode(settings: Settings, modality: str, data: bytes, name: str) -> Any:
     return media.decode_audio(data, name, max_seconds=settings.audio_max_seconds)
 
 
-def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: dict[str, Any] | None,
+def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: ModelRow | None,
               limit: int | None = None) -> dict[str, Any]:
     """Measurement (a); returns items, seconds, items/s and the time split."""
-    encoders = {m: rt.encoder(m) for m in ("image", "text", "audio")}
-    pool, depth = rt.pool, rt.settings.prefetch_items
+    models = models_of(rt)
+    encoders = {m: models.encoder(m) for m in ("image", "text", "audio")}
+    pool, depth = models.pool, rt.settings.prefetch_items
     if model is not None:
-        rt.classifier(model["id"], model["checkpoint_blob"], model["config"])  # as a warm worker
+        models.classifier(model)  # as a warm worker
     items = model_s = wait_s = head_s = 0.0
     started = time.perf_counter()
     for batch in archive_batches(archive, batch_size):
@@ -84,12 +89,12 @@ def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: dict[str, Any]
 
         refs = [MediaRef(m, key, f"{key}.{m}") for key, files in batch for m in files]
         result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
-                              batch_sizes=rt.batch_sizes, pool=pool, depth=depth)
+                              batch_sizes=models.batch_sizes, pool=pool, depth=depth)
         feats = [{m: result.vectors[(m, key)] for m in files if (m, key) in result.vectors}
                  for key, files in batch]
         t = time.perf_counter()
         if model is not None:
-            classify(rt, model, [f for f in feats if f])
+            classify(models, model, [f for f in feats if f])
         head_s += time.perf_counter() - t
         items += len(batch)
         model_s += result.model_seconds
@@ -103,8 +108,6 @@ def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: dict[str, Any]
 
 def _decode_plain(settings: Settings, modality: str, data: bytes, name: str) -> Any:
     if modality == "image":  # the whole JPEG, no reduced-scale draft
-        from PIL import Image
-
         img = Image.open(io.BytesIO(data))
         img.load()
         return img.convert("RGB")
@@ -112,8 +115,6 @@ def _decode_plain(settings: Settings, modality: str, data: bytes, name: str) -> 
 
 
 def plain_encoders(device: Any) -> dict[str, Any]:
-    from models.registry import build_encoder
-
     return {"image": build_encoder("image", device, precision="fp32", max_batch=1,
                                    channels_last=False, fold_bn=False),
             "text": build_encoder("text", device, precision="fp32", max_batch=1),
@@ -121,10 +122,11 @@ def plain_encoders(device: Any) -> dict[str, Any]:
 
 
 def plain_loop(rt: Runtime, encoders: dict[str, Any], archive: Path,
-               model: dict[str, Any] | None, limit: int) -> dict[str, Any]:
+               model: ModelRow | None, limit: int) -> dict[str, Any]:
     """The fp32 batch-1 reference: every file decoded, preprocessed and encoded alone."""
+    models = models_of(rt)
     if model is not None:
-        rt.classifier(model["id"], model["checkpoint_blob"], model["config"])
+        models.classifier(model)
     items = 0
     started = time.perf_counter()
     for batch in archive_batches(archive, 1):
@@ -136,7 +138,7 @@ def plain_loop(rt: Runtime, encoders: dict[str, Any], archive: Path,
             x = encoders[m].preprocess(_decode_plain(rt.settings, m, raw, f"{key}.{m}"))
             feats[m] = encoders[m].encode([x]).numpy()[0]
         if model is not None:
-            classify(rt, model, [feats])
+            classify(models, model, [feats])
         items += 1
     seconds = time.perf_counter() - started
     return {"items": items, "seconds": round(seconds, 2), "items_per_s": round(items / seconds, 2)}

@@ -2,7 +2,7 @@
 
     python -m bench.models_report [--train 480] [--seed 0] [--json var/bench/models.json]
 
-Writes a labelled sample (``mmbatch.sample``: the image tells the time of day, the audio the
+Writes a labelled sample (``samples.sample``: the image tells the time of day, the audio the
 animal, the caption hints weakly at either), extracts frozen encoder features once, splits the
 items into stratified halves, and on them:
 
@@ -20,7 +20,6 @@ tests/test_acceptance_models.py asserts the acceptance criteria on the same comp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,9 +29,11 @@ from typing import IO, Any
 
 import torch
 
+from bench.report import save_json
+from mmbatch.contract import MODALITIES, STRATEGIES
 from models.evaluation import accuracy_with_mask, calibration
-from models.fusion import STRATEGIES, FusionConfig
-from models.registry import MODALITIES, build_encoder
+from models.fusion import FusionConfig
+from models.registry import build_encoder
 from models.training import FeatureSet, TrainConfig, evaluate, fit, stratified_split
 
 # Training used throughout: the service's defaults except fewer epochs (early stopping ends
@@ -55,8 +56,8 @@ class Extracted:
 
 def extract(archive: Path, batch_size: int = 32) -> Extracted:
     """Walk ``archive`` as the service does, decode every file and run the frozen encoders."""
-    from worker import media
-    from worker.archive import walk
+    from media import decode as media
+    from media.archive import walk
 
     blobs: dict[str, bytes] = {}
 
@@ -95,7 +96,7 @@ def extract(archive: Path, batch_size: int = 32) -> Extracted:
 
 def sample_features(n_train: int = 480, seed: int = 0, out_dir: Path | None = None) -> Extracted:
     """Write the labelled sample and extract its features."""
-    from mmbatch.sample import write_sample
+    from samples.sample import write_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_sample(Path(out_dir or tmp), n_train=n_train, n_unlabelled=1, seed=seed,
@@ -289,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(fig))
     print(f"\n(features {extracted - started:.0f} s, training and evaluation "
           f"{time.perf_counter() - extracted:.0f} s)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(fig, indent=2, default=float))
+    save_json(args.json, fig)
     return 0
 
 

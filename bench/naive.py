@@ -2,8 +2,8 @@
 
 A bench-only Celery app on its own queue, run by a real worker process
 (``celery -A bench.naive_app worker --pool solo -Q naive``). ``bench.naive_ingest`` walks the
-archive with the service's own ingest, then sends one ``bench.naive_item`` per item; each calls
-the service's ``process_batch`` with that one item. Everything else (runtime, encoders loaded
+archive with the service's own ingest, then sends one ``bench.naive_item`` per item; each runs
+the service's ``BatchProcessor`` on that one item. Everything else (runtime, encoders loaded
 once per process, feature cache, database writes, job counters) is the service's, so the
 difference from (b) is the batching alone.
 """
@@ -16,8 +16,8 @@ from celery import Celery, shared_task
 
 from mmbatch.settings import Settings
 from worker.app import create_celery
+from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
-from worker.pipeline import process_batch
 from worker.runtime import runtime_for
 
 NAIVE_QUEUE = "naive"
@@ -50,4 +50,4 @@ def naive_ingest(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
 
 @shared_task(name=TASK_NAIVE_ITEM, bind=True)
 def naive_item(self, job_id: str, item_id: int) -> None:  # type: ignore[no-untyped-def]
-    process_batch(runtime_for(self.app), job_id, [item_id])
+    BatchProcessor(runtime_for(self.app), job_id, [item_id]).run()

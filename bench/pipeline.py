@@ -38,12 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from bench import synth
-from mmbatch.client import ApiError, Client
+from bench.loops import bare_loop, plain_encoders, plain_loop
+from cli.client import ApiError, Client
+from cli.stack import Stack, child_env
+from mmbatch.contract import MODALITIES
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack, child_env
+from store import keys
+from store.db import Database
 from store.migrate import upgrade
+from store.registry import ModelRow, get_model
+from worker.model_cache import models_of
+from worker.runtime import Runtime
 
-MODALITIES = ("image", "text", "audio")
 TRAIN_ITEMS = 96
 TRAIN_EPOCHS = 60
 WARM_ITEMS = 32  # a full batch: the first batch of new shapes costs oneDNN kernel creation
@@ -91,21 +97,18 @@ def drop_database(settings: Settings) -> None:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def api_key(settings: Settings) -> str | None:
-    """MMBATCH_API_KEY if set, else a key made for the bench in its own database (when the
-    service has keys at all)."""
-    if os.environ.get("MMBATCH_API_KEY"):
-        return os.environ["MMBATCH_API_KEY"]
-    try:
-        from store import keys
-    except ImportError:
-        return None
-    from store.db import Database
-
+def api_key(settings: Settings) -> tuple[str, int | None]:
+    """MMBATCH_API_KEY if set, else a key made for the bench in its own database; and its
+    tenant."""
     db = Database(settings.db_url)
     try:
         with db.session() as s:
-            return keys.create_key(s, "bench").key
+            given = os.environ.get("MMBATCH_API_KEY")
+            if given:
+                row = keys.authenticate(s, given)
+                return given, None if row is None else row.tenant_id
+            new = keys.create_key(s, "bench")
+            return new.key, new.tenant_id
     finally:
         db.dispose()
 
@@ -205,16 +208,11 @@ def feature_rows(settings: Settings) -> int:
         db.dispose()
 
 
-def model_dict(settings: Settings, model_id: int) -> dict[str, Any]:
-    from store.db import Database
-    from store.registry import get_model
-
+def model_dict(settings: Settings, model_id: int) -> ModelRow:
     db = Database(settings.db_url)
     try:
         with db.session() as s:
-            m = get_model(s, model_id)
-            return {"id": m.id, "checkpoint_blob": m.checkpoint_blob, "config": m.config,
-                    "classes": list(m.classes), "encoders": dict(m.encoders)}
+            return ModelRow.of(get_model(s, model_id))
     finally:
         db.dispose()
 
@@ -341,7 +339,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     logs = args.out.parent / "logs"
     try:
         upgrade(settings.db_url)
-        key = api_key(settings)
+        key, _ = api_key(settings)
         port = _free_port()
         # Models: two heads trained on a small labelled archive, in a worker of their own so
         # that training never counts in a peak RSS below.
@@ -402,16 +400,14 @@ def _rss(stack: Stack) -> int | None:
     return None if peak is None else round(peak / 2**20)
 
 
-def bare_measurements(settings: Settings, archive: Path, model: dict[str, Any],
+def bare_measurements(settings: Settings, archive: Path, model: ModelRow,
                       plain_items: int) -> tuple[dict[str, Any], dict[str, Any], float]:
     """(a) over the whole archive, and the plain loop against the bare loop on the first
     ``plain_items`` items, in three rounds side by side, so a noisy neighbour hits both alike."""
-    from bench.loops import bare_loop, plain_encoders, plain_loop
-    from worker.runtime import Runtime
-
     rt = Runtime(settings)
+    models = models_of(rt)
     try:
-        plain = plain_encoders(rt.device)
+        plain = plain_encoders(models.device)
         bare_loop(rt, archive, settings.batch_size, model, limit=settings.batch_size)  # warm
         plain_loop(rt, plain, archive, model, limit=4)
         pairs = []
@@ -427,8 +423,9 @@ def bare_measurements(settings: Settings, archive: Path, model: dict[str, Any],
         full = bare_loop(rt, archive, settings.batch_size, model)
         full["started_at"], full["ended_at"] = round(started, 3), round(time.time(), 3)
         full["load_average"] = round(os.getloadavg()[0], 2)
-        full["precision"] = {m: getattr(rt.encoder(m), "precision", "fp32") for m in MODALITIES}
-        full["decode_threads"] = rt.decode_threads
+        full["precision"] = {m: getattr(models.encoder(m), "precision", "fp32")
+                             for m in MODALITIES}
+        full["decode_threads"] = models.decode_threads
         plain_out = {"items": plain_items, "items_per_s": plain_rate,
                      "bare_items_per_s_same_items": bare_rate,
                      "runs": [{"plain": p["items_per_s"], "bare": b["items_per_s"]}
@@ -489,15 +486,32 @@ TARGETS = {  # ratio: (at least, at most) — the issue's targets
 }
 
 
+# The measurements' rows: label, key in the results, note (from that result's fields).
+ROWS = (
+    ("(a) bare loop: decode + encoders + fusion + head, one process", "a_bare",
+     "precision {precision}, decode threads {decode_threads}"),
+    ("(b) end to end: upload, API, broker, worker, database", "b_end_to_end",
+     "upload {upload_seconds} s, ingest {ingest_seconds} s, processing {processing_seconds} s; "
+     "worker peak RSS {worker_peak_rss_mib} MiB"),
+    ("(c) naive: one Celery task per item", "c_naive", ""),
+    ("(d) new head over the same items, features cached", "d_new_head",
+     "{how}; encoders run: {encoder_runs} times"),
+    ("(b) again with 5x the items, fresh worker", "b_scaled",
+     "upload {upload_seconds} s, ingest {ingest_seconds} s; worker peak RSS "
+     "{worker_peak_rss_mib} MiB"),
+)
+
+
+class _Blank(dict):  # type: ignore[type-arg]
+    """A result's fields for a note; a field the result lacks shows as None."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
 def table(out: dict[str, Any]) -> str:
     """The results as a Markdown table, then the ratios against their targets."""
     lines = ["| measurement | items | seconds | items/s | notes |", "| --- | --: | --: | --: | --- |"]
-
-    def add(label: str, key: str, note: str = "") -> None:
-        v = out.get(key)
-        if v:
-            lines.append(f"| {label} | {v['items']} | {v.get('seconds', '')} | "
-                         f"{v['items_per_s']:.1f} | {note} |")
 
     plain = out.get("a_plain")
     if plain:
@@ -505,22 +519,11 @@ def table(out: dict[str, Any]) -> str:
                      f"{plain['items']} | | "
                      f"{plain['items_per_s']:.1f} | bare loop on the same items: "
                      f"{plain['bare_items_per_s_same_items']:.1f} items/s |")
-    a = out.get("a_bare")
-    add("(a) bare loop: decode + encoders + fusion + head, one process", "a_bare",
-        f"precision {a['precision']}, decode threads {a['decode_threads']}" if a else "")
-    b = out.get("b_end_to_end")
-    add("(b) end to end: upload, API, broker, worker, database", "b_end_to_end",
-        f"upload {b.get('upload_seconds')} s, ingest {b.get('ingest_seconds')} s, processing "
-        f"{b.get('processing_seconds')} s; worker peak RSS {b.get('worker_peak_rss_mib')} MiB"
-        if b else "")
-    add("(c) naive: one Celery task per item", "c_naive")
-    d = out.get("d_new_head")
-    add("(d) new head over the same items, features cached", "d_new_head",
-        f"{d['how']}; encoders run: {d['encoder_runs']} times" if d else "")
-    big = out.get("b_scaled")
-    add("(b) again with 5x the items, fresh worker", "b_scaled",
-        f"upload {big.get('upload_seconds')} s, ingest {big.get('ingest_seconds')} s; worker "
-        f"peak RSS {big.get('worker_peak_rss_mib')} MiB" if big else "")
+    for label, key, note in ROWS:
+        v = out.get(key)
+        if v:
+            lines.append(f"| {label} | {v['items']} | {v.get('seconds', '')} | "
+                         f"{v['items_per_s']:.1f} | {note.format_map(_Blank(v))} |")
     lines += ["", "| ratio | value | target | met |", "| --- | --: | --- | --- |"]
     for name, value in out["ratios"].items():
         if value is None:

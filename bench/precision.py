@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench import synth
-from worker import media
+from media import decode as media
 
 TOP1_MIN = 0.95
 FLIP_MARGIN_MAX = 0.05

@@ -1,7 +1,8 @@
 """Typed settings read from the environment (prefix ``MMBATCH_``).
 
-A leaf module: it imports nothing of the project, and nothing reads configuration at module level.
-Build one ``Settings`` with :meth:`Settings.from_env` and pass it to what needs it.
+Of the project it imports only the vocabulary (``mmbatch.contract``), and nothing reads
+configuration at module level. Build one ``Settings`` with :meth:`Settings.from_env` and pass it
+to what needs it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
+
+from mmbatch.contract import MODEL_QUEUE, TASK_QUEUES
 
 PREFIX = "MMBATCH_"
 
@@ -62,7 +65,7 @@ class Settings:
     text_max_chars: int = 100_000
     # Hostile archives and media (docs/reliability.md): limits on what one archive may unpack to,
     # what audio longer than audio_max_seconds does ("cut" it, or "fail" the item), and how long
-    # one file may take to decode in the decode sandbox (worker.media.DecodeSandbox).
+    # one file may take to decode in the decode sandbox (media.sandbox.DecodeSandbox).
     max_archive_members: int = 100_000
     max_member_bytes: int = 256 * 1024**2
     max_unpacked_bytes: int = 16 * 1024**3
@@ -92,8 +95,6 @@ class Settings:
     # Comma-separated hosts or CIDRs webhooks may reach even though they are private/loopback.
     webhook_allow: str = ""
     webhook_max_attempts: int = 8
-    # Fault injection for tests only: a worker given an item whose key contains this exits.
-    fault_crash_key: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -113,37 +114,18 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        positive = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes",
-                    "poison_limit", "stale_after_seconds", "sweep_interval_seconds",
-                    "reprocess_limit", "reprocess_max_attempts", "webhook_max_attempts",
-                    "max_image_pixels", "text_max_chars", "train_epochs",
-                    "default_page_size", "max_page_size")
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
-        if self.audio_max_seconds <= 0:
-            raise SettingsError(f"{PREFIX}AUDIO_MAX_SECONDS must be positive")
-        for name in ("image_batch_size", "text_batch_size", "audio_batch_size", "prefetch_items"):
-            if int(getattr(self, name)) <= 0:
-                raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                words = ", ".join(choices[:-1]) + " or " + choices[-1]
+                raise SettingsError(f"{PREFIX}{name.upper()} must be {words}, "
+                                    f"not {getattr(self, name)!r}")
         if self.decode_threads < -1:
             raise SettingsError(f"{PREFIX}DECODE_THREADS must be -1 (auto), 0 (inline) or more")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise SettingsError(f"{PREFIX}PRECISION must be auto, fp32 or bf16, "
-                                f"not {self.precision!r}")
-        for name in ("max_archive_members", "max_member_bytes", "max_unpacked_bytes"):
-            if int(getattr(self, name)) <= 0:
-                raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         if self.max_compression_ratio < 1:
             raise SettingsError(f"{PREFIX}MAX_COMPRESSION_RATIO must be at least 1")
-        if self.audio_too_long not in ("cut", "fail"):
-            raise SettingsError(f"{PREFIX}AUDIO_TOO_LONG must be cut or fail, "
-                                f"not {self.audio_too_long!r}")
-        if self.decode_timeout_seconds <= 0:
-            raise SettingsError(f"{PREFIX}DECODE_TIMEOUT_SECONDS must be positive")
-        if self.decode_isolation not in ("process", "off"):
-            raise SettingsError(f"{PREFIX}DECODE_ISOLATION must be process or off, "
-                                f"not {self.decode_isolation!r}")
         if self.blob_url and not (self.blob_url.startswith("s3://")
                                   and self.blob_url[5:].strip("/")):
             raise SettingsError(f"{PREFIX}BLOB_URL must be s3://bucket[/prefix], "
@@ -170,6 +152,34 @@ class Settings:
     def embedded(self) -> bool:
         return not self.database_url and not self.broker_url
 
+    def celery_config(self) -> dict[str, Any]:
+        """What every process that talks to the broker configures alike (the API enqueues, the
+        workers consume): where the broker is, JSON only, late acknowledgement, the queues."""
+        transport: dict[str, Any] = {}
+        if self.broker.startswith("sqla+sqlite"):
+            # kombu passes these to create_engine: a long busy timeout, since the web and the
+            # worker both write to the SQLite broker file.
+            transport["connect_args"] = {"timeout": 60}
+        if self.broker_prefix and self.broker.startswith(("redis://", "rediss://")):
+            transport["global_keyprefix"] = self.broker_prefix
+        return {
+            "broker_url": self.broker,
+            "broker_transport_options": transport,
+            "broker_connection_retry_on_startup": True,
+            "result_backend": None,
+            "task_ignore_result": True,
+            "task_serializer": "json",
+            "accept_content": ["json"],
+            "event_serializer": "json",
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+            "task_default_queue": MODEL_QUEUE,
+            "task_routes": {task: {"queue": queue} for task, queue in TASK_QUEUES.items()},
+            "timezone": "UTC",
+            "enable_utc": True,
+        }
+
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         env: dict[str, str] = {}
@@ -181,6 +191,18 @@ class Settings:
                 continue
             env[PREFIX + f.name.upper()] = str(value)
         return env
+
+
+# Settings that must be above zero, and those with a fixed set of values.
+_POSITIVE = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes", "poison_limit",
+             "stale_after_seconds", "sweep_interval_seconds", "reprocess_limit",
+             "reprocess_max_attempts", "webhook_max_attempts", "max_image_pixels",
+             "text_max_chars", "train_epochs", "default_page_size", "max_page_size",
+             "audio_max_seconds", "image_batch_size", "text_batch_size", "audio_batch_size",
+             "prefetch_items", "max_archive_members", "max_member_bytes", "max_unpacked_bytes",
+             "decode_timeout_seconds")
+_CHOICES = {"precision": ("auto", "fp32", "bf16"), "audio_too_long": ("cut", "fail"),
+            "decode_isolation": ("process", "off")}
 
 
 def _parse(name: str, type_name: object, raw: str) -> object:

@@ -16,14 +16,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from models.finetune import LR_FACTOR
+from mmbatch.scoring import scores
+from models.finetune import LR_FACTOR, pretrained_top
 from models.fusion import FusionClassifier, FusionConfig
 from models.losses import ClassificationLoss, balanced_order
 from models.scratch import ScratchConfig, build_scratch
@@ -33,12 +33,11 @@ from models.training import (
     TrainConfig,
     _fit_standardization,
     _one_modality,
-    _scores,
+    _val_scores,
     drop_modalities,
     fit,
 )
 
-MODES = ("frozen", "finetune", "scratch", "auto")
 AUTO_MARGIN = 0.01  # auto keeps frozen unless a candidate validates better by more than this
 
 
@@ -125,8 +124,8 @@ def _macro_f1(model: AdaptedClassifier, data: InputSet) -> tuple[float, float]:
     with torch.no_grad():
         logits, _ = model.fusion(feats.features, feats.mask)
         loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
-    _, _, f1 = _scores(data.labels.numpy(), logits.argmax(dim=1).numpy(),
-                       model.fusion.cfg.num_classes)
+    _, _, f1 = scores(data.labels.numpy(), logits.argmax(dim=1).numpy(),
+                      model.fusion.cfg.num_classes)
     return f1, loss
 
 
@@ -270,7 +269,7 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
     trials = len(scratch) + len(tops)
     share = budget_seconds / max(trials, 1)
     columns = {m: i for i, m in enumerate(features)}
-    single = TrainConfig(**{**_fields(tcfg), "modality_dropout": 0.0, "select": "full",
+    single = TrainConfig(**{**asdict(tcfg), "modality_dropout": 0.0, "select": "full",
                             "stacking_folds": 0})
     for m in [m for m in features if m in scratch or m in tops]:
         col = columns[m]
@@ -319,14 +318,176 @@ def _trial(metrics: dict[str, Any]) -> dict[str, Any]:
             "seconds_per_epoch": metrics["seconds_per_epoch"], "stopped": metrics["stopped"]}
 
 
-def _fields(tcfg: TrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
+# --- a train job's training, whatever its encoder modes ------------------------------------------
 
-    return asdict(tcfg)
+# The scratch encoders a train job trains: low-resolution grayscale images, the first 128 UTF-8
+# bytes of a text, the first 3 s of audio.
+SCRATCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "image": {"dim": 64, "width": 32, "image_size": 32, "image_channels": 1},
+    "text": {"dim": 64, "width": 32, "max_bytes": 128},
+    "audio": {"dim": 64, "width": 32, "max_frames": 300},
+}
 
 
-def scratch_features(model: AdaptedClassifier, data: InputSet) -> dict[str, np.ndarray]:
-    """Each scratch modality's features (N_m, D) over the items that have it."""
-    feats = encode_all(model, data)
-    columns = {m: i for i, m in enumerate(model.fusion.modalities)}
-    return {m: feats.features[m][data.mask[:, columns[m]]].numpy() for m in model.encoders}
+def scratch_config(modality: str) -> ScratchConfig:
+    """The scratch encoder a train job trains for ``modality``."""
+    return ScratchConfig(modality, **SCRATCH_DEFAULTS[modality])
+
+
+def raw_inputs_needed(modes: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Which modalities need their media decoded again: for scratch encoders' inputs, and for
+    the activations below the finetuned tops (``auto`` tries both)."""
+    return ([m for m, mode in modes.items() if mode in ("scratch", "auto")],
+            [m for m, mode in modes.items() if mode in ("finetune", "auto")])
+
+
+@dataclass
+class TrainingData:
+    """A train job's items as training takes them: the frozen features of the training and
+    validation items, and, for the modalities whose mode needs them, inputs of every item
+    (rows in the job's item order; ``train_idx``/``val_idx`` pick the splits' rows): the raw
+    inputs of the scratch encoders and the activations below the finetuned tops, with which
+    rows have them."""
+
+    train: FeatureSet
+    val: FeatureSet | None
+    train_idx: list[int]
+    val_idx: list[int]
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # m -> (N, ...)
+    scratch_present: dict[str, list[bool]] = field(default_factory=dict)
+    finetune: dict[str, torch.Tensor] = field(default_factory=dict)  # m -> (N, ...)
+    finetune_present: dict[str, list[bool]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How to train: the fusion over the frozen features (``fusion.input_dims``), the training
+    loop, each modality's requested encoder mode, and auto's time budget."""
+
+    fusion: FusionConfig
+    training: TrainConfig
+    modes: dict[str, str]
+    budget_seconds: float
+
+
+@dataclass
+class TrainedClassifier:
+    """What training made: the fusion classifier, its metrics, the training and validation
+    features as it sees them (its own encoders' where it has them), its trained encoders
+    (scratch encoders with their configs, finetuned tops), and, when an encoder mode other than
+    frozen was asked for, the report of what each modality got and why."""
+
+    fusion: FusionClassifier
+    metrics: dict[str, Any]
+    train: FeatureSet
+    val: FeatureSet | None
+    scratch: dict[str, tuple[nn.Module, ScratchConfig]]
+    finetuned: dict[str, nn.Module]
+    adaptation: dict[str, Any] | None
+
+    @property
+    def modes(self) -> dict[str, str]:
+        return {m: "scratch" if m in self.scratch else "finetune" if m in self.finetuned
+                else "frozen" for m in self.fusion.modalities}
+
+
+def train_classifier(data: TrainingData, plan: TrainingPlan,
+                     on_epoch: Callable[[int], None] | None = None) -> TrainedClassifier:
+    """Train a train job's classifier with the encoder modes of ``plan``.
+
+    All frozen: the fusion on cached features (models.training.fit). Otherwise scratch
+    encoders and finetuned tops train with the fusion (:func:`fit_adapted`), and ``auto`` first
+    chooses per modality among frozen, scratch and finetune on validation within half the budget
+    (:func:`choose_modes`). A mode whose inputs no item has falls back to frozen. ``on_epoch``
+    hears of every epoch (the worker's heartbeat)."""
+    cfg, tcfg, modes = plan.fusion, plan.training, plan.modes
+    if all(mode == "frozen" for mode in modes.values()):
+        model, metrics = fit(data.train, data.val, cfg, tcfg)
+        return TrainedClassifier(model, metrics, data.train, data.val, {}, {}, None)
+    started = time.perf_counter()
+    dims = cfg.input_dims
+    columns = {m: i for i, m in enumerate(dims)}
+
+    def inputs_of(idx: list[int], features: FeatureSet, chosen: dict[str, str]) -> InputSet:
+        """The items of ``idx``: per modality the inputs of its chosen mode."""
+        sel = torch.tensor(idx, dtype=torch.long)
+        mask = features.mask.clone()
+        inputs = dict(features.features)
+        for m, mode in chosen.items():
+            if mode in ("scratch", "finetune"):
+                raw = data.scratch if mode == "scratch" else data.finetune
+                ok = data.scratch_present if mode == "scratch" else data.finetune_present
+                inputs[m] = raw[m][sel]
+                mask[:, columns[m]] &= torch.tensor([ok[m][i] for i in idx])
+        return InputSet(inputs, mask, features.labels)
+
+    def available(m: str, mode: str) -> bool:
+        return m in (data.scratch if mode == "scratch" else data.finetune)
+
+    chosen = dict(modes)
+    for m, mode in chosen.items():  # nothing decoded for a mode: frozen features it is
+        if mode in ("scratch", "finetune") and not available(m, mode):
+            chosen[m] = "frozen"
+        if mode == "auto" and not (available(m, "scratch") or available(m, "finetune")):
+            chosen[m] = "frozen"
+    report: dict[str, Any] = {m: {"mode": chosen[m], "requested": modes[m]} for m in dims}
+    init: dict[str, nn.Module] = {}
+    auto = [m for m in dims if chosen[m] == "auto"]
+    if auto:
+        if data.val is None:
+            raise ValueError("auto needs a validation split to choose on")
+        as_scratch = {m: "scratch" if available(m, "scratch") else "frozen" for m in dims}
+        as_tuned = {m: "finetune" if available(m, "finetune") else "frozen" for m in dims}
+        picked, trials, init = choose_modes(
+            inputs_of(data.train_idx, data.train, as_scratch),
+            inputs_of(data.val_idx, data.val, as_scratch), dims,
+            {m: scratch_config(m) for m in auto if available(m, "scratch")}, cfg.num_classes,
+            tcfg, plan.budget_seconds / 2, data.train, data.val, on_epoch=on_epoch,
+            tops={m: pretrained_top(m) for m in auto if available(m, "finetune")},
+            tuned_train=inputs_of(data.train_idx, data.train, as_tuned),
+            tuned_val=inputs_of(data.val_idx, data.val, as_tuned))
+        for m in auto:
+            chosen[m] = picked[m]
+            report[m].update(trials[m], requested="auto")
+    for m in dims:
+        report[m]["mode"] = chosen[m]
+    scratch = {m: scratch_config(m) for m in dims if chosen[m] == "scratch"}
+    tuned = {m: init[m] if m in init else pretrained_top(m) for m in dims
+             if chosen[m] == "finetune"}
+    if not scratch and not tuned:
+        model, metrics = fit(data.train, data.val, cfg, tcfg)
+        return TrainedClassifier(model, metrics, data.train, data.val, {}, {}, report)
+    left = max(plan.budget_seconds - (time.perf_counter() - started), plan.budget_seconds / 4)
+    adapted_cfg = FusionConfig(**{**asdict(cfg), "input_dims": {
+        m: scratch[m].dim if m in scratch else d for m, d in dims.items()}})
+    train_in = inputs_of(data.train_idx, data.train, chosen)
+    val_in = inputs_of(data.val_idx, data.val, chosen) if data.val is not None else None
+    adapted, fit_metrics = fit_adapted(train_in, val_in, adapted_cfg, tcfg, scratch,
+                                       budget_seconds=left, init=init, finetune=tuned,
+                                       on_epoch=on_epoch)
+    train_feats = encode_all(adapted, train_in)
+    val_feats = encode_all(adapted, val_in) if val_in is not None else None
+    metrics = _final_metrics(adapted.fusion, train_feats, val_feats, fit_metrics, adapted_cfg,
+                             tcfg)
+    own = dict(adapted.encoders)
+    return TrainedClassifier(adapted.fusion, metrics, train_feats, val_feats,
+                             {m: (own[m], scratch[m]) for m in scratch},
+                             {m: own[m] for m in tuned}, report)
+
+
+def _final_metrics(model: FusionClassifier, train: FeatureSet, val: FeatureSet | None,
+                   fit_metrics: dict[str, Any], cfg: FusionConfig, tcfg: TrainConfig
+                   ) -> dict[str, Any]:
+    """The same top-level metrics models.training.fit reports, for an adapted model."""
+    _, _, train_accuracy = _val_scores(model, train)
+    f1, loss, acc = _val_scores(model, val) if val is not None else (None, None, None)
+    return {
+        "train_accuracy": train_accuracy, "val_accuracy": acc, "val_macro_f1": f1,
+        "val_loss": loss, "epochs": fit_metrics["epochs"],
+        "best_epoch": fit_metrics["best_epoch"], "train_size": len(train),
+        "val_size": len(val) if val is not None else 0, "seconds": fit_metrics["seconds"],
+        "seconds_per_epoch": fit_metrics["seconds_per_epoch"], "stopped": fit_metrics["stopped"],
+        "strategy": cfg.strategy, "loss": tcfg.loss,
+        "gamma": tcfg.gamma if tcfg.loss == "focal" else None, "balanced": tcfg.balanced,
+        "seed": tcfg.seed,
+    }

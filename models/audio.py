@@ -8,15 +8,16 @@ the spec's version; a trained checkpoint would get a new version.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from models.device import autocast, resolve_precision, to_device
-from models.registry import SPECS, EncoderSpec
+from models.device import autocast, to_device
+from models.spec import EncoderSpec, EncoderTop, PretrainedEncoder
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -35,7 +36,14 @@ CNN_DIM = CNN_CHANNELS[-1]
 
 MIN_FRAMES = MIN_SAMPLES // HOP + 1  # frames of the shortest (padded) clip
 
-SPEC = SPECS["audio"]  # its version records CNN_SEED and MAX_SECONDS: bump it with them
+# 64-band log-mel (n_fft 400, hop 160), CNN seeded with 1234 (128) + per-band mean and std
+# (2 x 64); clips padded to 0.1 s, cut at 600 s. The version records CNN_SEED and MAX_SECONDS:
+# bump it with them.
+SPEC = EncoderSpec("audio", "logmel_cnn", "logmel64-cnn128-seed1234-stats-max600s-v1", 256)
+# A finetuned audio encoder (models.finetune) reads the first 10 s of a clip, in training and at
+# inference alike, and its CNN trains with SpecAugment masks of up to these sizes.
+TOP_MAX_FRAMES = 1000
+SPEC_AUGMENT = {"bands": 8, "frames": 40}
 # What precision="auto" picks where bf16 is native: bf16 for the CNN (the band statistics stay
 # fp32). bench/precision.py measured feature cosine >= 0.99999 against fp32, 4.1 ms a clip
 # against 6.7.
@@ -130,12 +138,86 @@ def seeded_cnn(seed: int = CNN_SEED) -> AudioCNN:
     return model
 
 
-class AudioEncoder:
+class AudioTop(EncoderTop):
+    """The whole log-mel CNN, plus the fixed band statistics: packed (B, 65, T) -> (B, 256),
+    the frozen audio encoder's layout (the last channel 1 where a frame is real)."""
+
+    def __init__(self, cnn: nn.Module) -> None:
+        super().__init__()
+        self.cnn = cnn
+        # While training: SpecAugment of the CNN's input, drawn from this generator (the
+        # training loop's, so runs stay seeded). The band statistics always see the clean
+        # log-mel: a masked band would have no spread, which inference never shows.
+        self.augment: torch.Generator | None = None
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        valid = packed[:, -1]  # (B, T)
+        longest = int(valid.sum(dim=1).max().item()) if len(packed) else 0
+        width = max(longest, MIN_FRAMES)  # a batch of short clips runs on its own length
+        packed = packed[..., :width] if packed.shape[-1] >= width else F.pad(
+            packed, (0, width - packed.shape[-1]))
+        logmel = packed[:, :-1].float()  # (B, 64, T)
+        lengths = packed[:, -1].sum(dim=1).long()  # (B,)
+        # An item without audio (all padding, masked out of the fusion) still needs finite
+        # features: NaN would survive the mask's multiplications. Give it the shortest clip.
+        lengths = torch.where(lengths > 0, lengths, MIN_FRAMES)
+        heard = logmel
+        if self.training and self.augment is not None:
+            heard = spec_augment(packed, self.augment)[:, :-1].float()
+        deep = self.cnn(heard, lengths)  # (B, 128)
+        return torch.cat([deep, masked_band_stats(logmel, lengths)], dim=1)  # (B, 256)
+
+
+def pretrained_top() -> AudioTop:
+    """A fresh top (the seeded CNN), ready to train."""
+    return AudioTop(seeded_cnn()).trainable()
+
+
+def pack_audio(logmels: Sequence[torch.Tensor], max_frames: int = TOP_MAX_FRAMES
+               ) -> torch.Tensor:
+    """Log-mels (64, T_i) -> (N, 65, T): cut at ``max_frames``, padded, validity last."""
+    lengths = [min(int(x.shape[1]), max_frames) for x in logmels]
+    bands = int(logmels[0].shape[0])
+    out = torch.zeros(len(logmels), bands + 1, max(lengths))
+    for i, (x, n) in enumerate(zip(logmels, lengths, strict=True)):
+        out[i, :bands, :n] = x[:, :n]
+        out[i, bands, :n] = 1.0
+    return out
+
+
+def spec_augment(packed: torch.Tensor, generator: torch.Generator,
+                 bands: int = SPEC_AUGMENT["bands"], frames: int = SPEC_AUGMENT["frames"]
+                 ) -> torch.Tensor:
+    """SpecAugment-style masking of packed log-mels (B, F + 1, T): per item, one band of up to
+    ``bands`` mel channels and one span of up to ``frames`` valid frames set to the item's mean
+    log-mel (zero after the CNN's input scaling would be arbitrary; the mean is neutral).
+    Returns a new tensor; the validity channel is untouched."""
+    b, f1, t = packed.shape
+    f = f1 - 1
+    out = packed.clone()
+    logmel, valid = out[:, :f], out[:, f]  # (B, F, T), (B, T)
+    lengths = valid.sum(dim=1).long().clamp_min(1)  # (B,)
+    width_f = torch.randint(0, bands + 1, (b,), generator=generator)
+    start_f = (torch.rand(b, generator=generator) * (f - width_f + 1)).long()
+    width_t = torch.minimum(torch.randint(0, frames + 1, (b,), generator=generator), lengths)
+    start_t = (torch.rand(b, generator=generator) * (lengths - width_t + 1)).long()
+    rows = torch.arange(f)[None, :]  # (1, F)
+    steps = torch.arange(t)[None, :]  # (1, T)
+    band = (rows >= start_f[:, None]) & (rows < (start_f + width_f)[:, None])  # (B, F)
+    span = (steps >= start_t[:, None]) & (steps < (start_t + width_t)[:, None])  # (B, T)
+    masked = band[:, :, None] | span[:, None, :]  # (B, F, T)
+    masked &= valid[:, None, :].bool()
+    mean = (logmel * valid[:, None]).sum(dim=(1, 2)) / (lengths * f)  # (B,)
+    out[:, :f] = torch.where(masked, mean[:, None, None], logmel)
+    return out
+
+
+class AudioEncoder(PretrainedEncoder):
     """16 kHz mono waveforms -> 256-d features: CNN (128) + band means (64) + band stds (64).
 
     ``finetuned``: the CNN weights of a train job (models.finetune), instead of the seeded
     ones; the encoder then reports ``version``, which names them, and keeps the first
-    models.finetune.AUDIO_MAX_FRAMES frames of a clip (10 s), as training did."""
+    TOP_MAX_FRAMES frames of a clip (10 s), as training did."""
 
     spec: EncoderSpec = SPEC
 
@@ -148,25 +230,18 @@ class AudioEncoder:
         finetuned: bytes | None = None,
         version: str | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        super().__init__(device, max_batch, precision, PREFERRED_PRECISION)
         if max_batch_frames < 1:
             raise ValueError(f"max_batch_frames must be >= 1, got {max_batch_frames}")
-        self.device = torch.device(device)
-        self.max_batch = max_batch
         self.max_batch_frames = max_batch_frames
-        self.precision = resolve_precision(precision, self.device, PREFERRED_PRECISION)
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS
         )  # stays on the CPU: preprocessing runs in worker threads
         cnn = seeded_cnn()
         self.max_frames: int | None = None  # frames kept of a clip (None: MAX_SECONDS)
         if finetuned is not None:  # a train job's CNN (models.finetune)
-            from models.finetune import AUDIO_MAX_FRAMES, finetuned_spec, load_top
-
-            load_top("audio", cnn, finetuned)
-            self.spec = finetuned_spec(SPEC, version)
-            self.max_frames = AUDIO_MAX_FRAMES  # what the CNN and the fusion trained on
+            self.load_top(AudioTop(cnn), finetuned, version)
+            self.max_frames = TOP_MAX_FRAMES  # what the CNN and the fusion trained on
         self.model = cnn.eval().requires_grad_(False).to(self.device)
 
     def preprocess(self, wave: np.ndarray) -> torch.Tensor:
@@ -241,3 +316,14 @@ class AudioEncoder:
                 features = torch.cat([deep, masked_band_stats(batch, valid)], dim=1)  # (b, 256)
                 out[torch.tensor(chunk)] = features.float().cpu()
         return out  # allocated outside inference mode: an ordinary tensor
+
+    def training_input(self, wave: np.ndarray) -> torch.Tensor:
+        """A clip's log-mel as a finetuned audio encoder will see it: this encoder's
+        preprocessing of the samples that make the first TOP_MAX_FRAMES frames -> (64, T)."""
+        logmel = self.preprocess(wave[: TOP_MAX_FRAMES * HOP + N_FFT])
+        return logmel[:, :TOP_MAX_FRAMES].clone()
+
+    def bottom(self, items: Sequence[torch.Tensor], batch_size: int = 32,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The whole CNN trains, so below it is the log-mel itself: packed (N, 65, T)."""
+        return pack_audio(items)

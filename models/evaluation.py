@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from mmbatch import scoring
 from models.fusion import FusionClassifier
-from models.training import FeatureSet, evaluate
+from models.training import FeatureSet, evaluate, forward_eval
 
-ECE_BINS = 15
 # log T is searched on a grid over [1/20, 20]: wide enough for any sane model, and
 # deterministic (no optimiser state, no tolerance to tune).
 _LOG_T_GRID = torch.linspace(float(np.log(0.05)), float(np.log(20.0)), 401, dtype=torch.float64)
@@ -21,39 +23,19 @@ _LOG_T_GRID = torch.linspace(float(np.log(0.05)), float(np.log(20.0)), 401, dtyp
 
 def logits_of(model: FusionClassifier, data: FeatureSet) -> torch.Tensor:
     """The model's logits for every item, in eval mode: (N, C) float32 on the CPU."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits, _ = model(
-                {m: data.features[m].to(device) for m in model.modalities},
-                data.mask.to(device),
-            )  # (N, C)
-    finally:
-        model.train(was_training)
-    return logits.float().cpu()
+    logits, _ = forward_eval(model, data.features, data.mask)
+    return logits
 
 
 def expected_calibration_error(
-    probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
+    probs: torch.Tensor, labels: torch.Tensor, bins: int = scoring.ECE_BINS
 ) -> float:
-    """ECE: the support-weighted gap between confidence and accuracy over equal-width
-    confidence bins. probs: (N, C); labels: (N,) int64."""
+    """ECE (mmbatch.scoring) of class probabilities (N, C) against labels (N,) int64."""
     if probs.shape[0] == 0:
         raise ValueError("no items")
     confidence, predicted = probs.max(dim=1)  # (N,), (N,)
-    correct = (predicted == labels).double()  # (N,)
-    confidence = confidence.double()
-    # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence is > 0 for a softmax.
-    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # (N,)
-    ece = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            gap = (confidence[members].mean() - correct[members].mean()).abs()
-            ece += float(members.double().mean() * gap)
-    return ece
+    return scoring.expected_calibration_error(confidence.double().numpy(),
+                                              (predicted == labels).numpy(), bins)
 
 
 def fit_temperature(
@@ -156,9 +138,6 @@ def evaluation_report(
 
 def confusion_png(confusion: list[list[int]], classes: list[str], title: str = "") -> bytes:
     """The confusion matrix (rows: true class, columns: predicted) rendered as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     counts = np.asarray(confusion, dtype=np.int64)
     n = len(classes)
     if counts.shape != (n, n):

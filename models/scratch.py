@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
 from PIL import Image
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from models.audio import HOP, LOG_EPS, N_FFT, SAMPLE_RATE
 from models.checkpoint import load_weights, state_tensors
-from models.registry import EncoderSpec
+from models.spec import EncoderSpec
 
 ARCHS = {"image": "scratch_image_cnn", "text": "scratch_byte_cnn", "audio": "scratch_logmel_cnn"}
 PAD_BYTE = 0  # byte b is token b + 1; 0 pads
@@ -73,21 +75,34 @@ def _conv2d(in_ch: int, out_ch: int) -> nn.Sequential:
                          nn.BatchNorm2d(out_ch), nn.ReLU())
 
 
-class ImageCNN(nn.Module):
+class _Conv2dEncoder(nn.Module):
+    """A 2-D convolutional body ending in 4w channels, then mean and max over the plane, a
+    linear head to ``dim`` and a LayerNorm."""
+
+    def __init__(self, cfg: ScratchConfig, body: nn.Sequential) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.body = body
+        self.head = nn.Linear(8 * cfg.width, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)  # (B, 4w, H', W')
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 8w)
+        return self.norm(self.head(pooled))  # (B, dim)
+
+
+class ImageCNN(_Conv2dEncoder):
     """(B, C, S, S) pixels in [0, 1] -> (B, dim). Each image is standardised on its own first,
     so brightness, contrast and inverted polarity between sources matter less."""
 
     def __init__(self, cfg: ScratchConfig) -> None:
-        super().__init__()
         w = cfg.width
-        self.cfg = cfg
-        self.body = nn.Sequential(
+        super().__init__(cfg, nn.Sequential(
             _conv2d(cfg.image_channels, w), _conv2d(w, w), nn.MaxPool2d(2),
             _conv2d(w, 2 * w), nn.MaxPool2d(2),
             _conv2d(2 * w, 4 * w),
-        )
-        self.head = nn.Linear(8 * w, cfg.dim)
-        self.norm = nn.LayerNorm(cfg.dim)
+        ))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.cfg.image_channels:
@@ -95,9 +110,7 @@ class ImageCNN(nn.Module):
         x = x.float()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
-        h = self.body((x - mean) / std)  # (B, 4w, S/4, S/4)
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 8w)
-        return self.norm(self.head(pooled))  # (B, dim)
+        return self.pooled((x - mean) / std)  # (B, dim); the body's plane S/4 x S/4
 
 
 class ByteCNN(nn.Module):
@@ -128,29 +141,23 @@ class ByteCNN(nn.Module):
         return self.norm(self.head(pooled))  # (B, dim)
 
 
-class LogmelCNN(nn.Module):
+class LogmelCNN(_Conv2dEncoder):
     """(B, n_mels, T) log-mel -> (B, dim): the log-mel CNN, trained from random weights."""
 
     def __init__(self, cfg: ScratchConfig) -> None:
-        super().__init__()
         w = cfg.width
-        self.cfg = cfg
-        self.body = nn.Sequential(
+        super().__init__(cfg, nn.Sequential(
             _conv2d(1, w // 2), nn.MaxPool2d(2),
             _conv2d(w // 2, w), nn.MaxPool2d(2),
             _conv2d(w, 2 * w), nn.MaxPool2d(2),
             _conv2d(2 * w, 4 * w),
-        )
-        self.head = nn.Linear(8 * w, cfg.dim)
-        self.norm = nn.LayerNorm(cfg.dim)
+        ))
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         if logmel.ndim != 3 or logmel.shape[1] != self.cfg.n_mels:
             raise ValueError(f"expected (B, {self.cfg.n_mels}, T), got {tuple(logmel.shape)}")
         x = ((logmel.float() - LOGMEL_CENTER) / LOGMEL_SCALE)[:, None]  # (B, 1, F, T)
-        h = self.body(x)  # (B, 4w, F/8, T/8)
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 8w)
-        return self.norm(self.head(pooled))  # (B, dim)
+        return self.pooled(x)  # (B, dim); the body's plane F/8 x T/8
 
 
 def build_scratch(cfg: ScratchConfig) -> nn.Module:
@@ -181,16 +188,12 @@ def preprocess(cfg: ScratchConfig, raw: Any) -> torch.Tensor:
 
 
 def _logmel(cfg: ScratchConfig, wave: Any) -> torch.Tensor:
-    from models.audio import HOP, LOG_EPS, N_FFT, SAMPLE_RATE
-
     if not isinstance(wave, np.ndarray) or wave.ndim != 1 or wave.size == 0:
         raise ValueError("expected a non-empty 1-D waveform")
     samples = torch.from_numpy(np.ascontiguousarray(
         wave[: cfg.max_frames * HOP], dtype=np.float32))
     if not torch.isfinite(samples).all():
         raise ValueError("audio contains NaN or infinite samples")
-    import torchaudio  # type: ignore[import-untyped]
-
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT,
                                                hop_length=HOP, n_mels=cfg.n_mels)
     with torch.no_grad():

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmbatch.contract import LOSSES
+from mmbatch.scoring import scores
 from models.fusion import FusionClassifier, FusionConfig, combine_late
-from models.losses import LOSSES, ClassificationLoss, balanced_order
+from models.losses import ClassificationLoss, balanced_order
 
 
 @dataclass
@@ -108,6 +110,21 @@ class TrainConfig:
             raise ValueError(f"stacking_folds must be 0 (joint) or an int >= 2, got {folds!r}")
 
 
+def stack_features(input_dims: dict[str, int], feats: Sequence[dict[str, np.ndarray]]
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-modality (N, D) tensors from each item's features, zeros where missing, and the
+    (N, M) presence mask (columns in ``input_dims`` order)."""
+    n = len(feats)
+    tensors = {m: torch.zeros(n, d) for m, d in input_dims.items()}
+    mask = torch.zeros(n, len(input_dims), dtype=torch.bool)
+    for i, f in enumerate(feats):
+        for j, m in enumerate(input_dims):
+            if m in f:
+                tensors[m][i] = torch.from_numpy(np.array(f[m], dtype=np.float32))
+                mask[i, j] = True
+    return tensors, mask
+
+
 class BestEpoch:
     """Early stopping on a validation score: keeps the weights of the best epoch (higher macro
     F1; on a tie, a loss lower by more than 1e-4) and says when ``patience`` epochs have passed
@@ -188,6 +205,14 @@ def predict(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
+    logits, fused = forward_eval(model, features, mask)
+    return torch.softmax(logits / temperature, dim=1), fused  # (B, C), (B, F)
+
+
+def forward_eval(model: FusionClassifier, features: dict[str, torch.Tensor], mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, C) and fused embeddings (B, F), float32 on the CPU, from the model in eval
+    mode without gradients (its training mode is restored after)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -197,30 +222,10 @@ def predict(
                 {m: features[m].to(device) for m in model.modalities if m in features},
                 mask.to(device),
             )  # (B, C), (B, F)
-            probs = torch.softmax(logits.float() / temperature, dim=1)  # (B, C)
     finally:
         model.train(was_training)
     # Cloned outside inference mode: ordinary tensors the caller may modify.
-    return probs.cpu().clone(), fused.float().cpu().clone()
-
-
-def _scores(
-    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Confusion matrix (rows true, columns predicted), per-class [precision, recall, f1,
-    support], and macro F1 over the classes that occur in ``y_true`` or ``y_pred``."""
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    support = confusion.sum(axis=1).astype(np.float64)
-    predicted = confusion.sum(axis=0).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    seen = (support > 0) | (predicted > 0)
-    macro_f1 = float(f1[seen].mean()) if seen.any() else 0.0
-    return confusion, np.stack([precision, recall, f1, support], axis=1), macro_f1
+    return logits.float().cpu().clone(), fused.float().cpu().clone()
 
 
 def evaluate(
@@ -238,7 +243,7 @@ def evaluate(
     probs, _ = predict(model, data.features, data.mask, temperature)
     y_true = data.labels.cpu().numpy()
     y_pred = probs.argmax(dim=1).numpy()
-    confusion, table, macro_f1 = _scores(y_true, y_pred, len(classes))
+    confusion, table, macro_f1 = scores(y_true, y_pred, len(classes))
     loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), data.labels.cpu()).item()
     return {
         "accuracy": float((y_true == y_pred).mean()),
@@ -265,7 +270,7 @@ def _val_scores(model: FusionClassifier, data: FeatureSet) -> tuple[float, float
         loss = F.cross_entropy(logits, data.labels).item()
         y_pred = logits.argmax(dim=1).numpy()
     y_true = data.labels.numpy()
-    _, _, macro_f1 = _scores(y_true, y_pred, model.cfg.num_classes)
+    _, _, macro_f1 = scores(y_true, y_pred, model.cfg.num_classes)
     return macro_f1, loss, float((y_true == y_pred).mean())
 
 
@@ -650,3 +655,27 @@ def group_split(
     val_idx = sorted(i for g, name in enumerate(names) if in_val[g] for i in members[name])
     train_idx = sorted(i for g, name in enumerate(names) if not in_val[g] for i in members[name])
     return train_idx, val_idx
+
+
+def choose_split(labels: Sequence[str], splits: Sequence[str | None],
+                 groups: Sequence[str | None], seed: int) -> tuple[list[int], list[int], str]:
+    """(train, val, how): labels.csv's split where it gives one; else, where items have a
+    group, a group-disjoint stratified split; else a stratified one. 20 % to validation."""
+    if any(splits):
+        train_idx = [i for i, split in enumerate(splits) if split != "val"]
+        val_idx = [i for i, split in enumerate(splits) if split == "val"]
+        return train_idx, val_idx, "labels.csv"
+    if any(groups):
+        train_idx, val_idx = group_split(labels, groups, 0.2, seed)
+        return train_idx, val_idx, f"group-disjoint stratified, seed {seed}"
+    train_idx, val_idx = stratified_split(list(labels), 0.2, seed)
+    return train_idx, val_idx, f"stratified, seed {seed}"
+
+
+def split_groups(groups: Sequence[str | None], train_idx: Sequence[int],
+                 val_idx: Sequence[int]) -> dict[str, int]:
+    """How many groups each side has, and how many are on both (0 for a group-disjoint
+    split; labels.csv's own split may share some, which flatters validation)."""
+    train = {groups[i] for i in train_idx if groups[i]}
+    val = {groups[i] for i in val_idx if groups[i]}
+    return {"train": len(train), "val": len(val), "shared": len(train & val)}

@@ -8,8 +8,9 @@ whole or absent and an interrupted write leaves nothing behind but a temp file t
 
 Every caller goes through :class:`Blobs`: ``writer``/``put_bytes``/``put_stream``, ``open``,
 ``read``, ``exists``, ``delete``, iteration, and ``local_path`` for the readers that need a
-file on this machine's disk (the archive walker seeks in zip files). :func:`open_blob_store`
-picks the backend from the settings (``MMBATCH_BLOB_URL``).
+file on this machine's disk (the archive walker seeks in zip files).
+:func:`store.blobstore.open_blob_store` picks the backend from the settings
+(``MMBATCH_BLOB_URL``).
 """
 
 from __future__ import annotations
@@ -22,24 +23,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
-
-if TYPE_CHECKING:
-    from mmbatch.settings import Settings
+from typing import IO, BinaryIO
 
 CHUNK = 1 << 20
 HEX = frozenset("0123456789abcdef")
-
-
-def sniff_archive(head: bytes) -> str | None:
-    """The archive format from a file's first bytes (at least 262 of them), or None."""
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "zip"
-    if head.startswith(b"\x1f\x8b"):
-        return "tar.gz"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    return None
 
 
 class BlobNotFound(KeyError):
@@ -228,13 +215,3 @@ class BlobStore(Blobs):
     def __iter__(self) -> Iterator[str]:
         for p in self.root.glob("??/??/*"):
             yield p.name
-
-
-def open_blob_store(settings: Settings) -> Blobs:
-    """The store the settings name: ``MMBATCH_BLOB_URL=s3://bucket/prefix``, or files under
-    ``MMBATCH_BLOB_DIR`` (default ``$MMBATCH_DATA_DIR/blobs``)."""
-    if settings.blob_url:
-        from store.s3blobs import S3BlobStore
-
-        return S3BlobStore.from_settings(settings)
-    return BlobStore(settings.blobs)

@@ -14,9 +14,18 @@ import numpy as np
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from mmbatch.contract import ACTIVE_STATES, TERMINAL_STATES
 from store import joblog
-from store.schema import (ACTIVE_STATES, JOB_ID_LENGTH, NO_MODEL, TERMINAL_STATES, Item, Job,
-                          JobMember, Result, WebhookDelivery, utcnow)
+from store.schema import (
+    JOB_ID_LENGTH,
+    NO_MODEL,
+    Item,
+    Job,
+    JobMember,
+    Result,
+    WebhookDelivery,
+    utcnow,
+)
 from store.upsert import insert_new
 
 INSERT_CHUNK = 500
@@ -27,6 +36,32 @@ class JobNotFound(LookupError):
 
 
 ANY_TENANT = -1  # worker code acts on the ids it was given
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaFile:
+    """One media file of an item: its content hash (the blob) and its name in the archive."""
+
+    blob: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemRow:
+    """An item as the worker reads it: its media files by modality and its label."""
+
+    id: int
+    key: str
+    media: dict[str, MediaFile]
+    label: str | None = None
+    split: str | None = None
+    group: str | None = None
+
+    @classmethod
+    def of(cls, item: Item) -> ItemRow:
+        return cls(item.id, item.key,
+                   {m: MediaFile(ref["blob"], ref["name"]) for m, ref in (item.media or {}).items()},
+                   item.label, item.split, item.group)
 
 
 def get_job(session: Session, job_id: str, tenant_id: int | None = ANY_TENANT) -> Job:
@@ -178,9 +213,33 @@ def add_delivery(session: Session, ids: Sequence[int]) -> int:
                               .where(Item.id.in_(list(ids)))) or 0)
 
 
-def items_by_id(session: Session, ids: Sequence[int]) -> list[Item]:
-    rows = session.scalars(select(Item).where(Item.id.in_(list(ids))).order_by(Item.id))
-    return list(rows)
+def batch_items(session: Session, job: Job, ids: Sequence[int]) -> list[ItemRow]:
+    """Of ``ids``, the job's items, in id order."""
+    rows = session.scalars(select(Item).where(Item.id.in_(belongs(session, job, ids)))
+                           .order_by(Item.id))
+    return [ItemRow.of(item) for item in rows]
+
+
+def labelled_items(session: Session, job_id: str) -> list[ItemRow]:
+    """A train job's labelled items whose features were extracted (an ok result), in order."""
+    rows = session.scalars(
+        select(Item)
+        .join(Result, (Result.item_id == Item.id) & (Result.model_version_id == NO_MODEL))
+        .where(Item.job_id == job_id, Result.status == "ok", Item.label.is_not(None))
+        .order_by(Item.id))
+    return [ItemRow.of(item) for item in rows]
+
+
+def sample_items(session: Session, job_id: str, limit: int) -> list[ItemRow]:
+    """At most ``limit`` of a job's items, evenly spread over it."""
+    ids = sorted(session.scalars(_members(get_job(session, job_id))))
+    if len(ids) > limit:
+        ids = [ids[i] for i in np.linspace(0, len(ids) - 1, limit).astype(int)]
+    out: list[ItemRow] = []
+    for start in range(0, len(ids), INSERT_CHUNK):
+        out += [ItemRow.of(item) for item in session.scalars(
+            select(Item).where(Item.id.in_(ids[start:start + INSERT_CHUNK])).order_by(Item.id))]
+    return out
 
 
 @dataclasses.dataclass
@@ -304,12 +363,3 @@ def stale_jobs(session: Session, older_than: Any) -> list[Job]:
 
 def touch(session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))
-
-
-def is_terminal(job: Job) -> bool:
-    return job.state in TERMINAL_STATES
-
-
-def count_items(session: Session, job_id: str) -> int:
-    return int(session.scalar(select(func.count()).select_from(Item)
-                              .where(Item.job_id == job_id)) or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -15,6 +16,25 @@ class ModelNotFound(LookupError):
 
 
 ANY_TENANT = -1  # for worker code, which acts on ids it was given
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """A model version as the worker uses it: what to load and what it was trained on."""
+
+    id: int
+    tenant_id: int | None
+    name: str
+    version: int
+    classes: list[str]
+    encoders: dict[str, Any]  # modality -> {"name", "version", "dim", "mode", ...}
+    config: dict[str, Any]  # the checkpoint's config, own encoders, temperature, shift
+    checkpoint_blob: str
+
+    @classmethod
+    def of(cls, m: ModelVersion) -> ModelRow:
+        return cls(m.id, m.tenant_id, m.name, m.version, list(m.classes), dict(m.encoders or {}),
+                   dict(m.config or {}), m.checkpoint_blob)
 
 
 def _owned(tenant_id: int | None):  # type: ignore[no-untyped-def]

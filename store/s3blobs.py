@@ -13,17 +13,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from mmbatch.settings import Settings
 from store.blobs import HEX, BlobNotFound, Blobs, BlobStoreUnavailable, blob_key
-
-if TYPE_CHECKING:
-    from mmbatch.settings import Settings
 
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 

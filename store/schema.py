@@ -9,8 +9,20 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
-                        MetaData, String, Text, UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -21,12 +33,6 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_KINDS = ("embed", "classify", "train")
-# Kinds the service creates itself (a client cannot POST them).
-INTERNAL_KINDS = ("reprocess",)
-JOB_STATES = ("queued", "ingesting", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
-ACTIVE_STATES = ("queued", "ingesting", "running")
 # Results of jobs that run no classifier (embed with no model) use this model_version_id.
 NO_MODEL = 0
 # The largest value of an INTEGER id column: a larger id names no row (and PostgreSQL refuses

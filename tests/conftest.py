@@ -106,7 +106,7 @@ def embedded_settings(data_dir: Path, **overrides: object) -> Settings:
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A small sample: a labelled archive and an unlabelled one, made once per session."""
-    from mmbatch.sample import write_sample
+    from samples.sample import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample"), n_train=96, n_unlabelled=32, seed=7)
 

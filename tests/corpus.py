@@ -23,6 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from media.decode import MediaError
+from media.sandbox import DecodeSandbox
+
 # (distribution, version, folder inside the sdist whose files we keep)
 SOURCES = (
     ("pillow", "13.0.0", "Tests/images"),
@@ -134,8 +137,6 @@ def run_all(files: list[CorpusFile], timeout: float = 20.0
 
     Returns {(file name, "image"|"audio"): (error message or None, MediaError kind or None)}.
     """
-    from worker.media import DecodeSandbox, MediaError
-
     outcomes: dict[tuple[str, str], tuple[str | None, str | None]] = {}
     with DecodeSandbox(processes=2, timeout=timeout, memory_bytes=3 * 1024**3) as box:
         for f in files:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from bench.models_report import figures, sample_features
+from mmbatch.contract import MODALITIES
 from models.fusion import STRATEGIES
-from models.registry import MODALITIES
 
 
 @pytest.fixture(scope="module")

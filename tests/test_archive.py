@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from store.blobs import Blobs, BlobStore, open_blob_store, sniff_archive
-from worker.archive import ArchiveError, parse_labels, safe_name, walk
+from media.archive import ArchiveError, parse_labels, safe_name, sniff_archive, walk
+from store.blobs import Blobs, BlobStore
+from store.blobstore import open_blob_store
 
 FILES = {
     "animals/cat_001.jpg": b"jpeg-bytes-1",

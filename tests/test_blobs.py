@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mmbatch.settings import Settings, SettingsError
-from store.blobs import BlobNotFound, Blobs, BlobStore, BlobStoreUnavailable, open_blob_store
+from store.blobs import BlobNotFound, Blobs, BlobStore, BlobStoreUnavailable
+from store.blobstore import open_blob_store
 from store.s3blobs import S3BlobStore
 from tests.s3 import make_bucket, s3_env
 

@@ -9,7 +9,7 @@ import pytest
 from werkzeug.formparser import parse_form_data
 from werkzeug.test import EnvironBuilder
 
-from mmbatch.client import MultipartFile
+from cli.client import MultipartFile
 
 
 @pytest.mark.parametrize("read_size", [1, 7, 8192, 1 << 20, -1])

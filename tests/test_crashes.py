@@ -24,9 +24,9 @@ import requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from mmbatch.client import Client
+from cli.client import Client
+from cli.stack import Stack
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack
 from store.db import Database
 from store.schema import Item, Job, Result
 from tests.conftest import IN_CI, make_key

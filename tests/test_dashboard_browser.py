@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from cli.stack import Stack
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack
 from tests.conftest import IN_CI, make_key
 from tests.util import free_port
 

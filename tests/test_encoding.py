@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from media.decode import MediaError
 from worker.encoding import MediaRef, encode_media, prefetch
-from worker.media import MediaError
 
 
 @pytest.fixture()
@@ -119,17 +119,20 @@ def test_runtime_decodes_inline_unless_a_core_is_free(tmp_path: Any) -> None:
     import os
 
     from mmbatch.settings import Settings
-    from worker.runtime import Runtime
+    from store.blobs import BlobStore
+    from worker.model_cache import ModelCache
 
     threads = torch.get_num_threads()  # keep this process's own count
     env = {"MMBATCH_DATA_DIR": str(tmp_path), "MMBATCH_DEVICE": "cpu",
            "MMBATCH_TORCH_THREADS": str(threads)}
-    rt = Runtime(Settings.from_env(env))
-    assert rt.decode_threads == max(0, min(8, (os.cpu_count() or 1) - threads))
-    rt.close()
-    rt = Runtime(Settings.from_env({**env, "MMBATCH_DECODE_THREADS": "0"}))
-    assert rt.pool is None
-    rt.close()
-    rt = Runtime(Settings.from_env({**env, "MMBATCH_DECODE_THREADS": "2"}))
-    assert rt.pool is not None and rt.pool._max_workers == 2
-    rt.close()
+    models = ModelCache(Settings.from_env(env), BlobStore(tmp_path))
+    assert models.decode_threads == max(0, min(8, (os.cpu_count() or 1) - threads))
+    models.close()
+    models = ModelCache(Settings.from_env({**env, "MMBATCH_DECODE_THREADS": "0"}),
+                        BlobStore(tmp_path))
+    assert models.pool is None
+    models.close()
+    models = ModelCache(Settings.from_env({**env, "MMBATCH_DECODE_THREADS": "2"}),
+                        BlobStore(tmp_path))
+    assert models.pool is not None and models.pool._max_workers == 2
+    models.close()

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from models import STRATEGIES, TrainConfig, explain, fit, predict
+from mmbatch.contract import STRATEGIES
+from models import TrainConfig, explain, fit, predict
 from tests.test_fusion import ALL_MASKS
 from tests.test_models import random_inputs, synthetic, tiny_cfg
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from models import finetune
 from models.adapt import InputSet, fit_adapted
+from models.audio import TOP_MAX_FRAMES, pack_audio, spec_augment
 from models.fusion import FusionConfig
 from models.training import TrainConfig
 
@@ -123,16 +124,16 @@ def test_batchnorm_keeps_its_statistics_while_the_top_trains() -> None:
 def test_spec_augment_masks_only_real_frames() -> None:
     logmel = torch.randn(6, 64, 50)
     lengths = [50, 30, 12, 50, 5, 40]
-    packed = finetune.pack_audio([logmel[i, :, :n] for i, n in enumerate(lengths)])
-    out = finetune.spec_augment(packed, torch.Generator().manual_seed(3), bands=8, frames=10)
+    packed = pack_audio([logmel[i, :, :n] for i, n in enumerate(lengths)])
+    out = spec_augment(packed, torch.Generator().manual_seed(3), bands=8, frames=10)
     assert torch.equal(out[:, 64], packed[:, 64])  # validity untouched
     changed = (out[:, :64] != packed[:, :64])  # (B, 64, T)
     assert changed.any()
     for i, n in enumerate(lengths):
         assert not changed[i, :, n:].any()  # padding never masked
-    again = finetune.spec_augment(packed, torch.Generator().manual_seed(3), bands=8, frames=10)
+    again = spec_augment(packed, torch.Generator().manual_seed(3), bands=8, frames=10)
     assert torch.equal(out, again)
-    assert torch.equal(packed, finetune.pack_audio([logmel[i, :, :n] for i, n in
+    assert torch.equal(packed, pack_audio([logmel[i, :, :n] for i, n in
                                                     enumerate(lengths)]))  # input not modified
 
 
@@ -185,13 +186,13 @@ def test_a_finetuned_audio_encoder_reads_what_training_read() -> None:
     rng = np.random.default_rng(2)
     wave = (rng.standard_normal(16_000 * 25) * 0.1).astype(np.float32)  # 25 s
     frozen = AudioEncoder(precision="fp32")
-    logmel = finetune.training_audio(frozen, wave)
-    assert logmel.shape == (64, finetune.AUDIO_MAX_FRAMES)
+    logmel = frozen.training_input(wave)
+    assert logmel.shape == (64, TOP_MAX_FRAMES)
     top = finetune.pretrained_top("audio")
     with torch.no_grad():
         for p in top.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        trained = top(finetune.pack_audio([logmel]))
+        trained = top(pack_audio([logmel]))
     tuned = AudioEncoder(precision="fp32", finetuned=finetune.save_top(top), version="a-ft")
     served = tuned.encode([tuned.preprocess(wave)])
     assert torch.allclose(served, trained, atol=1e-4)
@@ -199,7 +200,7 @@ def test_a_finetuned_audio_encoder_reads_what_training_read() -> None:
 
 def test_spec_augment_reaches_the_cnn_but_not_the_band_statistics() -> None:
     logmel = torch.randn(4, 64, 80) - 6.0
-    packed = finetune.pack_audio(list(logmel))
+    packed = pack_audio(list(logmel))
     top = finetune.pretrained_top("audio")
     with torch.no_grad():
         clean = top(packed)

@@ -5,6 +5,7 @@ name them, the worker serves them, and what it serves agrees with what training 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,9 @@ from bench.adaptation_report import run_job
 from models.registry import SPECS
 from store import features as feature_cache
 from store import jobs
-from store.registry import get_model
+from store.registry import ModelRow, get_model
 from tests.util import embedded_runtime
-from worker.pipeline import encoder_mismatch
+from worker.model_cache import models_of
 from worker.runtime import Runtime
 
 
@@ -39,7 +40,7 @@ def trained(rt: Runtime, sample_dir: Any) -> dict[str, Any]:
         model = get_model(s, job.model_version_id)
         return {"id": model.id, "metrics": dict(model.metrics), "config": dict(model.config),
                 "encoders": dict(model.encoders), "classes": list(model.classes),
-                "checkpoint_blob": model.checkpoint_blob}
+                "checkpoint_blob": model.checkpoint_blob, "row": ModelRow.of(model)}
 
 
 def test_the_tops_ship_with_the_model(rt: Runtime, trained: dict[str, Any]) -> None:
@@ -56,10 +57,10 @@ def test_the_tops_ship_with_the_model(rt: Runtime, trained: dict[str, Any]) -> N
                                                           "requested": "finetune"}
     assert "scratch" not in trained["config"]
     assert metrics["seconds_per_epoch"] > 0 and metrics["epochs"] >= 1
-    model = {"id": trained["id"], "encoders": encoders}
-    assert encoder_mismatch(rt, model) is None
+    model: ModelRow = trained["row"]
+    assert models_of(rt).mismatch(model) is None
     moved = {**encoders, "image": {**encoders["image"], "base_version": "another-v0"}}
-    assert "retrain" in (encoder_mismatch(rt, {"id": 1, "encoders": moved}) or "")
+    assert "retrain" in (models_of(rt).mismatch(replace(model, encoders=moved)) or "")
 
 
 def test_classify_serves_the_finetuned_encoders(rt: Runtime, sample_dir: Any,

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import requests
 
+from cli.stack import child_env, worker_command
+from mmbatch.contract import TASK_WEBHOOKS
 from mmbatch.settings import Settings
-from mmbatch.stack import child_env, worker_command
 from tests.util import free_port
-from worker.app import TASK_WEBHOOKS, create_celery
+from worker.app import create_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis, pytest.mark.timeout(300)]
 

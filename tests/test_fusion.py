@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from mmbatch.contract import STRATEGIES
 from models import (
-    STRATEGIES,
     FusionClassifier,
     FusionConfig,
     TrainConfig,

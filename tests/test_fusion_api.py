@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from mmbatch.contract import TrainOptions
+from mmbatch.scoring import score_labels as score
 from mmbatch.settings import Settings
 from store import jobs
 from store.blobs import BlobStore
@@ -21,7 +23,6 @@ from store.migrate import upgrade
 from store.registry import register_model
 from tests.util import tar_bytes
 from web.app import create_app
-from web.models_api import ENCODER_MODES, LOSSES, STRATEGIES, score
 
 ENCODERS = {"text": {"name": "minilm", "version": "v1", "dim": 384}}
 
@@ -51,13 +52,6 @@ def _model(env: dict[str, Any], tenant: int | None = None, **metrics: Any) -> in
 
 def _error(response: Any) -> str:
     return str(response.get_json()["error"]["code"])
-
-
-def test_the_web_copies_of_the_model_names_match_the_models_package() -> None:
-    from models.fusion import STRATEGIES as MODEL_STRATEGIES
-    from models.losses import LOSSES as MODEL_LOSSES
-
-    assert STRATEGIES == MODEL_STRATEGIES and LOSSES == MODEL_LOSSES
 
 
 @pytest.mark.parametrize("form, code", [
@@ -93,18 +87,12 @@ def test_train_options_reach_the_job(env: dict[str, Any]) -> None:
         options = jobs.get_job(s, r.get_json()["id"]).options
     assert options == {"epochs": 20, "strategy": "attention", "loss": "focal", "gamma": 1.5,
                        "balanced": True, "modality_dropout": 0.3, "patience": 12}
-    from worker.training import model_options
-
-    assert model_options(options) == (
-        {"strategy": "attention"},
-        {"loss": "focal", "gamma": 1.5, "balanced": True, "modality_dropout": 0.3,
-         "patience": 12})
+    assert TrainOptions.from_dict(options) == TrainOptions(
+        epochs=20, strategy="attention", loss="focal", gamma=1.5, balanced=True,
+        modality_dropout=0.3, patience=12)
 
 
 def test_encoder_modes_reach_the_job(env: dict[str, Any]) -> None:
-    from worker.adaptation import MODES, encoder_modes
-
-    assert ENCODER_MODES == MODES
     r = env["client"].post("/api/v1/jobs", data={
         "kind": "train", "mode": "Auto", "image_mode": "frozen", "budget": "60",
         "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")})
@@ -112,7 +100,8 @@ def test_encoder_modes_reach_the_job(env: dict[str, Any]) -> None:
     with env["db"].session() as s:
         options = jobs.get_job(s, r.get_json()["id"]).options
     assert options == {"mode": "auto", "image_mode": "frozen", "budget": 60.0}
-    assert encoder_modes(options, ["image", "text"]) == {"image": "frozen", "text": "auto"}
+    assert TrainOptions.from_dict(options).encoder_modes(["image", "text"]) == {
+        "image": "frozen", "text": "auto"}
 
 
 def test_promote_makes_a_version_the_default_within_its_tenant(env: dict[str, Any]) -> None:

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 from mmbatch.settings import Settings
-from models.training import group_split
+from models.training import choose_split, group_split, split_groups
 from store import jobs
 from store.migrate import upgrade
 from store.schema import Item
 from worker.ingest import ingest_job
 from worker.runtime import Runtime
-from worker.training import choose_split, split_groups
 
 
 def _dataset(n_groups: int = 12, per_group: int = 10) -> tuple[list[str], list[str | None]]:
@@ -102,8 +101,11 @@ def test_ingest_keeps_the_group_and_the_trainer_splits_by_it(tmp_path: Path) -> 
             got = {it.key: (it.label, it.split, it.group) for it in items}
             assert got["w5"] == ("y", None, "src1")
             items = list(items)
-            train, val, how = choose_split(items, [str(it.label) for it in items], seed=0)
+            train, val, how = choose_split([str(it.label) for it in items],
+                                           [it.split for it in items],
+                                           [it.group for it in items], seed=0)
         assert how.startswith("group-disjoint")
-        assert split_groups(items, train, val) == {"train": 5, "val": 1, "shared": 0}
+        assert split_groups([it.group for it in items], train, val) == {
+            "train": 5, "val": 1, "shared": 0}
     finally:
         rt.close()

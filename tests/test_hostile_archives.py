@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from store.blobs import BlobStore
-from worker.archive import (
+from media.archive import (
     MAX_TAR_HEADER_BYTES,
     ArchiveError,
     Limits,
@@ -32,6 +31,7 @@ from worker.archive import (
     _TooLarge,
     walk,
 )
+from store.blobs import BlobStore
 
 MB = 1024 * 1024
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from media.archive import walk
 from store.blobs import BlobStore
 from tests.corpus import CorpusFile, CorpusUnavailable, classify, fetch, run_all, summary
-from worker.archive import walk
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PER_FILE_SECONDS = 20.0

@@ -1,4 +1,4 @@
-"""Hostile archives end to end through ingest_job and process_batch (no Celery), on SQLite.
+"""Hostile archives end to end through ingest_job and BatchProcessor (no Celery), on SQLite.
 
 One archive mixes good items with every kind of bad file: the bad ones end as exact skip reasons
 or item errors, the good ones succeed, the job finishes, and nothing lands outside the blob store.
@@ -20,8 +20,8 @@ from PIL import Image
 from mmbatch.settings import Settings
 from store import jobs
 from store.migrate import upgrade
+from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
-from worker.pipeline import process_batch
 from worker.runtime import Runtime
 
 
@@ -124,7 +124,7 @@ def test_mixed_hostile_archive_fails_only_the_bad_items(rt: Runtime) -> None:
     job_id = _archive(rt, members)
     batches = ingest_job(rt, job_id)
     for batch in batches:
-        process_batch(rt, job_id, batch)
+        BatchProcessor(rt, job_id, batch).run()
 
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)

@@ -19,13 +19,8 @@ import pytest
 import soundfile
 from PIL import Image
 
-from worker.media import (
-    DecodeSandbox,
-    MediaError,
-    decode_audio,
-    decode_image,
-    decode_text,
-)
+from media.decode import MediaError, decode_audio, decode_image, decode_text
+from media.sandbox import DecodeSandbox
 
 
 def _png(size: tuple[int, int] = (32, 24), mode: str = "RGB") -> bytes:
@@ -187,7 +182,7 @@ def test_truncated_audio_is_a_media_error_or_a_shorter_clip(fmt: str, ext: str,
 # memory on "hog"; everything else goes to the real decoders.
 FAULTY_CHILD = [sys.executable, "-c", """
 import os, signal, time
-import worker.media as m
+import media.sandbox as m
 real_image = m.decode_image
 def decode_image(data, name, **kw):
     if "hang" in name:
@@ -198,7 +193,7 @@ def decode_image(data, name, **kw):
         hog = bytearray(2 * 1024**3)
     return real_image(data, name, **kw)
 m.decode_image = decode_image
-m._serve()
+m.serve()
 """]
 
 

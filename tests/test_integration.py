@@ -22,9 +22,9 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from mmbatch.client import Client
+from cli.client import Client
+from cli.stack import Stack
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack
 from store.db import Database
 from store.schema import Result
 from tests.conftest import make_key
@@ -59,7 +59,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client,
     env["MMBATCH_DATA_DIR"] = str(data_dir)
     log = data_dir / "up.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mmbatch.cli", "up", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

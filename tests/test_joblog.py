@@ -14,8 +14,8 @@ from store import jobs
 from store.joblog import format_fields
 from store.migrate import upgrade
 from tests.util import tar_bytes
+from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
-from worker.pipeline import process_batch
 from worker.runtime import Runtime
 
 LINE = re.compile(r"^job_state job=(\S+) state=(\w+)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$")
@@ -57,8 +57,8 @@ def test_a_job_run_logs_each_state_once(rt: Runtime, caplog: pytest.LogCaptureFi
     job_id = _archive(rt, {"a.txt": b"red", "b.txt": b"blue", "c.txt": b"green"})
     batches = ingest_job(rt, job_id)
     for ids in batches:
-        process_batch(rt, job_id, ids)
-    process_batch(rt, job_id, batches[-1])  # redelivered after the end: no state change
+        BatchProcessor(rt, job_id, ids).run()
+    BatchProcessor(rt, job_id, batches[-1]).run()  # redelivered after the end: no state change
     assert _states(caplog) == [(job_id, "queued", "kind=embed"),
                                (job_id, "ingesting", ""),
                                (job_id, "running", "total=3"),

@@ -22,9 +22,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from mmbatch.client import Client
+from cli.client import Client
+from cli.stack import Stack
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack
 from store import keys
 from store.db import Database
 from store.registry import promote
@@ -64,17 +64,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str, redis_ur
         "MMBATCH_DATA_DIR": str(data_dir), "MMBATCH_DATABASE_URL": pg_url_module,
         "MMBATCH_BROKER_URL": redis_url, "MMBATCH_BROKER_PREFIX": broker_prefix,
         "MMBATCH_BATCH_SIZE": "4", "MMBATCH_POISON_LIMIT": "2",
-        "MMBATCH_FAULT_CRASH_KEY": "poison", "MMBATCH_WEBHOOK_ALLOW": "127.0.0.1",
+        "MMBATCH_WEBHOOK_ALLOW": "127.0.0.1",
         "MMBATCH_REPROCESS_CRON": "* * * * *", "MMBATCH_SWEEP_INTERVAL_SECONDS": "3",
         "MMBATCH_STALE_AFTER_SECONDS": "30"})
     db = Database(settings.db_url)
     key = make_key(settings.db_url, "lifecycle")
     with db.session() as s:
         secret = keys.authenticate(s, key).webhook_secret
-    # prefork with one child: a child that dies is replaced and its task redelivered
+    # prefork with one child: a child that dies is replaced and its task redelivered; the
+    # worker's app is tests.faults, whose batches die on an item called "poison"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MMBATCH_TEST_CRASH_KEY", "poison")  # read by tests.faults
     st = Stack(settings, "127.0.0.1", free_port(), log_dir=data_dir / "logs", beat=True,
-               worker_args=["--pool", "prefork", "--concurrency", "1"])
+               worker_args=["--pool", "prefork", "--concurrency", "1"], worker_app="tests.faults")
     st.start(wait=180)
+    patch.undo()
     try:
         yield {"client": Client(st.url, api_key=key), "key": key, "settings": settings, "db": db,
                "secret": secret, "stack": st, "logs": data_dir / "logs"}
@@ -140,7 +144,7 @@ def test_webhook_is_signed_and_exports_stream(stack: dict[str, Any], tmp_path: P
     # the command line: Parquet to a redirected standard output, and to a file
     from click.testing import CliRunner
 
-    from mmbatch.cli import main
+    from cli.main import main
 
     env = {"MMBATCH_API_KEY": stack["key"]}
     piped = CliRunner().invoke(main, ["results", job["id"], "--format", "parquet",

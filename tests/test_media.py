@@ -9,7 +9,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from worker.media import (
+from media.decode import (
     AUDIO_EXTS,
     IMAGE_EXTS,
     TEXT_EXTS,

@@ -15,12 +15,13 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.stack import child_env, web_command
+from mmbatch.contract import INGEST_QUEUE, MODEL_QUEUE, TASK_PROCESS_BATCH
 from mmbatch.settings import Settings
-from mmbatch.stack import child_env, web_command
 from store.migrate import upgrade
 from tests.util import free_port
 from web.app import create_app
-from worker.app import INGEST_QUEUE, MODEL_QUEUE, TASK_PROCESS_BATCH, create_celery
+from worker.app import create_celery
 from worker.metrics import QueueDepthCollector, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,24 +14,24 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mmbatch.contract import MODALITIES
+from mmbatch.scoring import scores as _scores
 from models import (
-    MODALITIES,
-    SPECS,
-    EncoderSpec,
     FeatureSet,
     FusionClassifier,
     FusionConfig,
     TrainConfig,
-    build_encoder,
     evaluate,
     fit,
     load_checkpoint,
-    pick_device,
     predict,
     save_checkpoint,
     stratified_split,
 )
-from models.training import _scores, drop_modalities
+from models.device import pick_device
+from models.registry import SPECS, build_encoder
+from models.spec import EncoderSpec
+from models.training import drop_modalities
 
 DIMS = {"image": 12, "text": 8, "audio": 6}
 CLASSES = ["cat", "dog", "bird"]

@@ -13,6 +13,7 @@ success paths are checked as well as the 404s and 415s.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -33,6 +34,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from werkzeug.serving import make_server
 
+from mmbatch.contract import TrainOptions
 from mmbatch.settings import Settings
 from tests.conftest import make_key
 from tests.util import tar_bytes
@@ -339,17 +341,18 @@ def test_route_and_document_differences_are_noticed(app: Any) -> None:
 
 
 def test_every_form_field_the_code_reads_is_documented(app: Any) -> None:
-    from web.openapi import TRAIN_OPTIONS, train_fields
-
     form = _document(app)["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]["properties"]
-    read = {"archive", "kind", "model", "callback_url", "name", "epochs", "seed",
-            *train_fields()}
-    assert set(form) == read
-    assert set(TRAIN_OPTIONS) <= set(train_fields()), "documented options the code ignores"
-    assert form["balanced"] == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"
-    plain = [name for name in train_fields() if name not in TRAIN_OPTIONS]
-    assert plain == [], "train options described only as plain text"
+    options = {f.name for f in dataclasses.fields(TrainOptions)}
+    assert set(form) == {"archive", "kind", "model", "callback_url", *options}
+    assert {"name", "epochs", "seed", "strategy", "mode", "budget"} <= options
+    balanced = {k: v for k, v in form["balanced"].items() if k != "description"}
+    assert balanced == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"
+    # every option has a precise schema: a type and its choices or its range
+    for name in options:
+        schema = form[name]
+        assert "enum" in schema or "maxLength" in schema or schema["type"] == "boolean" or (
+            "minimum" in schema and "maximum" in schema), name
 
 
 def test_every_authenticated_operation_needs_the_bearer_key(app: Any) -> None:

@@ -1,4 +1,4 @@
-"""ingest and process_batch as plain functions (no Celery), on a real SQLite database."""
+"""ingest and a batch (BatchProcessor) as plain functions (no Celery), on a real SQLite database."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from mmbatch.settings import Settings
 from store import jobs
 from store.migrate import upgrade
 from store.registry import register_model
+from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
-from worker.pipeline import process_batch
+from worker.model_cache import models_of
 from worker.runtime import Runtime
 
 
@@ -58,16 +59,16 @@ def test_ingest_then_batches_finish_the_job_and_redelivery_changes_nothing(rt: R
     batches = ingest_job(rt, job_id)
     assert [len(b) for b in batches] == [2, 1]  # MMBATCH_BATCH_SIZE=2
     assert ingest_job(rt, job_id) == batches  # redelivered after fan-out: the same pending work
-    first = process_batch(rt, job_id, batches[0])
+    first = BatchProcessor(rt, job_id, batches[0]).run()
     assert (first.new_done, first.completed) == (2, False)
-    again = process_batch(rt, job_id, batches[0])
+    again = BatchProcessor(rt, job_id, batches[0]).run()
     assert (again.new_done, again.new_failed) == (0, 0)
-    last = process_batch(rt, job_id, batches[1])
+    last = BatchProcessor(rt, job_id, batches[1]).run()
     assert last.completed
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         assert (job.state, job.total, job.done, job.failed) == ("succeeded", 3, 3, 0)
-    assert process_batch(rt, job_id, batches[1]).new_done == 0  # after the end: a no-op
+    assert BatchProcessor(rt, job_id, batches[1]).run().new_done == 0  # after the end: a no-op
 
 
 def test_identical_files_are_encoded_once(rt: Runtime) -> None:
@@ -79,7 +80,7 @@ def test_identical_files_are_encoded_once(rt: Runtime) -> None:
         before = s.scalar(select(func.count()).select_from(Feature))
     job_id = _job(rt, {"x.txt": b"same words", "y.txt": b"same words", "z.txt": b"other words"})
     for batch in ingest_job(rt, job_id):
-        process_batch(rt, job_id, batch)
+        BatchProcessor(rt, job_id, batch).run()
     with rt.db.session() as s:
         assert s.scalar(select(func.count()).select_from(Feature)) - before == 2
 
@@ -108,7 +109,7 @@ def test_a_model_trained_on_other_encoder_versions_fails_items_with_the_reason(r
         model_id = model.id
     job_id = _job(rt, {"a.txt": b"x"}, kind="classify", model_version_id=model_id)
     [batch] = ingest_job(rt, job_id)
-    report = process_batch(rt, job_id, batch)
+    report = BatchProcessor(rt, job_id, batch).run()
     assert (report.new_done, report.new_failed, report.completed) == (0, 1, True)
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
@@ -118,19 +119,19 @@ def test_a_model_trained_on_other_encoder_versions_fails_items_with_the_reason(r
 
 
 def test_decoding_runs_in_the_sandbox_unless_isolation_is_off(rt: Runtime, tmp_path: Path) -> None:
-    from worker.media import DecodeSandbox
+    from media.sandbox import DecodeSandbox
 
-    assert isinstance(rt.sandbox, DecodeSandbox)
+    assert isinstance(models_of(rt).sandbox, DecodeSandbox)
     off = Runtime(Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
                                      "MMBATCH_DECODE_ISOLATION": "off"}))
-    assert off.sandbox is None
+    assert models_of(off).sandbox is None
     off.close()
 
 
 def test_a_hanging_and_a_crashing_decoder_fail_their_items_and_the_batch_goes_on(
         tmp_path: Path) -> None:
+    from media.sandbox import DecodeSandbox
     from tests.test_hostile_media import FAULTY_CHILD
-    from worker.media import DecodeSandbox
 
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path), "MMBATCH_BROKER_URL": "memory://",
                                   "MMBATCH_BATCH_SIZE": "8"})
@@ -138,13 +139,13 @@ def test_a_hanging_and_a_crashing_decoder_fail_their_items_and_the_batch_goes_on
     runtime = Runtime(settings)
     # what the runtime would build, but with children whose decoder hangs on "hang" and dies of
     # SIGSEGV on "crash" (a C library fault), and a 3 s limit per file
-    runtime._sandbox = DecodeSandbox(processes=1, timeout=3.0, command=FAULTY_CHILD)
+    models_of(runtime)._sandbox = DecodeSandbox(processes=1, timeout=3.0, command=FAULTY_CHILD)
     try:
         files = {"hang.png": _png((1, 2, 3)), "crash.png": _png((4, 5, 6)),
                  "ok.png": _png((7, 8, 9)), "ok.txt": b"still here"}
         job_id = _job(runtime, files)
         [batch] = ingest_job(runtime, job_id)
-        report = process_batch(runtime, job_id, batch)
+        report = BatchProcessor(runtime, job_id, batch).run()
         assert (report.new_done, report.new_failed, report.completed) == (1, 2, True)
         with runtime.db.session() as s:
             job = jobs.get_job(s, job_id)
@@ -154,6 +155,6 @@ def test_a_hanging_and_a_crashing_decoder_fail_their_items_and_the_batch_goes_on
         assert "longer than 3 s" in rows["hang"].error
         assert "crashed" in rows["crash"].error
         assert rows["ok"].status == "ok"
-        assert runtime.sandbox.restarts == 2
+        assert models_of(runtime).sandbox.restarts == 2
     finally:
         runtime.close()

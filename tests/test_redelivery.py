@@ -8,33 +8,21 @@ look like a redelivery (which would split every batch), while every try still co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
+from sqlalchemy import select
 
 from mmbatch.settings import Settings
 from store import jobs
 from store.migrate import upgrade
 from store.registry import promote, register_model
+from store.reprocess import plan_reprocess
+from store.schema import Item
 from tests.test_pipeline import _job
-from worker import reprocess
+from worker.batch import BatchProcessor, BatchReport
 from worker.ingest import ingest_job
-from worker.pipeline import process_batch
 from worker.runtime import Runtime
-from worker.tasks import _count_attempt
-
-
-class _App:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, list[Any]]] = []
-
-    def send_task(self, name: str, args: list[Any] | None = None) -> None:
-        self.sent.append((name, args or []))
-
-
-class _Task:
-    def __init__(self) -> None:
-        self.app = _App()
 
 
 @pytest.fixture
@@ -58,11 +46,18 @@ def _failing_model(rt: Runtime) -> int:
         return model.id
 
 
-def _deliver(rt: Runtime, task: _Task, job_id: str, ids: list[int]) -> list[int] | None:
-    pending = _count_attempt(rt, task, job_id, ids)
-    if pending:
-        process_batch(rt, job_id, pending)
-    return pending
+def _admit(rt: Runtime, job_id: str, ids: list[int]) -> list[int] | BatchReport:
+    """What the poison guard makes of one delivery of ``ids``: the ids to run, or a report."""
+    return BatchProcessor(rt, job_id, ids).admit()
+
+
+def _deliver(rt: Runtime, job_id: str, ids: list[int]) -> BatchReport:
+    return BatchProcessor(rt, job_id, ids).run()
+
+
+def _attempts(rt: Runtime, ids: list[int]) -> set[int]:
+    with rt.db.session() as s:
+        return set(s.scalars(select(Item.attempts).where(Item.id.in_(ids))))
 
 
 def test_reprocess_batches_are_not_split_and_tries_stop_at_the_limit(rt: Runtime) -> None:
@@ -70,15 +65,16 @@ def test_reprocess_batches_are_not_split_and_tries_stop_at_the_limit(rt: Runtime
     job_id = _job(rt, {f"{i}.txt": f"word {i}".encode() for i in range(3)}, kind="classify",
                   model_version_id=model_id)
     [batch] = ingest_job(rt, job_id)
-    task = _Task()
-    assert _deliver(rt, task, job_id, batch) == batch
+    report = _deliver(rt, job_id, batch)
+    assert report.new_failed == 3 and report.resend == []
     with rt.db.session() as s:
         assert jobs.get_job(s, job_id).failed == 3
-        assert {it.attempts for it in jobs.items_by_id(s, batch)} == {1}
+    assert _attempts(rt, batch) == {1}
 
     runs = 0
     while True:
-        started = reprocess.start(rt, None)
+        started = plan_reprocess(rt.db, None, limit=rt.settings.reprocess_limit,
+                                 max_attempts=rt.settings.reprocess_max_attempts)
         if started.job_id is None:
             assert started.reason == "nothing to reprocess"
             break
@@ -87,27 +83,26 @@ def test_reprocess_batches_are_not_split_and_tries_stop_at_the_limit(rt: Runtime
             ids = jobs.item_ids(s, started.job_id)
         assert sorted(ids) == sorted(batch)
         # the first delivery of the reprocess batch runs it whole: no split, nothing re-sent
-        assert _deliver(rt, task, started.job_id, ids) == ids
-        assert task.app.sent == []
+        report = _deliver(rt, started.job_id, ids)
+        assert report.new_failed == len(ids) and report.resend == []
         with rt.db.session() as s:
             job = jobs.get_job(s, started.job_id)
             assert (job.state, job.failed) == ("succeeded", 3)
     # tries: one in the classify job, then reprocessing until reprocess_max_attempts (3)
     assert runs == 2
-    with rt.db.session() as s:
-        assert {it.attempts for it in jobs.items_by_id(s, batch)} == {3}
+    assert _attempts(rt, batch) == {3}
 
 
 def test_a_redelivered_batch_is_split_and_its_halves_count_afresh(rt: Runtime) -> None:
     job_id = _job(rt, {f"{i}.txt": f"word {i}".encode() for i in range(4)}, kind="embed")
     [batch] = ingest_job(rt, job_id)
-    task = _Task()
     # a delivery whose worker died before writing anything: counted, then lost
-    assert _count_attempt(rt, task, job_id, batch) == batch
-    assert _count_attempt(rt, task, job_id, batch) is None  # delivered again: split
-    assert [args for _, args in task.app.sent] == [[job_id, batch[:2]], [job_id, batch[2:]]]
-    for _, (jid, half) in list(task.app.sent):
-        assert _deliver(rt, task, jid, half) == half  # a half's first delivery runs
+    assert _admit(rt, job_id, batch) == batch
+    again = _admit(rt, job_id, batch)  # delivered again: split
+    assert isinstance(again, BatchReport) and again.resend == [batch[:2], batch[2:]]
+    for half in again.resend:
+        report = _deliver(rt, job_id, half)  # a half's first delivery runs
+        assert report.new_done == len(half) and report.resend == []
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         assert (job.state, job.done) == ("succeeded", 4)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from mmbatch.client import Client
+from cli.client import Client
+from cli.stack import Stack
 from mmbatch.settings import Settings
-from mmbatch.stack import Stack
-from store.blobs import open_blob_store
+from store.blobstore import open_blob_store
 from tests.conftest import make_key
 from tests.s3 import make_bucket, s3_env
 from tests.test_metrics import samples

@@ -16,7 +16,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mmbatch.sample import CLASSES, SampleArchives, main, write_sample
+from samples.sample import CLASSES, SampleArchives, main, write_sample
 
 MODALITY_EXTS = {
     ".jpg": "image",

@@ -219,6 +219,7 @@ def test_the_worker_stores_the_sample_and_reports_knn_on_jobs(tmp_path: Path) ->
     from store import jobs
     from store.features import put_features
     from store.migrate import upgrade
+    from store.registry import ModelRow
     from tests.conftest import embedded_settings
     from worker.runtime import Runtime
     from worker.shift import record_job_shift, store_training_summary
@@ -235,8 +236,8 @@ def test_the_worker_stores_the_sample_and_reports_knn_on_jobs(tmp_path: Path) ->
         assert shift["validation"]["image"]["knn_ratio"] == pytest.approx(1.0, abs=0.2)
         rng = np.random.default_rng(4)
         off = rng.normal(size=(40, 32)) * stored["image.std"] + stored["image.mean"]
-        model = {"id": 1, "config": {"shift": shift},
-                 "encoders": {"image": {"version": "enc-test", "dim": 32}}}
+        model = ModelRow(1, None, "m", 1, ["a"], {"image": {"version": "enc-test", "dim": 32}},
+                         {"shift": shift}, "0" * 64)
         with rt.db.session() as s:
             job_id = jobs.create_job(s, kind="classify", archive_blob="0" * 64,
                                      archive_name="a.tar", archive_bytes=1,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from mmbatch.contract import OptionError, TrainOptions
 from mmbatch.settings import Settings
 from models import (
     FeatureSet,
@@ -210,19 +211,17 @@ def test_bad_stacking_folds_are_400(api: Any, form: dict[str, str]) -> None:
 
 
 def test_stacking_folds_reach_the_job_and_the_trainer(api: Any) -> None:
-    from worker.training import TrainingError, model_options
-
     client, db = api
     r = _post(client, {"strategy": "late", "stacking_folds": "5"})
     assert r.status_code == 202, r.get_json()
     with db.session() as s:
         options = jobs.get_job(s, r.get_json()["id"]).options
     assert options == {"strategy": "late", "stacking_folds": 5}
-    assert model_options(options) == ({"strategy": "late"}, {"stacking_folds": 5})
-    TrainConfig(**model_options(options)[1])
+    assert TrainOptions.from_dict(options) == TrainOptions(strategy="late", stacking_folds=5)
+    TrainConfig(stacking_folds=TrainOptions.from_dict(options).stacking_folds or 0)
     r = _post(client, {"strategy": "concat", "stacking_folds": "0"})
     assert r.status_code == 202, r.get_json()
     for bad in ({"strategy": "late", "stacking_folds": 1},
                 {"strategy": "concat", "stacking_folds": 3}):
-        with pytest.raises(TrainingError, match="stacking_folds"):
-            model_options(bad)
+        with pytest.raises(OptionError, match="stacking_folds"):
+            TrainOptions.from_dict(bad)

@@ -6,7 +6,7 @@ key's, exactly as for the API: another tenant's job or model answers 404. Every 
 session's CSRF token, as a ``csrf_token`` form field or an ``X-CSRF-Token`` header (the page's
 JavaScript sends the header); without it the answer is 400.
 
-Job creation and cancelling call the API's own views (``web.api``) in this request, with the
+Job creation and cancelling call the same services as the API (``web.service``), with the
 session's principal in place of a bearer key, so the two front doors cannot drift apart.
 """
 
@@ -21,17 +21,32 @@ import tempfile
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import (Blueprint, Flask, Response, current_app, g, jsonify, redirect, render_template,
-                   request, send_file, session, url_for)
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    session,
+    url_for,
+)
 
+from mmbatch.contract import TERMINAL_STATES
 from mmbatch.settings import Settings
-from store import jobs
+from store import jobs, keys
 from store.blobs import BlobNotFound
-from store.registry import ModelNotFound, get_model, list_models, promote
-from store.schema import TERMINAL_STATES, ApiKey, Item, Job
-from web import api as api_views
-from web import auth
+from store.registry import default_model, list_models, promote
+from store.schema import ApiKey, Item, Job
+from web import auth, service
+from web.api import job_response
 from web.errors import ApiError
+from web.exports import export as stream_export
+from web.serializers import job_payload, model_payload, result_payload
 from web.thumbnails import ThumbnailError, Thumbnails
 
 dashboard = Blueprint("dashboard", __name__, url_prefix="/ui", template_folder="templates",
@@ -168,8 +183,6 @@ def login():  # type: ignore[no-untyped-def]
     error = None
     status = 200
     if request.method == "POST":
-        from store import keys
-
         key = request.form.get("api_key", "").strip()
         with _services().db.session() as s:
             row = keys.authenticate(s, key) if key else None
@@ -194,13 +207,6 @@ def logout():  # type: ignore[no-untyped-def]
 
 # --- jobs ---------------------------------------------------------------------------------------
 
-def _job(s: Any, job_id: str) -> Job:
-    try:
-        return jobs.get_job(s, job_id, auth.tenant_id())
-    except jobs.JobNotFound:
-        raise ApiError(404, "not_found", f"no job {job_id}")
-
-
 def _jobs_payload() -> list[dict[str, Any]]:
     with _services().db.session() as s:
         rows = jobs.list_jobs(s, auth.tenant_id(), before=None, limit=LIST)
@@ -208,7 +214,7 @@ def _jobs_payload() -> list[dict[str, Any]]:
 
 
 def _job_view(s: Any, job: Job) -> dict[str, Any]:
-    payload = api_views.job_payload(s, job)
+    payload = job_payload(s, job)
     payload["links"]["page"] = url_for("dashboard.job_page", job_id=job.id)
     payload["links"]["cancel"] = url_for("dashboard.cancel", job_id=job.id)
     payload["links"]["poll"] = url_for("dashboard.job_json", job_id=job.id)
@@ -219,8 +225,6 @@ def _job_view(s: Any, job: Job) -> dict[str, Any]:
 @dashboard.get("/")
 def jobs_page():  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
-        from store.registry import default_model
-
         model = default_model(s, auth.tenant_id())
         model_name = None if model is None else f"{model.name} v{model.version}"
     return render_template("dashboard/jobs.html", jobs=_jobs_payload(), default_model=model_name)
@@ -234,25 +238,27 @@ def jobs_json():  # type: ignore[no-untyped-def]
 @dashboard.get("/api/jobs/<job_id>")
 def job_json(job_id: str):  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
-        return jsonify(_job_view(s, _job(s, job_id)))
+        return jsonify(_job_view(s, service.get_job_or_404(s, job_id)))
 
 
 @dashboard.post("/jobs")
 def upload():  # type: ignore[no-untyped-def]
-    """The upload form: the API's own job creation, answered as JSON to the page's script or
-    with a redirect to the job's page for a plain form post."""
-    response = api_views.create_job()
+    """The upload form: the API's job creation, answered as JSON to the page's script or with
+    a redirect to the job's page for a plain form post."""
+    idem = request.headers.get("Idempotency-Key", "").strip() or None
+    job_id, created = service.submit_job(_services(), request.form.get("kind", ""),
+                                         request.form, request.files.get("archive"), idem)
     if request.headers.get(CSRF_HEADER):
-        return response
-    job_id = response.get_json()["id"]
+        return job_response(job_id, status=202 if created else 200)
     return redirect(url_for("dashboard.job_page", job_id=job_id), code=303)
 
 
 @dashboard.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str):  # type: ignore[no-untyped-def]
-    response = api_views.cancel_job(job_id)
+    service.cancel_job(_services(), job_id)
     if request.headers.get(CSRF_HEADER):
-        return response
+        with _services().db.session() as s:
+            return jsonify(job_payload(s, service.get_job_or_404(s, job_id)))
     return redirect(_safe_next(request.form.get("next")), code=303)
 
 
@@ -260,7 +266,7 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 def job_page(job_id: str):  # type: ignore[no-untyped-def]
     after = _after_arg()
     with _services().db.session() as s:
-        job = _job(s, job_id)
+        job = service.get_job_or_404(s, job_id)
         view = _job_view(s, job)
         rows = jobs.results_page(s, job, after=after, limit=PAGE + 1)
         more = len(rows) > PAGE
@@ -289,6 +295,8 @@ def _after_arg() -> int:
 
 
 def _row(job: Job, item: Item, result: Any) -> dict[str, Any]:
+    """An item's result as the API shows it, with what the page draws: media links, the
+    caption, contribution bars."""
     media = item.media or {}
     explanation = (result.explanation if result is not None else None) or {}
     contributions = [
@@ -298,19 +306,12 @@ def _row(job: Job, item: Item, result: Any) -> dict[str, Any]:
     weights = [{"modality": m, "value": float(w), "width": min(max(float(w), 0.0), 1.0) * 100}
                for m, w in (explanation.get("weights") or {}).items()]
     return {
-        "id": item.id,
-        "key": item.key,
-        "modalities": [m for m in ("image", "text", "audio") if m in media],
+        **result_payload(item, result),
         "thumb": url_for("dashboard.thumbnail", job_id=job.id, item_id=item.id)
         if "image" in media else None,
         "audio": url_for("dashboard.media", job_id=job.id, item_id=item.id, modality="audio")
         if "audio" in media else None,
         "caption": _caption(media.get("text")),
-        "status": "pending" if result is None else result.status,
-        "label": None if result is None else result.label,
-        "confidence": None if result is None else result.confidence,
-        "given_label": item.label,
-        "error": None if result is None else result.error,
         "contributions": contributions,
         "weights": weights,
         "weights_kind": explanation.get("weights_kind"),
@@ -331,7 +332,7 @@ def _caption(text: dict[str, Any] | None) -> str | None:
 
 def _item_media(job_id: str, item_id: int, modality: str) -> dict[str, Any]:
     with _services().db.session() as s:
-        job = _job(s, job_id)
+        job = service.get_job_or_404(s, job_id)
         if not jobs.belongs(s, job, [item_id]):
             raise ApiError(404, "not_found", f"no item {item_id} in job {job_id}")
         item = s.get(Item, item_id)
@@ -383,12 +384,10 @@ def _send_blob(digest: str, mimetype: str, missing: str):  # type: ignore[no-unt
 
 @dashboard.get("/jobs/<job_id>/export.<fmt>")
 def export(job_id: str, fmt: str):  # type: ignore[no-untyped-def]
-    from web.exports import export as stream_export
-
     if fmt not in EXPORTS:
         raise ApiError(404, "not_found", f"exports are {', '.join(EXPORTS)}")
     with _services().db.session() as s:
-        job = _job(s, job_id)
+        job = service.get_job_or_404(s, job_id)
     return stream_export(_services().db, job, fmt, False)
 
 
@@ -399,7 +398,7 @@ def models_page():  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
         models = []
         for m in list_models(s, auth.tenant_id()):
-            payload = api_views.model_payload(m)
+            payload = model_payload(m)
             metrics = m.metrics or {}
             payload["has_confusion"] = bool(metrics.get("confusion_png"))
             payload["metrics"] = {k: v for k, v in payload["metrics"].items()
@@ -408,17 +407,10 @@ def models_page():  # type: ignore[no-untyped-def]
     return render_template("dashboard/models.html", models=list(reversed(models)))
 
 
-def _model(s: Any, model_id: int) -> Any:
-    try:
-        return get_model(s, model_id, auth.tenant_id())
-    except ModelNotFound:
-        raise ApiError(404, "not_found", f"no model version {model_id}")
-
-
 @dashboard.get("/models/<int:model_id>/confusion.png")
 def confusion(model_id: int):  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
-        digest = (_model(s, model_id).metrics or {}).get("confusion_png")
+        digest = (service.get_model_or_404(s, model_id).metrics or {}).get("confusion_png")
     if not digest:
         raise ApiError(404, "not_found", f"model version {model_id} has no confusion matrix")
     return _send_blob(digest, "image/png", f"model version {model_id} has no confusion matrix")
@@ -427,6 +419,6 @@ def confusion(model_id: int):  # type: ignore[no-untyped-def]
 @dashboard.post("/models/<int:model_id>/promote")
 def promote_model(model_id: int):  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
-        _model(s, model_id)
+        service.get_model_or_404(s, model_id)
         promote(s, model_id, auth.tenant_id())
     return redirect(url_for("dashboard.models_page"), code=303)

@@ -13,12 +13,12 @@ import json
 import tempfile
 from typing import Any, Iterator
 
-import numpy as np
 from flask import Response, stream_with_context
 
 from store import jobs
 from store.db import Database
 from store.schema import Job
+from web.serializers import result_payload
 
 FORMATS = ("jsonl", "csv", "parquet")
 PAGE = 1000
@@ -27,27 +27,16 @@ COLUMNS = ["item_id", "key", "modalities", "status", "label", "confidence", "top
 
 
 def rows(db: Database, job: Job, with_embeddings: bool) -> Iterator[list[dict[str, Any]]]:
+    """The export's rows, a page at a time: each item's result as the API shows it, in the
+    export's columns (embeddings as stored, not rounded)."""
+    columns = COLUMNS + (["embedding"] if with_embeddings else [])
     after = 0
     while True:
         with db.session() as s:
             page = jobs.results_page(s, job, after=after, limit=PAGE)
-            out = []
-            for item, result in page:
-                row: dict[str, Any] = {
-                    "item_id": item.id, "key": item.key,
-                    "modalities": [m for m in ("image", "text", "audio") if m in item.media],
-                    "status": "pending" if result is None else result.status,
-                    "label": result.label if result else None,
-                    "confidence": result.confidence if result else None,
-                    "top_k": result.top_k if result else None,
-                    "given_label": item.label, "split": item.split,
-                    "error": result.error if result else None,
-                    "explanation": result.explanation if result else None,
-                }
-                if with_embeddings:
-                    row["embedding"] = (np.frombuffer(result.embedding, dtype="<f4").tolist()
-                                        if result is not None and result.embedding else None)
-                out.append(row)
+            out = [{k: payload[k] for k in columns}
+                   for payload in (result_payload(item, result, with_embeddings, None)
+                                   for item, result in page)]
         if not out:
             return
         yield out
@@ -87,6 +76,7 @@ def _csv(db: Database, job: Job, with_embeddings: bool) -> Iterator[str]:
 
 
 def _parquet(db: Database, job: Job, with_embeddings: bool) -> Iterator[bytes]:
+    # pyarrow (~40 MB resident) only in a web process that writes Parquet: it stays small.
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
-from werkzeug.datastructures import MultiDict
 
-from store.schema import JOB_KINDS, JOB_STATES
-from web.models_api import ENCODER_MODES, LOSSES, STRATEGIES, train_options
+from mmbatch.contract import ALL_KINDS, JOB_KINDS, JOB_STAGES, JOB_STATES, MODALITIES, TrainOptions
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 VERSION = "1"
@@ -91,9 +89,9 @@ def _schemas(settings: Any) -> dict[str, Schema]:
                                                     "cancel")}
     job = _obj({
         "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-        "kind": {"type": "string", "enum": [*JOB_KINDS, "reprocess"]},
+        "kind": {"type": "string", "enum": list(ALL_KINDS)},
         "state": {"type": "string", "enum": list(JOB_STATES)},
-        "stage": _nullable({"type": "string", "enum": ["extracting", "training"]}),
+        "stage": _nullable({"type": "string", "enum": list(JOB_STAGES)}),
         "total": {"type": "integer", "minimum": 0},
         "done": {"type": "integer", "minimum": 0},
         "failed": {"type": "integer", "minimum": 0},
@@ -126,7 +124,7 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "item_id": {"type": "integer"},
         "key": {"type": "string"},
         "modalities": {"type": "array", "uniqueItems": True,
-                       "items": {"type": "string", "enum": ["image", "text", "audio"]}},
+                       "items": {"type": "string", "enum": list(MODALITIES)}},
         "status": {"type": "string", "enum": ["pending", "ok", "failed"]},
         "label": _nullable({"type": "string"}),
         "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
@@ -243,48 +241,6 @@ def _multipart(schema: Schema) -> Schema:
         "schema": schema, "encoding": {"archive": {"contentType": "application/octet-stream"}}}}}
 
 
-# A train job's model options, as train_options parses them.
-TRAIN_OPTIONS: dict[str, Schema] = {
-    "strategy": {"type": "string", "enum": list(STRATEGIES)},
-    "loss": {"type": "string", "enum": list(LOSSES)},
-    "gamma": {"type": "number", "minimum": 0, "maximum": 10, "description": "loss=focal only"},
-    "balanced": {"type": "boolean"},
-    "modality_dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
-    "patience": {"type": "integer", "minimum": 1, "maximum": 10_000},
-    **{field: {"type": "string", "enum": list(ENCODER_MODES),
-               "description": "how the encoders (all, or this modality's) are trained"}
-       for field in ("mode", "image_mode", "text_mode", "audio_mode")},
-    "budget": {"type": "number", "minimum": 10, "maximum": 3600,
-               "description": "mode=auto's time budget in seconds"},
-    "stacking_folds": {"type": "integer", "minimum": 0, "maximum": 10,
-                       "description": "strategy=late only: 0 trains the per-modality "
-                                      "classifiers and their weights jointly; 2 to 10 fits "
-                                      "the weights on that many folds' out-of-fold "
-                                      "predictions (1 is rejected)"},
-}
-
-
-class _Recording(MultiDict[str, str]):
-    """An empty form that remembers the fields asked for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def get(self, key: str, default: Any = None, type: Any = None) -> Any:  # type: ignore[override]
-        self.names.append(key)
-        return super().get(key, default, type)
-
-
-def train_fields() -> dict[str, Schema]:
-    """Every form field train_options reads: so the document lists an option as soon as the
-    code takes it (one not in TRAIN_OPTIONS yet is described as plain text)."""
-    form = _Recording()
-    train_options(form)
-    plain: Schema = {"type": "string", "description": "train only (docs/models.md)"}
-    return {name: TRAIN_OPTIONS.get(name, plain) for name in dict.fromkeys(form.names)}
-
-
 def _paths(settings: Any) -> dict[str, Any]:
     location = {"Location": {"required": True, "schema": {"type": "string"},
                              "description": "the job's URL"}}
@@ -302,10 +258,8 @@ def _paths(settings: Any) -> dict[str, Any]:
                                      "default model); train: not allowed"},
             "callback_url": {"type": "string", "maxLength": 2048,
                              "description": "webhook called when the job finishes"},
-            "name": {"type": "string", "maxLength": 128, "description": "train only"},
-            "epochs": {"type": "integer", "minimum": 1, "maximum": 10_000},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
-            **train_fields(),
+            # a train job's options (mmbatch.contract.TrainOptions), train only
+            **TrainOptions.schema(),
         },
     }
     jobs_list_params = [
@@ -313,7 +267,7 @@ def _paths(settings: Any) -> dict[str, Any]:
         {"name": "state", "in": "query", "required": False,
          "schema": {"type": "string", "enum": list(JOB_STATES)}},
         {"name": "kind", "in": "query", "required": False,
-         "schema": {"type": "string", "enum": [*JOB_KINDS, "reprocess"]}},
+         "schema": {"type": "string", "enum": list(ALL_KINDS)}},
         {"name": "created_after", "in": "query", "required": False,
          "schema": {"type": "string", "format": "date-time"}},
         {"name": "created_before", "in": "query", "required": False,

@@ -16,6 +16,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from media.decode import MediaError
+from media.sandbox import DecodeSandbox
 from store.blobs import BlobNotFound, Blobs, check_digest
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Thumbnails:
         self.max_pixels = max_pixels
         self.size = size
         self.timeout = timeout
-        self._decoder = None
+        self._decoder: DecodeSandbox | None = None
         self._sandbox_lock = threading.Lock()
         self.made = 0  # thumbnails this process rendered (the rest came from disk)
         self._lock = threading.Lock()
@@ -75,8 +77,6 @@ class Thumbnails:
         """Decode as the worker does (the same five formats, the same pixel limit) in a child
         process of the decode sandbox, so a hostile file cannot hang or crash the web process
         or reach a Pillow plugin the worker never uses; resize and encode here."""
-        from worker.media import MediaError
-
         try:
             image = self._sandbox().decode_image(data, "thumbnail", max_pixels=self.max_pixels)
         except MediaError as exc:
@@ -86,11 +86,9 @@ class Thumbnails:
         image.save(out, "JPEG", quality=QUALITY)
         return out.getvalue()
 
-    def _sandbox(self):  # type: ignore[no-untyped-def]
+    def _sandbox(self) -> DecodeSandbox:
         with self._sandbox_lock:
             if self._decoder is None:
-                from worker.media import DecodeSandbox
-
                 self._decoder = DecodeSandbox(processes=1, timeout=self.timeout)
             return self._decoder
 

@@ -1,8 +1,7 @@
-"""The Celery app factory.
+"""The Celery app factory of the workers and beat.
 
-Importing this module loads neither torch nor the task modules, so the web process can use the
-same factory to enqueue tasks by name. Worker processes import ``worker.tasks`` through
-``include``.
+Importing this module loads neither torch nor the task modules; worker processes import the
+tasks through ``include``: ``worker.ingest_tasks`` (torch-free) and ``worker.model_tasks``.
 """
 
 from __future__ import annotations
@@ -11,19 +10,18 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
+from kombu.transport import sqlalchemy as sqlite_transport
 
+from mmbatch.contract import TASK_REPROCESS, TASK_SWEEP, TASK_WEBHOOKS
 from mmbatch.settings import Settings
 
-INGEST_QUEUE = "ingest"
-MODEL_QUEUE = "model"
-
-TASK_INGEST = "mmbatch.ingest"
-TASK_PROCESS_BATCH = "mmbatch.process_batch"
-TASK_TRAIN = "mmbatch.train"
-TASK_REPROCESS = "mmbatch.reprocess"
-TASK_SWEEP = "mmbatch.sweep"
-TASK_WEBHOOKS = "mmbatch.webhooks"
+TASK_MODULES = ("worker.ingest_tasks", "worker.model_tasks")
 WEBHOOK_INTERVAL_SECONDS = 5.0
+# How often an idle worker looks for messages in the SQLite broker. kombu's default, 1 s, is paid
+# at every hop of a job (ingest, the reprocess planner): a second of a short job's time. kombu's
+# SQLAlchemy transport hands every transport option to create_engine, so the interval cannot go
+# in broker_transport_options; it is a class attribute of the transport.
+SQLITE_POLL_SECONDS = 0.1
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
@@ -46,55 +44,15 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     }
 
 
-# How often an idle worker looks for messages in the SQLite broker. kombu's default, 1 s, is paid
-# at every hop of a job (ingest, the reprocess planner): a second of a short job's time.
-SQLITE_POLL_SECONDS = 0.1
-
-
-def _poll_sqlite_broker_often() -> None:
-    # kombu's SQLAlchemy transport hands every transport option to create_engine, so the
-    # interval cannot go in broker_transport_options; it is a class attribute of the transport.
-    from kombu.transport import sqlalchemy
-
-    sqlalchemy.Transport.polling_interval = SQLITE_POLL_SECONDS
-
-
-def create_celery(settings: Settings) -> Celery:
-    app = Celery("mmbatch", include=["worker.tasks"])
-    transport_options: dict[str, Any] = {}
+def create_celery(settings: Settings, tasks: tuple[str, ...] = TASK_MODULES) -> Celery:
+    app = Celery("mmbatch", include=list(tasks))
     if settings.broker.startswith("sqla+sqlite"):
-        # kombu passes these to create_engine: a long busy timeout, since the web and the
-        # worker both write to the SQLite broker file.
-        transport_options["connect_args"] = {"timeout": 60}
-        _poll_sqlite_broker_often()
-    if settings.broker_prefix and settings.broker.startswith(("redis://", "rediss://")):
-        transport_options["global_keyprefix"] = settings.broker_prefix
+        sqlite_transport.Transport.polling_interval = SQLITE_POLL_SECONDS
     app.conf.update(
-        broker_url=settings.broker,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        result_backend=None,
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        event_serializer="json",
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=MODEL_QUEUE,
-        task_routes={
-            TASK_INGEST: {"queue": INGEST_QUEUE},
-            TASK_PROCESS_BATCH: {"queue": MODEL_QUEUE},
-            TASK_TRAIN: {"queue": MODEL_QUEUE},
-            TASK_REPROCESS: {"queue": INGEST_QUEUE},
-            TASK_SWEEP: {"queue": INGEST_QUEUE},
-            TASK_WEBHOOKS: {"queue": INGEST_QUEUE},
-        },
+        **settings.celery_config(),
         beat_schedule=beat_schedule(settings),
-        timezone="UTC",
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        enable_utc=True,
     )
     app.mmbatch_settings = settings  # type: ignore[attr-defined]
     return app

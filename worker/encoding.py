@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from worker import media
+from media.decode import MediaError
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def encode_media(
 
 
 def _message(ref: MediaRef, exc: Exception) -> str:
-    if isinstance(exc, media.MediaError):
+    if isinstance(exc, MediaError):
         return str(exc)
     # A decoder bug must fail the item, not the batch; the trace goes to the log.
     log.error("decode_error modality=%s name=%s", ref.modality, ref.name, exc_info=exc)

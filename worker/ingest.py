@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import IO
 
+from media.archive import ArchiveError, LabelRow, Limits, walk
 from store import jobs
 from store.blobs import BlobNotFound
-from worker.archive import ArchiveError, LabelRow, Limits, walk
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,13 +28,10 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         jobs.reset_items(s, job_id)
         kind, archive_blob = job.kind, job.archive_blob
 
-    def store(f: IO[bytes]) -> str:
-        return rt.blobs.put_stream(f)
-
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
         with rt.blobs.local_path(archive_blob) as path:
-            found = walk(path, store, Limits.from_settings(rt.settings))
+            found = walk(path, rt.blobs.put_stream, Limits.from_settings(rt.settings))
     except ArchiveError as exc:
         _fail(rt, job_id, str(exc))
         return []

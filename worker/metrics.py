@@ -1,13 +1,9 @@
-"""Prometheus metrics of a worker process, served on ``MMBATCH_WORKER_METRICS_PORT``.
+"""Prometheus metrics of a worker process: what it counts, and what it reads when scraped.
 
 What a worker counts (``WorkerMetrics``, one per process, on the process's ``Runtime``): items
 finished and failed, the time of each batch task, the time of each encoder forward pass by
 modality; read when scraped: each encoder's load time, and the depth of the broker's queues.
-
-The HTTP server is a Celery bootstep of the worker (``install(app)``), started in the worker's
-main process. mmbatch runs workers with the solo pool (one model load, one batch at a time), so
-tasks run in that same process and one registry holds everything; a prefork pool's children
-would count in their own memory, unseen here (run more solo workers instead: one port each).
+``worker.metrics_server`` serves them on ``MMBATCH_WORKER_METRICS_PORT``.
 """
 
 from __future__ import annotations
@@ -16,8 +12,8 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from celery import bootsteps
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from kombu.exceptions import ChannelError
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -64,7 +60,8 @@ class WorkerMetrics:
 
 
 class ModelLoadCollector(Collector):
-    """Seconds each encoder took to load in this process (``Runtime.load_seconds``)."""
+    """Seconds each encoder took to load in this process (``ModelCache.load_seconds`` of the
+    runtime's model cache; none before a model task ran)."""
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
@@ -73,7 +70,9 @@ class ModelLoadCollector(Collector):
         gauge = GaugeMetricFamily("mmbatch_worker_model_load_seconds",
                                   "Seconds the encoder of a modality took to load",
                                   labels=["modality"])
-        for modality, seconds in sorted(dict(self.runtime.load_seconds).items()):
+        models = self.runtime.models
+        loaded = dict(models.load_seconds) if models is not None else {}
+        for modality, seconds in sorted(loaded.items()):
             gauge.add_metric([modality], seconds)
         yield gauge
 
@@ -89,8 +88,6 @@ class QueueDepthCollector(Collector):
         self.queues = list(queues)
 
     def depths(self) -> dict[str, int]:
-        from kombu.exceptions import ChannelError
-
         out: dict[str, int] = {}
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1)
@@ -123,41 +120,3 @@ class QueueDepthCollector(Collector):
             up.add_metric([], 1)
         yield gauge
         yield up
-
-
-class MetricsServer(bootsteps.StartStopStep):
-    """Serves the worker's metrics over HTTP while the worker runs (port 0: not at all)."""
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.server: Any = None
-
-    def start(self, worker: Any) -> None:
-        from worker.app import INGEST_QUEUE, MODEL_QUEUE
-        from worker.runtime import runtime_for
-
-        app = worker.app
-        port = app.mmbatch_settings.worker_metrics_port
-        if not port:
-            return
-        rt = runtime_for(app)
-        registry = rt.metrics.registry
-        registry.register(ModelLoadCollector(rt))
-        registry.register(QueueDepthCollector(app, (INGEST_QUEUE, MODEL_QUEUE)))
-        try:
-            self.server, _thread = start_http_server(port, registry=registry)
-        except OSError as exc:  # another process has the port: run on, without metrics
-            log.error("metrics_unavailable port=%d error=%s", port, exc)
-            return
-        log.info("metrics_serving port=%d", port)
-
-    def stop(self, worker: Any) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-
-def install(app: Any) -> None:
-    """Add the metrics server to the workers of ``app``."""
-    app.steps["worker"].add(MetricsServer)

@@ -23,11 +23,12 @@ import logging
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from safetensors.numpy import load, save
 
+from models.shift import FeatureSummary, compare, summarize, warning
 from store import features as feature_cache
 from store import jobs
-from store.schema import Item, JobMember
+from store.registry import ModelRow
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ def store_training_summary(rt: Runtime, train: dict[str, np.ndarray],
     """Summarise each modality's training features (N_m, D_m), kNN sample included, score the
     validation features against them (kNN ratio included); the stored blob and the baseline
     scores, or None with no features at all."""
-    from safetensors.numpy import save
-
-    from models.shift import compare, summarize
-
     summaries = {m: summarize(x) for m, x in train.items() if len(x)}
     if not summaries:
         return None
@@ -58,34 +55,21 @@ def store_training_summary(rt: Runtime, train: dict[str, np.ndarray],
     return {"stats_blob": blob, "validation": baseline}
 
 
-def record_job_shift(rt: Runtime, job_id: str, model: dict[str, Any]) -> dict[str, Any] | None:
+def record_job_shift(rt: Runtime, job_id: str, model: ModelRow) -> dict[str, Any] | None:
     """Compare a finished job's features with its model's training summary; write and return
     ``report["shift"]`` (None when the model has no summary: trained before they existed)."""
-    from safetensors.numpy import load
-
-    from models.shift import FeatureSummary, compare, warning
-
-    shift = (model.get("config") or {}).get("shift")
+    shift = model.config.get("shift")
     if not shift or not shift.get("stats_blob"):
         return None
     with rt.db.session() as s:
-        job = jobs.get_job(s, job_id)
-        members = (select(JobMember.item_id).where(JobMember.job_id == job_id)
-                   if job.kind == "reprocess" else select(Item.id).where(Item.job_id == job_id))
-        ids = sorted(s.scalars(members))
-        if len(ids) > MAX_ITEMS:  # evenly spread over the job
-            ids = [ids[i] for i in np.linspace(0, len(ids) - 1, MAX_ITEMS).astype(int)]
-        media = []
-        for start in range(0, len(ids), 1000):
-            media += list(s.scalars(select(Item.media).where(
-                Item.id.in_(ids[start:start + 1000]))))
+        items = jobs.sample_items(s, job_id, MAX_ITEMS)
     tensors = load(rt.blobs.read(shift["stats_blob"]))
     scores: dict[str, Any] = {}
     warnings: list[str] = []
-    for modality, encoder in sorted(model["encoders"].items()):
+    for modality, encoder in sorted(model.encoders.items()):
         if f"{modality}.mean" not in tensors:
             continue
-        blobs = [m[modality]["blob"] for m in media if modality in m]
+        blobs = [it.media[modality].blob for it in items if modality in it.media]
         with rt.db.session() as s:
             found = feature_cache.get_features(s, encoder["version"], blobs)
         rows = [found[b] for b in blobs if b in found]
@@ -100,6 +84,6 @@ def record_job_shift(rt: Runtime, job_id: str, model: dict[str, Any]) -> dict[st
         job = jobs.get_job(s, job_id)
         job.report = {**(job.report or {}), "shift": result}
     if warnings:
-        log.warning("shift_warning job=%s model=%s modalities=%s", job_id, model["id"],
+        log.warning("shift_warning job=%s model=%s modalities=%s", job_id, model.id,
                     ",".join(m for m in scores if any(w.startswith(m) for w in warnings)))
     return result

@@ -1,23 +1,49 @@
-"""Train a fusion classifier from a train job's cached features and register it."""
+"""A train job's training stage: read its items and cached features, decode what encoder modes
+other than frozen need, train (``models.adapt.train_classifier``: the ML policy), evaluate, store
+the checkpoint and the trained encoders as blobs, and register the model version.
+
+The job's ``updated_at`` moves at least every HEARTBEAT_SECONDS meanwhile, so the sweeper does
+not take a long training for a lost one.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+import torch
 
+from mmbatch.contract import DEFAULT_BUDGET_SECONDS, MODALITIES, OptionError, TrainOptions
+from models.adapt import (
+    TrainedClassifier,
+    TrainingData,
+    TrainingPlan,
+    raw_inputs_needed,
+    train_classifier,
+)
+from models.checkpoint import save_checkpoint
+from models.evaluation import confusion_png, evaluation_report
+from models.finetune import finetune_version, save_top
+from models.fusion import FusionConfig
+from models.registry import SPECS
+from models.scratch import encoder_version, save_encoder
+from models.training import FeatureSet, TrainConfig, choose_split, split_groups, stack_features
 from store import features as feature_cache
 from store import jobs
+from store.jobs import ItemRow
 from store.registry import register_model
-from store.schema import NO_MODEL, Item, Result
-from worker.adaptation import DEFAULT_BUDGET_SECONDS, encoder_modes, save_encoders, train_adapted
-from worker.pipeline import MODALITIES, stack_features
+from worker.model_cache import models_of
 from worker.runtime import Runtime
 from worker.shift import store_training_summary
+from worker.training_inputs import decode_inputs
 
 log = logging.getLogger(__name__)
+
+# Training touches its job this often: well under MMBATCH_STALE_AFTER_SECONDS (600 by default).
+HEARTBEAT_SECONDS = 60.0
 
 
 class TrainingError(Exception):
@@ -25,173 +51,96 @@ class TrainingError(Exception):
 
 
 def train_job(rt: Runtime, job_id: str) -> int | None:
-    """Fit, evaluate and register a model for a train job in its training stage."""
+    """Fit, evaluate and register a model for a train job in its training stage; the model
+    version's id, or None when the job was not there to train (or failed with a reason)."""
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         if job.state != "running" or job.stage != "training":
             return None
-        rows = s.execute(
-            select(Item.key, Item.media, Item.label, Item.split, Item.group)
-            .join(Result, (Result.item_id == Item.id) & (Result.model_version_id == NO_MODEL))
-            .where(Item.job_id == job_id, Result.status == "ok", Item.label.is_not(None))
-            .order_by(Item.id)).all()
-        name = str(job.options.get("name") or "fusion")
-        epochs = int(job.options.get("epochs") or rt.settings.train_epochs)
-        seed = int(job.options.get("seed") if job.options.get("seed") is not None
-                   else rt.settings.train_seed)
-        options = dict(job.options or {})
+        rows = jobs.labelled_items(s, job_id)
+        stored = dict(job.options or {})
     try:
-        model_id = _train(rt, job_id, rows, name=name, epochs=epochs, seed=seed,
-                          options=options)
+        return _train(rt, job_id, rows, stored)
     except TrainingError as exc:
         with rt.db.session() as s:
             jobs.fail_job(s, job_id, str(exc))
         return None
-    return model_id
 
 
-def model_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A train job's fusion and training options (as web/api.py ``_job_options`` validated
-    them): FusionConfig keywords and TrainConfig keywords. Unknown keys are ignored; a bad
-    ``stacking_folds`` (fit would reject it only after the split) raises TrainingError."""
-    fusion: dict[str, Any] = {}
-    training: dict[str, Any] = {}
-    if options.get("strategy"):
-        fusion["strategy"] = str(options["strategy"])
-    if options.get("loss"):
-        training["loss"] = str(options["loss"])
-    if options.get("gamma") is not None:
-        training["gamma"] = float(options["gamma"])
-    if options.get("balanced") is not None:
-        training["balanced"] = bool(options["balanced"])
-    if options.get("modality_dropout") is not None:
-        training["modality_dropout"] = float(options["modality_dropout"])
-    if options.get("patience") is not None:
-        training["patience"] = int(options["patience"])
-    if options.get("stacking_folds") is not None:
-        folds = options["stacking_folds"]
-        if isinstance(folds, bool) or not isinstance(folds, int) or not (
-                folds == 0 or 2 <= folds <= 10):
-            raise TrainingError(f"bad training options: stacking_folds must be 0 or 2..10, "
-                                f"got {folds!r}")
-        if folds and fusion.get("strategy") != "late":
-            raise TrainingError("bad training options: stacking_folds applies to "
-                                "strategy=late only")
-        if folds and any(options.get(f, "frozen") not in (None, "frozen") for f in
-                         ("mode", "image_mode", "text_mode", "audio_mode")):
-            # fit_adapted trains encoders and heads together: there is nothing to stack.
-            raise TrainingError("bad training options: stacking_folds applies to frozen "
-                                "encoders only (mode=frozen)")
-        training["stacking_folds"] = folds
-    return fusion, training
-
-
-def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
-           seed: int, options: dict[str, Any] | None = None) -> int:
-    import torch
-
-    from models.checkpoint import save_checkpoint
-    from models.evaluation import confusion_png, evaluation_report
-    from models.fusion import FusionConfig
-    from models.training import FeatureSet, TrainConfig, fit
-
+def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]) -> int:
+    try:
+        options = TrainOptions.from_dict(stored)
+    except OptionError as exc:
+        raise TrainingError(f"bad training options: {exc}") from exc
     if not rows:
         raise TrainingError("no labelled item could be decoded; nothing to train on")
-    encoders = {m: rt.encoder(m).spec for m in MODALITIES}
     present = [m for m in MODALITIES if any(m in r.media for r in rows)]
-    with rt.db.session() as s:
-        vectors = {m: feature_cache.get_features(s, encoders[m].version,
-                                                 [r.media[m]["blob"] for r in rows
-                                                  if m in r.media])
-                   for m in present}
-    feats = [{m: vectors[m][r.media[m]["blob"]] for m in present if m in r.media} for r in rows]
-    classes = sorted({r.label for r in rows})
+    labels = [str(r.label) for r in rows]
+    classes = sorted(set(labels))
     if len(classes) < 2:
         raise TrainingError(f"need at least two classes with decodable items; found {classes}")
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [r.label for r in rows]
-
-    train_idx, val_idx, split_source = choose_split(rows, labels, seed)
+    seed = options.seed if options.seed is not None else rt.settings.train_seed
+    train_idx, val_idx, split_source = choose_split(labels, [r.split for r in rows],
+                                                    [r.group for r in rows], seed)
     if not train_idx:
         raise TrainingError("the train split is empty")
-
-    input_dims = {m: encoders[m].dim for m in present}
-
-    def subset(idx: list[int]) -> FeatureSet | None:
-        if not idx:
-            return None
-        tensors, mask = stack_features(input_dims, [feats[i] for i in idx])
-        return FeatureSet(tensors, mask, torch.tensor([index[labels[i]] for i in idx]))
-
-    train_set, val_set = subset(train_idx), subset(val_idx)
-    fusion_kw, train_kw = model_options(options or {})
-    try:
-        cfg = FusionConfig(input_dims=input_dims, num_classes=len(classes), **fusion_kw)
-        tcfg = TrainConfig(epochs=epochs, seed=seed, **train_kw)
-    except ValueError as exc:
-        raise TrainingError(f"bad training options: {exc}") from exc
-    try:
-        modes = encoder_modes(options or {}, present)
-    except ValueError as exc:
-        raise TrainingError(f"bad training options: {exc}") from exc
-    budget = float((options or {}).get("budget") or DEFAULT_BUDGET_SECONDS)
-    if "auto" in modes.values() and val_set is None:
+    modes = options.encoder_modes(present)
+    budget = options.budget or DEFAULT_BUDGET_SECONDS
+    if "auto" in modes.values() and not val_idx:
         raise TrainingError("mode auto chooses on the validation split, and it is empty")
+    try:
+        plan = TrainingPlan(
+            FusionConfig(input_dims={m: SPECS[m].dim for m in present},
+                         num_classes=len(classes),
+                         strategy=options.strategy or FusionConfig.strategy),
+            TrainConfig(epochs=options.epochs or rt.settings.train_epochs, seed=seed,
+                        **_training_options(options)),
+            modes, budget)
+    except ValueError as exc:
+        raise TrainingError(f"bad training options: {exc}") from exc
+    data = _training_data(rt, job_id, rows, [classes.index(label) for label in labels],
+                          plan, train_idx, val_idx)
     log.info("training job=%s items=%d train=%d val=%d classes=%d strategy=%s loss=%s "
              "balanced=%s modes=%s", job_id, len(rows), len(train_idx), len(val_idx),
-             len(classes), cfg.strategy, tcfg.loss, tcfg.balanced,
+             len(classes), plan.fusion.strategy, plan.training.loss, plan.training.balanced,
              ",".join(f"{m}:{mode}" for m, mode in modes.items()))
-    assert train_set is not None
-    own_sections: dict[str, Any] = {}
-    registry = {m: {"name": encoders[m].name, "version": encoders[m].version,
-                    "dim": encoders[m].dim} for m in present}
-    adaptation = None
-    if all(mode == "frozen" for mode in modes.values()):
-        try:
-            model, fit_metrics = fit(train_set, val_set, cfg, tcfg)
-        except ValueError as exc:  # e.g. fewer training items than stacking folds
-            raise TrainingError(f"training failed: {exc}") from exc
-    else:
-        out = train_adapted(rt, job_id, rows, modes, input_dims, train_idx, val_idx, train_set,
-                            val_set, len(classes), fusion_kw, tcfg, budget)
-        model, fit_metrics = out["fusion"], out["metrics"]
-        train_set, val_set = out["train"], out["val"]
-        own_sections, own = save_encoders(rt, out["encoders"], out["configs"])
-        registry.update(own)
-        adaptation = out["report"]
-    metrics: dict[str, Any] = dict(fit_metrics)
-    metrics["encoder_modes"] = {m: registry[m].get("mode", "frozen") for m in present}
-    if adaptation is not None:
-        metrics["adaptation"] = {"budget_seconds": budget, "modalities": adaptation}
+    try:
+        trained = train_classifier(data, plan, on_epoch=_heartbeat(rt, job_id))
+    except ValueError as exc:  # e.g. fewer training items than stacking folds
+        raise TrainingError(f"training failed: {exc}") from exc
+    metrics: dict[str, Any] = dict(trained.metrics)
+    metrics["encoder_modes"] = trained.modes
+    if trained.adaptation is not None:
+        metrics["adaptation"] = {"budget_seconds": budget, "modalities": trained.adaptation}
     metrics["split"] = split_source
-    metrics["groups"] = split_groups(rows, train_idx, val_idx)
-    temperature = 1.0
-    if val_set is not None:
-        report = evaluation_report(model, val_set, classes)
+    metrics["groups"] = split_groups([r.group for r in rows], train_idx, val_idx)
+    name = options.name or "fusion"
+    config: dict[str, Any] = {}
+    if trained.val is not None:
+        report = evaluation_report(trained.fusion, trained.val, classes)
         metrics["validation"] = report
         # Scalars at the top level too: the model list shows only those.
         calibration = report["calibration"]
-        temperature = calibration["temperature"]
-        metrics.update(temperature=temperature, val_ece_before=calibration["ece_before"],
+        metrics.update(temperature=calibration["temperature"],
+                       val_ece_before=calibration["ece_before"],
                        val_ece_after=calibration["ece_after"])
         png = confusion_png(report["confusion"], classes,
-                            title=f"{name}: validation ({len(val_set)} items)")
+                            title=f"{name}: validation ({len(trained.val)} items)")
         metrics["confusion_png"] = rt.blobs.put_bytes(png)
-    shift = store_training_summary(rt, _present(train_set), _present(val_set))
-    metrics["shift"] = shift
-    data, config = save_checkpoint(model.cpu())
-    config["temperature"] = temperature  # worker/pipeline.py classify applies it
-    config["shift"] = shift  # worker/shift.py compares classify jobs with it
-    # "scratch" and "finetune" sections: worker/adaptation.py loads them for inference
-    config.update(own_sections)
-    blob = rt.blobs.put_bytes(data)
+    metrics["shift"] = store_training_summary(rt, _present(trained.train),
+                                              _present(trained.val))
+    data_bytes, config = save_checkpoint(trained.fusion.cpu())
+    config["temperature"] = metrics.get("temperature", 1.0)  # worker.batch applies it
+    config["shift"] = metrics["shift"]  # worker.shift compares classify jobs with it
+    own_sections, registry = _save_encoders(rt, trained, present)
+    config.update(own_sections)  # worker.model_cache loads them for inference
+    blob = rt.blobs.put_bytes(data_bytes)
     with rt.db.session() as s:
-        mv = register_model(
-            s, name=name, fusion=cfg.strategy, classes=classes,
-            encoders=registry,
-            metrics=_jsonable(metrics), config=config, checkpoint_blob=blob, job_id=job_id,
-            tenant_id=jobs.get_job(s, job_id).tenant_id)
-        jobs.get_job(s, job_id).model_version_id = mv.id
+        job = jobs.get_job(s, job_id)
+        mv = register_model(s, name=name, fusion=plan.fusion.strategy, classes=classes,
+                            encoders=registry, metrics=_jsonable(metrics), config=config,
+                            checkpoint_blob=blob, job_id=job_id, tenant_id=job.tenant_id)
+        job.model_version_id = mv.id
         s.flush()
         jobs.finish_job(s, job_id)
         model_id = mv.id
@@ -200,37 +149,79 @@ def _train(rt: Runtime, job_id: str, rows: list[Any], *, name: str, epochs: int,
     return model_id
 
 
-def _present(data: Any) -> dict[str, np.ndarray]:
-    """Each modality's features (N_m, D_m) over the items of ``data`` (a FeatureSet or None)
-    that have it."""
+def _training_options(options: TrainOptions) -> dict[str, Any]:
+    """The TrainConfig keywords a train job's options set."""
+    names = ("loss", "gamma", "balanced", "modality_dropout", "patience", "stacking_folds")
+    return {n: getattr(options, n) for n in names if getattr(options, n) is not None}
+
+
+def _training_data(rt: Runtime, job_id: str, rows: list[ItemRow], targets: list[int],
+                   plan: TrainingPlan, train_idx: list[int], val_idx: list[int]) -> TrainingData:
+    """The items' cached frozen features, split, and the raw inputs their modes need."""
+    dims = plan.fusion.input_dims
+    with rt.db.session() as s:
+        vectors = {m: feature_cache.get_features(s, SPECS[m].version,
+                                                 [r.media[m].blob for r in rows if m in r.media])
+                   for m in dims}
+    feats = [{m: vectors[m][r.media[m].blob] for m in dims if m in r.media} for r in rows]
+
+    def subset(idx: list[int]) -> FeatureSet | None:
+        if not idx:
+            return None
+        tensors, mask = stack_features(dims, [feats[i] for i in idx])
+        return FeatureSet(tensors, mask, torch.tensor([targets[i] for i in idx]))
+
+    train = subset(train_idx)
+    assert train is not None
+    scratch, finetune = raw_inputs_needed(plan.modes)
+    raw = decode_inputs(rt, models_of(rt), rows, scratch, finetune,
+                        on_progress=_heartbeat(rt, job_id)) if scratch or finetune else None
+    if raw is None:
+        return TrainingData(train, subset(val_idx), train_idx, val_idx)
+    return TrainingData(train, subset(val_idx), train_idx, val_idx, raw.scratch,
+                        raw.scratch_present, raw.finetune, raw.finetune_present)
+
+
+def _save_encoders(rt: Runtime, trained: TrainedClassifier, present: list[str]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Store each trained encoder's weights (scratch encoders, finetuned tops). Returns the
+    checkpoint config sections ({"scratch": ..., "finetune": ...}, empty ones left out) and the
+    registry's record of every modality's encoder."""
+    sections: dict[str, dict[str, Any]] = {"scratch": {}, "finetune": {}}
+    registry = {m: {"name": SPECS[m].name, "version": SPECS[m].version, "dim": SPECS[m].dim}
+                for m in present}
+    for m, (module, cfg) in trained.scratch.items():
+        blob = rt.blobs.put_bytes(save_encoder(module))
+        sections["scratch"][m] = {"config": cfg.to_dict(), "weights_blob": blob}
+        registry[m] = {"name": cfg.arch, "version": encoder_version(cfg, blob), "dim": cfg.dim,
+                       "mode": "scratch"}
+    for m, top in trained.finetuned.items():
+        blob = rt.blobs.put_bytes(save_top(top))
+        base = SPECS[m]
+        sections["finetune"][m] = {"weights_blob": blob, "base_version": base.version}
+        registry[m] = {"name": base.name, "version": finetune_version(base.version, blob),
+                       "dim": base.dim, "mode": "finetune", "base_version": base.version}
+    return {k: v for k, v in sections.items() if v}, registry
+
+
+def _heartbeat(rt: Runtime, job_id: str) -> Callable[[int], None]:
+    """A callback that touches the job at most every HEARTBEAT_SECONDS."""
+    last = [time.monotonic()]
+
+    def beat(_progress: int) -> None:
+        if time.monotonic() - last[0] >= HEARTBEAT_SECONDS:
+            with rt.db.session() as s:
+                jobs.touch(s, job_id)
+            last[0] = time.monotonic()
+
+    return beat
+
+
+def _present(data: FeatureSet | None) -> dict[str, np.ndarray]:
+    """Each modality's features (N_m, D_m) over the items of ``data`` that have it."""
     if data is None:
         return {}
     return {m: x[data.mask[:, i]].numpy() for i, (m, x) in enumerate(data.features.items())}
-
-
-def choose_split(rows: list[Any], labels: list[str], seed: int
-                 ) -> tuple[list[int], list[int], str]:
-    """(train, val, how): labels.csv's split where it gives one; else, where items have a
-    group, a group-disjoint stratified split; else a stratified one. 20 % to validation."""
-    from models.training import group_split, stratified_split
-
-    if any(r.split for r in rows):
-        train_idx = [i for i, r in enumerate(rows) if r.split != "val"]
-        val_idx = [i for i, r in enumerate(rows) if r.split == "val"]
-        return train_idx, val_idx, "labels.csv"
-    if any(r.group for r in rows):
-        train_idx, val_idx = group_split(labels, [r.group for r in rows], 0.2, seed)
-        return train_idx, val_idx, f"group-disjoint stratified, seed {seed}"
-    train_idx, val_idx = stratified_split(labels, 0.2, seed)
-    return train_idx, val_idx, f"stratified, seed {seed}"
-
-
-def split_groups(rows: list[Any], train_idx: list[int], val_idx: list[int]) -> dict[str, Any]:
-    """How many groups each side has, and how many are on both (0 for a group-disjoint
-    split; labels.csv's own split may share some, which flatters validation)."""
-    train = {rows[i].group for i in train_idx if rows[i].group}
-    val = {rows[i].group for i in val_idx if rows[i].group}
-    return {"train": len(train), "val": len(val), "shared": len(train & val)}
 
 
 def _jsonable(value: Any) -> Any:

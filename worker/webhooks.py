@@ -16,10 +16,10 @@ import logging
 from typing import Any
 
 import requests
-from sqlalchemy import select
 
 from mmbatch.netpolicy import DestinationRefused, check_url
-from store.schema import ApiKey, Job, WebhookDelivery, utcnow
+from store import webhooks as outbox
+from store.schema import Job
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,35 +45,30 @@ def job_body(job: Job) -> dict[str, Any]:
 
 def deliver_due(rt: Runtime, limit: int = 50) -> int:
     """Send every pending delivery whose time has come; returns how many were delivered."""
-    now = utcnow()
     with rt.db.session() as s:
-        due = list(s.scalars(select(WebhookDelivery.id).where(
-            WebhookDelivery.state == "pending", WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.id).limit(limit)))
+        due = outbox.due(s, limit)
     return sum(deliver(rt, delivery_id) for delivery_id in due)
 
 
 def deliver(rt: Runtime, delivery_id: int) -> bool:
     settings = rt.settings
     with rt.db.session() as s:
-        d = s.get(WebhookDelivery, delivery_id)
-        if d is None or d.state != "pending":
+        out = outbox.outgoing(s, delivery_id)
+        if out is None:
             return False
-        job = s.get(Job, d.job_id)
-        key = s.get(ApiKey, job.api_key_id) if job and job.api_key_id else None
-        secret = key.webhook_secret if key is not None else settings.webhook_secret
-        body = json.dumps({"event": d.event, "delivery": d.id, "job": job_body(job)},
+        body = json.dumps({"event": out.event, "delivery": out.id, "job": job_body(out.job)},
                           separators=(",", ":")).encode()
-        url, event, attempt = d.url, d.event, d.attempts + 1
+    secret = out.secret or settings.webhook_secret
     headers = {"Content-Type": "application/json", "User-Agent": "mmbatch-webhook/1",
-               "X-Mmbatch-Event": event, "X-Mmbatch-Delivery": str(delivery_id)}
+               "X-Mmbatch-Event": out.event, "X-Mmbatch-Delivery": str(delivery_id)}
     if secret:
         headers["X-Mmbatch-Signature"] = sign(secret, body)
     status: int | None = None
     error: str | None = None
+    attempt = out.attempt
     try:
-        check_url(url, settings.webhook_allow)
-        response = requests.post(url, data=body, headers=headers, timeout=TIMEOUT,
+        check_url(out.url, settings.webhook_allow)
+        response = requests.post(out.url, data=body, headers=headers, timeout=TIMEOUT,
                                  allow_redirects=False)
         status = response.status_code
         if not 200 <= status < 300:
@@ -83,14 +78,8 @@ def deliver(rt: Runtime, delivery_id: int) -> bool:
     except requests.RequestException as exc:
         error = f"{type(exc).__name__}: {exc}"
     with rt.db.session() as s:
-        d = s.get(WebhookDelivery, delivery_id)
-        d.attempts, d.last_status, d.last_error = attempt, status, error
-        if error is None:
-            d.state, d.delivered_at = "delivered", utcnow()
-        elif attempt >= settings.webhook_max_attempts:
-            d.state = "failed"
-        else:
-            d.next_attempt_at = utcnow() + dt.timedelta(seconds=min(3600, 2 ** attempt))
-    log.info("webhook job=%s event=%s attempt=%d status=%s error=%s", d.job_id, event, attempt,
-             status, error)
+        outbox.record_attempt(s, delivery_id, attempt, status, error,
+                              settings.webhook_max_attempts)
+    log.info("webhook job=%s event=%s attempt=%d status=%s error=%s", out.job.id, out.event,
+             attempt, status, error)
     return error is None

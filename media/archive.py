@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
-from store.blobs import sniff_archive as sniff
-from worker.media import modality_of
+from media.decode import modality_of
 
 if TYPE_CHECKING:
     from mmbatch.settings import Settings
@@ -113,6 +112,17 @@ class Walk:
             "skipped_count": self.skipped_count,
             "labels_without_item": unknown[:MAX_REPORTED],
         }
+
+
+def sniff_archive(head: bytes) -> str | None:
+    """The archive format from a file's first bytes (at least 262 of them), or None."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return None
 
 
 def safe_name(name: str) -> str | None:
@@ -203,7 +213,7 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
     limits = limits or Limits()
     result = Walk()
     with open(path, "rb") as f:
-        kind = sniff(f.read(512))
+        kind = sniff_archive(f.read(512))
     if kind is None:
         raise ArchiveError("not a zip, tar or tar.gz archive")
     budget = _Budget(limits)

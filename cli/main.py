@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import logging
 import os
@@ -13,8 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import click
+import requests
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.engine import make_url
 
+from cli.client import ApiError, Client
+from cli.keyfile import client_key, ensure_first_key, key_path
+from cli.stack import Stack, child_env, web_command, worker_command
+from mmbatch.contract import TASK_REPROCESS
 from mmbatch.settings import Settings
+from samples.sample import write_sample
+from store import keys as key_store
+from store.db import Database
+from store.migrate import upgrade
+from worker.app import create_celery
+from worker.reprocess import start_reprocess
+from worker.runtime import Runtime
 
 
 def _settings() -> Settings:
@@ -25,10 +42,7 @@ def _default_url(settings: Settings) -> str:
     return os.environ.get("MMBATCH_URL", f"http://{settings.host}:{settings.port}")
 
 
-def _client(url: str | None) -> Any:
-    from mmbatch.client import Client
-    from mmbatch.keyfile import client_key
-
+def _client(url: str | None) -> Client:
     settings = _settings()
     return Client(url or _default_url(settings), api_key=client_key(settings))
 
@@ -51,8 +65,6 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply the Alembic migrations to MMBATCH_DATABASE_URL (or the embedded SQLite file)."""
-    from store.migrate import upgrade
-
     settings = _settings()
     upgrade(settings.db_url, revision)
     click.echo(f"database at revision {revision}: {_redact(settings.db_url)}")
@@ -63,11 +75,6 @@ def db_upgrade(revision: str) -> None:
 @click.option("--port", type=int, default=None, help="Port (default MMBATCH_PORT, 8000).")
 def up(host: str | None, port: int | None) -> None:
     """Run the web server and a worker together, storing everything under MMBATCH_DATA_DIR."""
-    from mmbatch.stack import Stack
-    from store.migrate import upgrade
-
-    from mmbatch.keyfile import ensure_first_key, key_path
-
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
@@ -95,8 +102,6 @@ def up(host: str | None, port: int | None) -> None:
 @click.option("--name", default="mmbatch", show_default=True)
 def worker(queues: str, name: str) -> None:
     """Run one Celery worker process (solo pool: one model load, one batch at a time)."""
-    from mmbatch.stack import child_env, worker_command
-
     settings = _settings()
     cmd = worker_command(settings, queues, name)
     os.execve(cmd[0], cmd, child_env(settings))
@@ -107,8 +112,6 @@ def worker(queues: str, name: str) -> None:
 @click.option("--port", type=int, default=None)
 def web(host: str | None, port: int | None) -> None:
     """Run the API server (gunicorn)."""
-    from mmbatch.stack import child_env, web_command
-
     settings = _settings()
     cmd = web_command(settings, host or settings.host, port or settings.port)
     os.execve(cmd[0], cmd, child_env(settings))
@@ -209,30 +212,17 @@ def list_jobs(state: str | None, kind: str | None, limit: int, url: str | None) 
 @click.option("--limit", type=int, default=None, help="At most this many items per tenant.")
 def reprocess(now: bool, model: int | None, limit: int | None) -> None:
     """Reprocess items whose result is missing, failed, or from an older model, for every tenant."""
-    from worker.app import TASK_PROCESS_BATCH, TASK_REPROCESS, create_celery
-
     settings = _settings()
     celery = create_celery(settings)
     if not now:
         celery.send_task(TASK_REPROCESS, kwargs={"model_id": model, "limit": limit})
         click.echo("reprocessing requested; a worker will start it (see: mmbatch jobs --kind reprocess)")
         return
-    from store import jobs as job_store
-    from worker import reprocess as reprocessing
-    from worker.runtime import Runtime
-
     rt = Runtime(settings)
     try:
-        for tenant in reprocessing.tenants_with_models(rt):
-            result = reprocessing.start(rt, tenant, model, limit)
-            click.echo(f"tenant {tenant}: {result.reason}"
-                       + (f" (job {result.job_id}, {result.items} items)" if result.items else ""))
-            if result.reason == "started" and result.job_id:
-                with rt.db.session() as s:
-                    ids = job_store.item_ids(s, result.job_id)
-                for i in range(0, len(ids), settings.batch_size):
-                    celery.send_task(TASK_PROCESS_BATCH,
-                                     args=[result.job_id, ids[i:i + settings.batch_size]])
+        for plan in start_reprocess(rt, celery.send_task, None, model, limit):
+            click.echo(f"tenant {plan.tenant_id}: {plan.reason}"
+                       + (f" (job {plan.job_id}, {plan.items} items)" if plan.items else ""))
     finally:
         rt.close()
 
@@ -246,10 +236,6 @@ def keys() -> None:
 @click.option("--name", required=True, help="What the key is for.")
 @click.option("--tenant", default=None, help="Existing or new tenant (default: a new tenant).")
 def keys_create(name: str, tenant: str | None) -> None:
-    from store import keys as key_store
-    from store.db import Database
-    from store.migrate import upgrade
-
     settings = _settings()
     upgrade(settings.db_url)
     db = Database(settings.db_url)
@@ -264,9 +250,6 @@ def keys_create(name: str, tenant: str | None) -> None:
 
 @keys.command("list")
 def keys_list() -> None:
-    from store import keys as key_store
-    from store.db import Database
-
     db = Database(_settings().db_url)
     try:
         with db.session() as s:
@@ -280,9 +263,6 @@ def keys_list() -> None:
 @keys.command("revoke")
 @click.argument("key_id", type=int)
 def keys_revoke(key_id: int) -> None:
-    from store import keys as key_store
-    from store.db import Database
-
     db = Database(_settings().db_url)
     try:
         with db.session() as s:
@@ -359,8 +339,6 @@ def _key_value(item: str) -> tuple[str, str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 def sample(out_dir: Path, n_train: int, n_unlabelled: int, seed: int) -> None:
     """Write the sample archives (a labelled one and an unlabelled one) to OUT_DIR."""
-    from mmbatch.sample import write_sample
-
     s = write_sample(out_dir, n_train=n_train, n_unlabelled=n_unlabelled, seed=seed)
     click.echo(f"train: {s.train}\nunlabelled: {s.unlabelled}\ntruth: {s.truth}")
 
@@ -371,12 +349,6 @@ def sample(out_dir: Path, n_train: int, n_unlabelled: int, seed: int) -> None:
 @click.option("--port", type=int, default=None, help="Port (default: a free one).")
 def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
     """Start the embedded stack, train on the sample, classify the unlabelled sample."""
-    from mmbatch.client import Client
-    from mmbatch.keyfile import client_key, ensure_first_key
-    from mmbatch.sample import write_sample
-    from mmbatch.stack import Stack
-    from store.migrate import upgrade
-
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"writing the sample archives under {settings.data_dir / 'sample'}")
@@ -424,10 +396,6 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
 
 
 def _run(fn: Any) -> Any:
-    from mmbatch.client import ApiError
-
-    import requests
-
     try:
         return fn()
     except ApiError as exc:
@@ -437,8 +405,6 @@ def _run(fn: Any) -> Any:
 
 
 def _wait(client: Any, job_id: str) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   transient=False) as progress:
@@ -453,8 +419,6 @@ def _wait(client: Any, job_id: str) -> dict[str, Any]:
 
 
 def _duration(job: dict[str, Any]) -> float | None:
-    import datetime as dt
-
     if not job.get("finished_at"):
         return None
     start = dt.datetime.fromisoformat(job["created_at"])
@@ -464,9 +428,6 @@ def _duration(job: dict[str, Any]) -> float | None:
 
 def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None = None,
              show: int = 10) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(f"job {job['id']}: [bold]{job['state']}[/bold]  kind={job['kind']}  "
                   f"total={job['total']} done={job['done']} failed={job['failed']}"
@@ -495,8 +456,6 @@ def _free_port() -> int:
 
 
 def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 

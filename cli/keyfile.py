@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from mmbatch.settings import Settings
+from store import keys
+from store.db import Database
 
 KEY_FILE = "api-key"
 
@@ -16,9 +18,6 @@ def key_path(settings: Settings) -> Path:
 
 def ensure_first_key(settings: Settings) -> str | None:
     """Create a tenant and key when the database has no key at all; returns the new key."""
-    from store import keys
-    from store.db import Database
-
     db = Database(settings.db_url)
     try:
         with db.session() as s:

@@ -19,7 +19,7 @@ no path reveals the label. The training archive has ``labels.csv`` (``key,label,
 root; the unlabelled archive has none, and its labels are written beside it as a truth CSV
 (``key,label``). The same seed gives byte-identical archives.
 
-Run ``python -m mmbatch.sample OUT_DIR`` to write them.
+Run ``python -m samples.sample OUT_DIR`` to write them.
 """
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mmbatch.sample",
+        prog="python -m samples.sample",
         description="Write the labelled and unlabelled sample archives and the truth CSV.",
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")

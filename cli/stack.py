@@ -33,8 +33,9 @@ def web_command(settings: Settings, host: str, port: int) -> list[str]:
 
 
 def worker_command(settings: Settings, queues: str = "ingest,model",
-                   name: str = "mmbatch") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                   name: str = "mmbatch", app: str = "worker.celery_app") -> list[str]:
+    """A worker process of the Celery app in module ``app`` (the service's own by default)."""
+    return [sys.executable, "-m", "celery", "-A", app, "worker",
             "--pool", "solo", "-Q", queues, "-n", f"{name}@%h",
             "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"]
 
@@ -50,11 +51,13 @@ class Stack:
 
     def __init__(self, settings: Settings, host: str, port: int,
                  log_dir: Path | None = None, beat: bool = False,
-                 worker_args: list[str] | None = None) -> None:
+                 worker_args: list[str] | None = None,
+                 worker_app: str = "worker.celery_app") -> None:
         self.settings, self.host, self.port = settings, host, port
         self.log_dir = log_dir
         self.beat = beat
         self.worker_args = worker_args or []
+        self.worker_app = worker_app
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -68,7 +71,8 @@ class Stack:
         return self
 
     def commands(self) -> dict[str, list[str]]:
-        commands = {"worker": worker_command(self.settings) + self.worker_args,
+        commands = {"worker": worker_command(self.settings, app=self.worker_app)
+                    + self.worker_args,
                     "web": web_command(self.settings, self.host, self.port)}
         if self.beat:
             commands["beat"] = beat_command(self.settings)

@@ -14,7 +14,7 @@ Four classes, two factors, each modality showing one of them:
 - each source (group) has its own script and image style, so a group-disjoint validation split
   asks for what transfers to a new source.
 
-Run ``python -m mmbatch.far_sample OUT_DIR [--per-group N] [--seed S]`` to write
+Run ``python -m samples.far_sample OUT_DIR [--per-group N] [--seed S]`` to write
 ``far_train.tar`` (with ``labels.csv``: ``key,label,group``). The same seed gives the same
 bytes.
 """

@@ -1,0 +1,1 @@
+"""The ``mmbatch`` command: the command line, its HTTP client, and the embedded stack runner."""

@@ -1,0 +1,114 @@
+"""Planning a reprocess: which items are due, and the reprocess job that gives them a result from
+the current default model.
+
+An item is due when it has no ok result from the tenant's default model version: its result is
+missing, failed (retried while the item has had fewer than ``max_attempts`` tries), or made by an
+older version. Due items become the members of one ``reprocess`` job per tenant, which the API
+shows like any other job. At most one runs per tenant at a time: a lease guards the choice (and
+expires if the process holding it dies), and an active reprocess job blocks the next. Database
+work only: whoever plans enqueues the batches (the reprocess task, ``mmbatch reprocess --now``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from mmbatch.contract import ACTIVE_STATES
+from store import jobs, leases
+from store.db import Database
+from store.registry import default_model, get_model
+from store.schema import Item, Job, JobMember, ModelVersion, Result
+from store.upsert import insert_new
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 300
+CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What planning did for one tenant: the job it started (or the active one), and why."""
+
+    job_id: str | None
+    tenant_id: int | None
+    items: int
+    reason: str
+
+    @property
+    def started(self) -> bool:
+        return self.reason == "started"
+
+
+def tenants_with_models(session: Session) -> list[int | None]:
+    """Every tenant that has a default model (the nightly run reprocesses each)."""
+    return sorted(set(session.scalars(select(ModelVersion.tenant_id)
+                                      .where(ModelVersion.is_default.is_(True)))),
+                  key=lambda t: -1 if t is None else t)
+
+
+def plan_reprocess(db: Database, tenant_id: int | None, model_id: int | None = None, *,
+                   limit: int, max_attempts: int) -> Plan:
+    """Create the tenant's reprocess job (state running, its members the due items) if anything
+    is due; its batches are the caller's to enqueue (``jobs.item_ids``)."""
+    owner = uuid.uuid4().hex
+    lease = f"reprocess:{tenant_id}"
+    with db.session() as s:
+        if not leases.acquire(s, lease, owner, LEASE_SECONDS):
+            return Plan(None, tenant_id, 0, "another reprocess is being planned")
+    try:
+        with db.session() as s:
+            active = s.scalar(select(Job.id).where(Job.kind == "reprocess",
+                                                   Job.state.in_(ACTIVE_STATES),
+                                                   _tenant(Job.tenant_id, tenant_id)))
+            if active:
+                return Plan(active, tenant_id, 0, "a reprocess job is already running")
+            model = (get_model(s, model_id, tenant_id) if model_id is not None
+                     else default_model(s, tenant_id))
+            if model is None:
+                return Plan(None, tenant_id, 0, "no default model")
+            due = _due(s, tenant_id, model.id, max_attempts, limit)
+            if not due:
+                return Plan(None, tenant_id, 0, "nothing to reprocess")
+            job = jobs.create_job(s, kind="reprocess", archive_blob="", archive_name="",
+                                  archive_bytes=0, model_version_id=model.id,
+                                  tenant_id=tenant_id, state="running",
+                                  options={"reason": "reprocess"})
+            job.total, job.started_at = len(due), jobs.utcnow()
+            s.flush()
+            for start in range(0, len(due), CHUNK):
+                chunk = due[start:start + CHUNK]
+                insert_new(s, JobMember.__table__,
+                           [{"job_id": job.id, "item_id": i} for i in chunk],
+                           ("job_id", "item_id"))
+                # a new job: earlier deliveries are not redeliveries of this one's batches
+                # (``attempts``, every try, keeps counting towards max_attempts)
+                jobs.reset_deliveries(s, chunk)
+            log.info("reprocess_planned job=%s tenant=%s model=%s total=%d",
+                     job.id, tenant_id, model.id, len(due))
+            return Plan(job.id, tenant_id, len(due), "started")
+    finally:
+        with db.session() as s:
+            leases.release(s, lease, owner)
+
+
+def _tenant(column, tenant_id: int | None):  # type: ignore[no-untyped-def]
+    return column.is_(None) if tenant_id is None else column == tenant_id
+
+
+def _due(s: Session, tenant_id: int | None, model_id: int, max_attempts: int,
+         limit: int) -> list[int]:
+    ok = exists().where(Result.item_id == Item.id, Result.model_version_id == model_id,
+                        Result.status == "ok")
+    failed_out = exists().where(Result.item_id == Item.id, Result.model_version_id == model_id,
+                                Result.status == "failed", Item.attempts >= max_attempts)
+    stmt = (select(Item.id).join(Job, Job.id == Item.job_id)
+            .where(_tenant(Job.tenant_id, tenant_id), Job.kind == "classify",
+                   Job.state.in_(("succeeded", "failed")), ~ok, ~failed_out)
+            .order_by(Item.id).limit(limit))
+    return list(s.scalars(stmt))

@@ -1,0 +1,119 @@
+"""Every payload the web layer shows, built once: a job, an item's result, a model version. The
+API, the exports and the dashboard all call these."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+from flask import url_for
+from sqlalchemy.orm import Session
+
+from mmbatch.contract import MODALITIES
+from store.schema import Item, Job, ModelVersion, Result
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite drops the zone; everything is stored in UTC
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.isoformat()
+
+
+def job_payload(s: Session, job: Job) -> dict[str, Any]:
+    """The polling payload of a job, with the model version it runs (or made), if any."""
+    model = s.get(ModelVersion, job.model_version_id) if job.model_version_id else None
+    processed = job.done + job.failed
+    report = job.report or {}
+    throughput, eta = _rate(job, processed)
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "stage": job.stage,
+        "total": job.total,
+        "done": job.done,
+        "failed": job.failed,
+        "progress": round(processed / job.total, 4) if job.total else 0.0,
+        "model": None if model is None else {"id": model.id, "name": model.name,
+                                             "version": model.version},
+        "throughput": throughput,
+        "eta_seconds": eta,
+        "error": job.error,
+        "idempotency_key": job.idempotency_key,
+        "callback_url": job.callback_url,
+        "archive": {"name": job.archive_name, "bytes": job.archive_bytes},
+        "skipped_files": report.get("skipped_count", 0),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "updated_at": iso(job.updated_at),
+        "links": {"self": url_for("api.get_job", job_id=job.id),
+                  "results": url_for("api.get_results", job_id=job.id),
+                  "errors": url_for("api.get_errors", job_id=job.id),
+                  "report": url_for("api.get_report", job_id=job.id),
+                  "cancel": url_for("api.cancel_job", job_id=job.id)},
+    }
+
+
+def _rate(job: Job, processed: int) -> tuple[float | None, float | None]:
+    """Items per second since the job started, and the seconds left at that rate."""
+    if job.started_at is None or processed == 0:
+        return None, None
+    started = job.started_at if job.started_at.tzinfo else \
+        job.started_at.replace(tzinfo=dt.timezone.utc)
+    end = job.finished_at or dt.datetime.now(dt.timezone.utc)
+    end = end if end.tzinfo else end.replace(tzinfo=dt.timezone.utc)
+    seconds = max((end - started).total_seconds(), 1e-3)
+    rate = processed / seconds
+    left = max(job.total - processed, 0)
+    eta = None if job.state not in ("running",) else round(left / rate, 1)
+    return round(rate, 3), eta
+
+
+def result_payload(item: Item, result: Result | None, with_embeddings: bool = False,
+                   embedding_digits: int | None = 6) -> dict[str, Any]:
+    """An item and its result (None while pending); the fused embedding on request, rounded
+    to ``embedding_digits`` (None: as stored)."""
+    out: dict[str, Any] = {
+        "item_id": item.id,
+        "key": item.key,
+        "modalities": [m for m in MODALITIES if m in (item.media or {})],
+        "status": "pending" if result is None else result.status,
+        "label": None if result is None else result.label,
+        "confidence": None if result is None else result.confidence,
+        "top_k": None if result is None else result.top_k,
+        "given_label": item.label,
+        "split": item.split,
+        "group": item.group,
+        "error": None if result is None else result.error,
+        "explanation": None if result is None else result.explanation,
+    }
+    if with_embeddings:
+        vector = None
+        if result is not None and result.embedding:
+            vector = np.frombuffer(result.embedding, dtype="<f4")
+            vector = vector.round(embedding_digits) if embedding_digits is not None else vector
+        out["embedding"] = None if vector is None else vector.tolist()
+    return out
+
+
+def model_payload(m: ModelVersion, full: bool = False) -> dict[str, Any]:
+    """A model version; the list shows scalar metrics only (``full``: all of them)."""
+    metrics = dict(m.metrics or {})
+    if not full:
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    return {
+        "id": m.id,
+        "name": m.name,
+        "version": m.version,
+        "fusion": m.fusion,
+        "classes": m.classes,
+        "encoders": m.encoders,
+        "metrics": metrics,
+        "is_default": m.is_default,
+        "job_id": m.job_id,
+        "created_at": iso(m.created_at),
+    }

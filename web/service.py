@@ -1,0 +1,250 @@
+"""What the API and the dashboard do, written once: submit a job (upload, job, enqueue),
+evaluate a model on an archive, cancel, reprocess, score a classify job; and the one lookup of a
+job or a model version in the caller's tenant, 404 otherwise.
+
+Views parse the request, call one of these, and serialise (``web.serializers``). Everything here
+acts for the request's principal (``web.auth``): a tenant sees only its own jobs and models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import FileStorage, MultiDict
+
+from media.archive import sniff_archive
+from mmbatch.contract import (
+    JOB_KINDS,
+    TASK_INGEST,
+    TASK_REPROCESS,
+    TASK_WEBHOOKS,
+    OptionError,
+    TrainOptions,
+)
+from mmbatch.netpolicy import DestinationRefused, check_url
+from mmbatch.scoring import score_labels
+from mmbatch.settings import Settings
+from store import jobs
+from store.blobs import Blobs
+from store.db import Database
+from store.registry import ModelNotFound, default_model, get_model
+from store.schema import Job, ModelVersion
+from web import auth
+from web.errors import ApiError
+from web.uploads import archive_name, writer_of
+
+log = logging.getLogger(__name__)
+
+ENQUEUE_TRIES = 3
+
+
+@dataclass
+class Services:
+    """What one web process holds: settings, database, blob store, the broker it enqueues on,
+    and the per-key rate limiter."""
+
+    settings: Settings
+    db: Database
+    blobs: Blobs
+    celery: Celery
+    limiter: auth.RateLimiter
+
+
+def get_job_or_404(s: Session, job_id: str) -> Job:
+    try:
+        return jobs.get_job(s, job_id, auth.tenant_id())
+    except jobs.JobNotFound:
+        raise ApiError(404, "not_found", f"no job {job_id}") from None
+
+
+def get_model_or_404(s: Session, model_id: int) -> ModelVersion:
+    try:
+        return get_model(s, model_id, auth.tenant_id())
+    except ModelNotFound:
+        raise ApiError(404, "not_found", f"no model version {model_id}") from None
+
+
+def submit_job(svc: Services, kind: str, form: MultiDict[str, str], upload: FileStorage | None,
+               idempotency_key: str | None) -> tuple[str, bool]:
+    """Create a job from a request's form and uploaded archive, commit it, then enqueue its
+    ingest; (the job's id, True), or (the earlier job's id, False) for an Idempotency-Key
+    already used."""
+    tenant = auth.tenant_id()
+    if idempotency_key is not None and (len(idempotency_key) > 255
+                                        or not idempotency_key.isprintable()):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "Idempotency-Key is at most 255 printable characters")
+    if idempotency_key is not None:
+        with svc.db.session() as s:
+            existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key)
+            if existing is not None:
+                return existing.id, False
+    if kind not in JOB_KINDS:
+        raise ApiError(400, "invalid_kind",
+                       f"kind must be one of {', '.join(JOB_KINDS)}; got {kind!r}")
+    callback = (form.get("callback_url") or "").strip() or None
+    if callback is not None:
+        if len(callback) > 2048:
+            raise ApiError(400, "invalid_callback_url", "callback_url is at most 2048 characters")
+        try:
+            check_url(callback, svc.settings.webhook_allow)
+        except DestinationRefused as exc:
+            raise ApiError(400, "invalid_callback_url", str(exc)) from None
+    writer = _archive(upload, "send the archive as a multipart file field named 'archive'")
+    options = _options(kind, form)
+    with svc.db.session() as s:
+        model_id = _resolve_model(s, kind, form.get("model"))
+    digest = writer.commit()
+    try:
+        with svc.db.session() as s:
+            job_id = jobs.create_job(s, kind=kind, archive_blob=digest,
+                                     archive_name=archive_name(upload),
+                                     archive_bytes=writer.size, model_version_id=model_id,
+                                     options=options, tenant_id=tenant,
+                                     api_key_id=auth.current().key_id,
+                                     idempotency_key=idempotency_key, callback_url=callback).id
+    except IntegrityError:
+        # the same Idempotency-Key raced us: answer with the job that won
+        with svc.db.session() as s:
+            existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
+            if existing is None:
+                raise
+            return existing.id, False
+    enqueue(svc, job_id, TASK_INGEST, job_id)
+    return job_id, True
+
+
+def evaluate_model(svc: Services, model_id: int, upload: FileStorage | None) -> str:
+    """Classify a labelled archive with a model: a classify job marked ``evaluate``, whose
+    evaluation (:func:`evaluation`) is computed from its results when asked for."""
+    with svc.db.session() as s:
+        get_model_or_404(s, model_id)
+    writer = _archive(upload, "send the labelled archive as a multipart file field named "
+                              "'archive'")
+    digest = writer.commit()
+    with svc.db.session() as s:
+        job_id = jobs.create_job(s, kind="classify", archive_blob=digest,
+                                 archive_name=archive_name(upload), archive_bytes=writer.size,
+                                 model_version_id=model_id, options={"evaluate": True},
+                                 tenant_id=auth.tenant_id(), api_key_id=auth.current().key_id).id
+    enqueue(svc, job_id, TASK_INGEST, job_id)
+    return job_id
+
+
+def cancel_job(svc: Services, job_id: str) -> None:
+    """Stop a job: outstanding batches see the state and skip; results written stay."""
+    with svc.db.session() as s:
+        job = get_job_or_404(s, job_id)
+        if job.state in ("succeeded", "failed", "cancelled"):
+            raise ApiError(409, "job_finished", f"job {job_id} is already {job.state}")
+        jobs.cancel_job(s, job_id)
+    try:
+        svc.celery.send_task(TASK_WEBHOOKS)
+    except Exception:  # noqa: BLE001  # the scheduled delivery will pick it up
+        log.warning("webhook_kick_failed job=%s", job_id)
+
+
+def start_reprocess(svc: Services, model: Any, limit: Any) -> None:
+    """Ask a worker to reprocess this tenant's stale or failed items now (what the nightly
+    schedule does for every tenant)."""
+    if model is not None:
+        with svc.db.session() as s:
+            try:
+                model = get_model(s, int(model), auth.tenant_id()).id
+            except (TypeError, ValueError, OverflowError, ModelNotFound):  # inf: Overflow
+                raise ApiError(400, "unknown_model", f"no model version with id {model!r}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                              or not 1 <= limit <= 10_000_000):
+        raise ApiError(400, "invalid_limit", "limit must be an integer between 1 and 10000000")
+    svc.celery.send_task(TASK_REPROCESS, kwargs={
+        "tenant_id": auth.tenant_id(), "model_id": model, "limit": limit, "all_tenants": False})
+
+
+def evaluation(svc: Services, job_id: str) -> dict[str, Any]:
+    """Scores of a classify job against the labels its archive gave (any classify job over a
+    labelled archive, not only those made by :func:`evaluate_model`)."""
+    with svc.db.session() as s:
+        job = get_job_or_404(s, job_id)
+        if job.kind != "classify" or job.model_version_id is None:
+            raise ApiError(409, "not_a_classify_job", "only a classify job can be evaluated")
+        model = get_model(s, job.model_version_id)
+        pairs: list[tuple[str, str | None, float | None]] = []
+        after = 0
+        while page := jobs.results_page(s, job, after=after, limit=1000):
+            pairs += [(item.label, r.label if r is not None and r.status == "ok" else None,
+                       r.confidence if r is not None else None)
+                      for item, r in page if item.label is not None]
+            after = page[-1][0].id
+        return {"job": job.id, "state": job.state,
+                "model": {"id": model.id, "name": model.name, "version": model.version},
+                **score_labels(pairs, list(model.classes)),
+                # worker.shift: how far the job's features are from the training data
+                "shift": (job.report or {}).get("shift")}
+
+
+def enqueue(svc: Services, job_id: str, task: str, *args: Any) -> None:
+    """Commit, then enqueue: called once the job row exists, so any worker can find it.
+
+    Tried a few times: besides a broker that is briefly away, kombu's SQLAlchemy transport (the
+    embedded broker) fails a publish with a unique-constraint error when a worker starting at
+    the same moment declares the same queue.
+    """
+    for attempt in range(1, ENQUEUE_TRIES + 1):
+        try:
+            svc.celery.send_task(task, args=list(args))
+            return
+        except Exception as exc:
+            if attempt < ENQUEUE_TRIES:
+                log.warning("enqueue_retry job=%s attempt=%d error=%s", job_id, attempt, exc)
+                time.sleep(0.2 * attempt)
+                continue
+            with svc.db.session() as s:
+                jobs.fail_job(s, job_id, f"could not enqueue the job: {exc}")
+            raise ApiError(503, "broker_unavailable",
+                           "the job queue is unavailable; the job was not started") from exc
+
+
+def _archive(upload: FileStorage | None, missing: str) -> Any:
+    """The uploaded archive's blob writer (not yet committed); 400 when there is none, 415 when
+    it is not a zip, tar or tar.gz."""
+    writer = writer_of(upload) if upload is not None else None
+    if writer is None or writer.size == 0:
+        raise ApiError(400, "missing_archive", missing)
+    writer.flush()
+    with open(writer.path, "rb") as f:
+        if sniff_archive(f.read(512)) is None:
+            raise ApiError(415, "invalid_archive", "the upload is not a zip, tar or tar.gz archive")
+    return writer
+
+
+def _options(kind: str, form: MultiDict[str, str]) -> dict[str, Any]:
+    """A train job's options, parsed and checked (400 ``invalid_<field>``); none for others."""
+    if kind != "train":
+        return {}
+    try:
+        return TrainOptions.parse(form).to_dict()
+    except OptionError as exc:
+        raise ApiError(400, f"invalid_{exc.field}", str(exc)) from None
+
+
+def _resolve_model(s: Session, kind: str, requested: str | None) -> int | None:
+    if kind == "train":
+        if requested:
+            raise ApiError(400, "invalid_model", "a train job makes a model; do not name one")
+        return None
+    if requested:
+        try:
+            return get_model(s, int(requested), auth.tenant_id()).id
+        except (ValueError, ModelNotFound):
+            raise ApiError(400, "unknown_model", f"no model version with id {requested!r}")
+    model = default_model(s, auth.tenant_id())
+    if model is None and kind == "classify":
+        raise ApiError(409, "no_model",
+                       "no model version exists yet: train one with a kind=train job first")
+    return model.id if model is not None else None

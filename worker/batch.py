@@ -1,0 +1,283 @@
+"""One batch of a job, top to bottom: admit (the poison-item guard), read, encode, classify,
+commit.
+
+The database session is closed while models run: read inputs, close, compute, open, write.
+Encoder outputs are cached by (content hash, encoder version), so only files never seen before
+are decoded and encoded. A task turns ids into ``BatchProcessor(rt, job_id, ids).run()`` and
+sends what the report asks for (the halves of a split batch, the training, the webhooks).
+
+Poison items: a batch whose worker died (crash, kill, time limit) is delivered again, because
+tasks are acknowledged late and rejected on worker loss. Each delivery counts an attempt on the
+batch's pending items first; a batch delivered again is split in halves, so the item that kills
+workers ends up alone, and once alone past ``MMBATCH_POISON_LIMIT`` deliveries it is marked
+failed with the reason while the rest of the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmbatch.contract import MODALITIES
+from models.explain import explain
+from models.registry import SPECS
+from models.spec import Encoder
+from models.training import predict, stack_features
+from store import features as feature_cache
+from store import jobs
+from store.registry import ModelRow, get_model
+from store.schema import NO_MODEL
+from worker.encoding import MediaRef, encode_media
+from worker.model_cache import ModelCache, models_of
+from worker.runtime import Runtime
+from worker.shift import record_job_shift
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    new_done: int = 0
+    new_failed: int = 0
+    completed: bool = False  # this batch brought done + failed to total
+    next_step: str | None = None  # "train" when this batch finished a train job's extraction
+    resend: list[list[int]] = field(default_factory=list)  # a redelivered batch, split
+
+
+@dataclass
+class Batch:
+    """What a batch works on: the job's kind, its items, and the model that classifies them."""
+
+    kind: str
+    items: list[jobs.ItemRow]
+    model: ModelRow | None
+
+
+class BatchProcessor:
+    def __init__(self, rt: Runtime, job_id: str, item_ids: Sequence[int]) -> None:
+        self.rt = rt
+        self.job_id = job_id
+        self.item_ids = list(item_ids)
+        self.models: ModelCache = models_of(rt)
+
+    def run(self) -> BatchReport:
+        started = time.perf_counter()
+        admitted = self.admit()
+        if isinstance(admitted, BatchReport):
+            return admitted
+        batch = self.read(admitted)
+        if batch is None:
+            return BatchReport()
+        mismatch = self.models.mismatch(batch.model) if batch.model else None
+        if mismatch:
+            return fail_batch(self.rt, self.job_id, [it.id for it in batch.items], mismatch)
+        features, errors = self.encode(batch)
+        outcomes = self.outcomes(batch, features, errors)
+        with self.rt.db.session() as s:
+            report = commit(s, self.job_id, batch.kind, outcomes,
+                            batch.model.id if batch.model else NO_MODEL)
+        self.rt.metrics.items(batch.kind, report.new_done, report.new_failed)
+        self.rt.metrics.batch(batch.kind, time.perf_counter() - started)
+        if report.completed and batch.model is not None:
+            self.record_shift(batch.model)
+        return report
+
+    def admit(self) -> list[int] | BatchReport:
+        """The poison-item guard: count this delivery of the batch's pending items; the ids to
+        process now, or what to do instead (split a redelivered batch, fail a lone item that
+        has killed workers too often, nothing when the job stopped or the batch is done)."""
+        with self.rt.db.session() as s:
+            job = jobs.get_job(s, self.job_id)
+            if job.state != "running":
+                return BatchReport()
+            ids = jobs.pending_among(s, job, self.item_ids)
+            if not ids:
+                return BatchReport()
+            deliveries = jobs.add_delivery(s, ids)
+            if deliveries > 1 and len(ids) > 1:
+                log.warning("batch_split job=%s items=%d deliveries=%d", self.job_id, len(ids),
+                            deliveries)
+                jobs.reset_deliveries(s, ids)  # each half starts counting afresh
+                half = len(ids) // 2
+                return BatchReport(resend=[ids[:half], ids[half:]])
+        if deliveries > self.rt.settings.poison_limit:
+            log.warning("poison_item job=%s item=%s deliveries=%d", self.job_id, ids[0],
+                        deliveries)
+            return fail_batch(self.rt, self.job_id, ids,
+                              f"the worker processing this item crashed or timed out "
+                              f"{deliveries - 1} times; giving up")
+        return ids
+
+    def read(self, ids: list[int]) -> Batch | None:
+        with self.rt.db.session() as s:
+            job = jobs.get_job(s, self.job_id)
+            if job.state != "running":
+                log.info("batch_skipped job=%s state=%s items=%d", self.job_id, job.state,
+                         len(ids))
+                return None
+            model = None
+            if job.model_version_id is not None and job.kind != "train":
+                model = ModelRow.of(get_model(s, job.model_version_id))
+            return Batch(job.kind, jobs.batch_items(s, job, ids), model)
+
+    def encode(self, batch: Batch) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, str]]:
+        """Per item, the features of each modality present, or the error that failed it.
+
+        One cache read for all modalities; the misses of all modalities are decoded ahead of the
+        encoders (worker.encoding) and the new features written in one transaction. An item
+        fails with the error of its first modality (image, text, audio) that cannot be decoded.
+        A model trained with scratch or finetuned encoders brings its own for those modalities,
+        cached under their own versions.
+        """
+        own = self.models.own_encoders(batch.model) if batch.model is not None else {}
+        versions = {m: own[m].spec.version if m in own else SPECS[m].version for m in MODALITIES}
+        wanted = {m: {it.id: it.media[m] for it in batch.items if m in it.media}
+                  for m in MODALITIES}
+        with self.rt.db.session() as s:
+            cached = {m: feature_cache.get_features(s, versions[m],
+                                                    {f.blob for f in files.values()})
+                      for m, files in wanted.items() if files}
+        missing = [MediaRef(m, f.blob, f.name) for m in MODALITIES
+                   for f in wanted[m].values() if f.blob not in cached.get(m, {})]
+        fresh, failed = self.encode_files(missing, own)
+        if fresh:
+            with self.rt.db.session() as s:
+                for m in MODALITIES:
+                    new = {blob: vec for (modality, blob), vec in fresh.items() if modality == m}
+                    if new:
+                        feature_cache.put_features(s, versions[m], new)
+        features: dict[int, dict[str, np.ndarray]] = {}
+        errors: dict[int, str] = {}
+        for m in MODALITIES:
+            for item_id, f in wanted[m].items():
+                if item_id in errors:
+                    continue
+                if (m, f.blob) in failed:
+                    errors[item_id] = failed[(m, f.blob)]
+                    features.pop(item_id, None)
+                else:
+                    vec = cached[m].get(f.blob) if m in cached else None
+                    features.setdefault(item_id, {})[m] = (vec if vec is not None
+                                                           else fresh[(m, f.blob)])
+        log.info("encode items=%d cache_hits=%d encoded=%d failed=%d", len(batch.items),
+                 sum(len(c) for c in cached.values()), len(fresh), len(failed))
+        return features, errors
+
+    def encode_files(self, refs: Sequence[MediaRef], own: dict[str, Encoder]
+                     ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str]]:
+        """Read, decode and preprocess in the decode threads, ahead of the encoders, which take
+        each modality in chunks of its batch size; (modality, blob) -> features, or -> error.
+        ``own``: a model's own encoders, used instead of the frozen ones for their modality."""
+        if not refs:
+            return {}, {}
+        decoders = {m: self.models.decoder(m) for m in {ref.modality for ref in refs}}
+        # loaded here, in the model thread
+        encoders = {m: own[m] if m in own else self.models.encoder(m) for m in decoders}
+
+        def prepare(ref: MediaRef) -> Any:
+            raw = decoders[ref.modality](self.rt.blobs.read(ref.blob), ref.name)
+            return encoders[ref.modality].preprocess(raw)
+
+        result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
+                              batch_sizes=self.models.batch_sizes, pool=self.models.pool,
+                              depth=self.rt.settings.prefetch_items,
+                              observe=self.rt.metrics.encoder_batch)
+        log.info("encoders files=%d model_s=%.3f decode_wait_s=%.3f", len(refs),
+                 result.model_seconds, result.wait_seconds)
+        return result.vectors, result.errors
+
+    def outcomes(self, batch: Batch, features: dict[int, dict[str, np.ndarray]],
+                 errors: dict[int, str]) -> list[jobs.ItemOutcome]:
+        outcomes = [jobs.ItemOutcome(it.id, error=errors[it.id])
+                    for it in batch.items if it.id in errors]
+        ok = [it for it in batch.items if it.id not in errors]
+        if not ok:
+            return outcomes
+        if batch.kind == "train":
+            return outcomes + [jobs.ItemOutcome(it.id, label=it.label) for it in ok]
+        feats = [features[it.id] for it in ok]
+        if batch.model is None:
+            return outcomes + [jobs.ItemOutcome(it.id, embedding=plain_embedding(f))
+                               for it, f in zip(ok, feats)]
+        model = batch.model
+        probs, fused, notes = classify(self.models, model, feats, explained=True)
+        top_k = self.rt.settings.top_k
+        for it, p, f, note in zip(ok, probs, fused, notes):
+            order = np.argsort(-p)[:top_k]
+            outcomes.append(jobs.ItemOutcome(
+                it.id, label=model.classes[order[0]], confidence=float(p[order[0]]),
+                top_k=[{"label": model.classes[i], "probability": round(float(p[i]), 6)}
+                       for i in order],
+                embedding=f, explanation=note))
+        return outcomes
+
+    def record_shift(self, model: ModelRow) -> None:
+        """The finished job's shift report (worker.shift); the job itself has succeeded
+        already, so a failure here is logged with its traceback, not raised into a
+        redelivery."""
+        try:
+            record_job_shift(self.rt, self.job_id, model)
+        except Exception:
+            log.exception("shift_report_failed job=%s model=%s", self.job_id, model.id)
+
+
+def classify(models: ModelCache, model: ModelRow, feats: Sequence[dict[str, np.ndarray]],
+             explained: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Class probabilities (N, C) and fused embeddings (N, F) for items given their
+    per-modality features, at the model's temperature; with ``explained``, per item each
+    present modality's weight (where the strategy has one) and the change in the predicted
+    class's probability without it (models.explain)."""
+    net = models.classifier(model)
+    tensors, mask = stack_features(net.cfg.input_dims, feats)
+    temperature = float(model.config.get("temperature", 1.0))
+    device = models.device
+    probs, fused = predict(net, {m: t.to(device) for m, t in tensors.items()}, mask.to(device),
+                           temperature=temperature)
+    notes = explain(net, tensors, mask, temperature=temperature) if explained else []
+    return probs.numpy(), fused.numpy(), notes
+
+
+def plain_embedding(feats: dict[str, np.ndarray]) -> np.ndarray:
+    """With no trained fusion: each modality L2-normalised, concatenated, zeros where missing."""
+    parts = []
+    for modality in MODALITIES:
+        vec = feats.get(modality)
+        if vec is None:
+            parts.append(np.zeros(SPECS[modality].dim, dtype="<f4"))
+        else:
+            parts.append((vec / max(float(np.linalg.norm(vec)), 1e-12)).astype("<f4"))
+    return np.concatenate(parts)
+
+
+def commit(s: Any, job_id: str, kind: str, outcomes: Sequence[jobs.ItemOutcome],
+           model_version_id: int) -> BatchReport:
+    """Write outcomes and counters; the batch that completes the job finishes it (a train
+    job's moves on to training)."""
+    written = jobs.record_outcomes(s, job_id, model_version_id, outcomes,
+                                   replace_failed=kind == "reprocess")
+    next_step = None
+    if written.completed:
+        if kind == "train":
+            if jobs.enter_stage(s, job_id, "extracting", "training"):
+                next_step = "train"
+        else:
+            jobs.finish_job(s, job_id)
+    return BatchReport(written.new_done, written.new_failed, written.completed, next_step)
+
+
+def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) -> BatchReport:
+    """Record every item of a batch that could not be processed as failed, with the reason."""
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state != "running":
+            return BatchReport()
+        kind = job.kind
+        report = commit(s, job_id, kind, [jobs.ItemOutcome(i, error=error) for i in item_ids],
+                        jobs.result_model(job))
+    rt.metrics.items(kind, report.new_done, report.new_failed)
+    return report

@@ -1,0 +1,60 @@
+"""The model side's Celery tasks: process a batch, train. Thin adapters from a message (ids
+only) to ``BatchProcessor(...).run()`` and ``train_job``; a failure that is not transient is
+recorded where the client sees it (the batch's items as failed with the reason, the job's
+error), then re-raised, so no job is left running."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+from mmbatch.contract import TASK_PROCESS_BATCH, TASK_TRAIN, TASK_WEBHOOKS
+from store import jobs
+from worker.batch import BatchProcessor, BatchReport, fail_batch
+from worker.retries import MAX_RETRIES, TRANSIENT, retry
+from worker.runtime import runtime_for
+from worker.training import train_job
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=TASK_PROCESS_BATCH, bind=True, max_retries=MAX_RETRIES)
+def process_batch(self, job_id: str, item_ids: list[int]) -> None:  # type: ignore[no-untyped-def]
+    rt = runtime_for(self.app)
+    try:
+        report = BatchProcessor(rt, job_id, item_ids).run()
+    except TRANSIENT as exc:
+        retry(self, exc)
+    except Exception as exc:
+        log.exception("batch_error job=%s items=%d", job_id, len(item_ids))
+        _follow_up(self, job_id, fail_batch(rt, job_id, item_ids,
+                                            f"processing failed: {type(exc).__name__}: {exc}"))
+        raise
+    _follow_up(self, job_id, report)
+
+
+def _follow_up(task: Any, job_id: str, report: BatchReport) -> None:
+    """Send what a batch's report asks for: its halves, the training, the webhooks."""
+    for part in report.resend:
+        task.app.send_task(TASK_PROCESS_BATCH, args=[job_id, part])
+    if report.next_step == "train":
+        task.app.send_task(TASK_TRAIN, args=[job_id])
+    elif report.completed:
+        task.app.send_task(TASK_WEBHOOKS)
+
+
+@shared_task(name=TASK_TRAIN, bind=True, max_retries=MAX_RETRIES)
+def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    rt = runtime_for(self.app)
+    try:
+        train_job(rt, job_id)
+    except TRANSIENT as exc:
+        retry(self, exc)
+    except Exception as exc:
+        with rt.db.session() as s:
+            jobs.fail_job(s, job_id, f"training failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        self.app.send_task(TASK_WEBHOOKS)
