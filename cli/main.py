@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
+import difflib
+import itertools
 import json
 import logging
 import os
@@ -22,16 +25,28 @@ from sqlalchemy.engine import make_url
 
 from cli.client import ApiError, Client
 from cli.keyfile import client_key, ensure_first_key, key_path
-from cli.stack import Stack, child_env, web_command, worker_command
-from mmbatch.contract import TASK_REPROCESS
+from cli.stack import (
+    ALL_QUEUES,
+    Stack,
+    child_env,
+    port_holder,
+    previous_up,
+    read_record,
+    start_record,
+    web_command,
+    worker_command,
+    write_record,
+)
+from mmbatch.contract import TASK_REPROCESS, TrainOptions
 from mmbatch.settings import Settings
 from samples.sample import write_sample
 from store import keys as key_store
 from store.db import Database
 from store.migrate import upgrade
 from worker.app import create_celery
-from worker.reprocess import start_reprocess
+from worker.reprocess import reprocess_tenants
 from worker.runtime import Runtime
+from worker.sweeper import resend, sweep
 
 
 def _settings() -> Settings:
@@ -39,7 +54,10 @@ def _settings() -> Settings:
 
 
 def _default_url(settings: Settings) -> str:
-    return os.environ.get("MMBATCH_URL", f"http://{settings.host}:{settings.port}")
+    """MMBATCH_URL, else where ``mmbatch up`` for this data directory serves (its up.json),
+    else MMBATCH_HOST:MMBATCH_PORT."""
+    recorded = (read_record(settings) or {}).get("url")
+    return os.environ.get("MMBATCH_URL") or recorded or f"http://{settings.host}:{settings.port}"
 
 
 def _client(url: str | None) -> Client:
@@ -74,20 +92,34 @@ def db_upgrade(revision: str) -> None:
 @click.option("--host", default=None, help="Address to bind (default MMBATCH_HOST, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default MMBATCH_PORT, 8000).")
 def up(host: str | None, port: int | None) -> None:
-    """Run the web server and a worker together, storing everything under MMBATCH_DATA_DIR."""
+    """Run the web server, the workers and beat together, storing everything under
+    MMBATCH_DATA_DIR (where up.json says where it serves, for the rest of the command line)."""
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    host, port = host or settings.host, port or settings.port
+    running, unclean = previous_up(settings)
+    if running is not None:
+        raise click.ClickException(
+            f"mmbatch up is already running for {settings.data_dir.resolve()} (pid "
+            f"{running['pid']}, serving {running.get('url')}): stop it first")
+    holder = port_holder(host, port)
+    if holder is not None:
+        raise click.ClickException(f"port {port} on {host} is taken by {holder}: stop it, or "
+                                   "choose another port with --port")
     upgrade(settings.db_url)
     first = ensure_first_key(settings)
     if first:
         click.echo(f"created the first API key (saved to {key_path(settings)}; "
                    f"the command line uses it):\n  {first}")
-    stack = Stack(settings, host or settings.host, port or settings.port, beat=True)
-    # SIGTERM ends `up` like Ctrl-C does: through the finally below, which stops both children.
+    stack = Stack(settings, host, port, beat=True)
+    # SIGTERM ends `up` like Ctrl-C does: through the finally below, which stops the children.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     stack.start()
+    start_record(settings, stack)
     click.echo(f"mmbatch serving {stack.url}  (data in {settings.data_dir.resolve()}; "
                "Ctrl-C stops)")
+    if unclean:
+        _revive(settings)
     try:
         code = stack.wait()
         click.echo(f"a child process exited with {code}; stopping", err=True)
@@ -95,10 +127,28 @@ def up(host: str | None, port: int | None) -> None:
         pass
     finally:
         stack.stop()
+        write_record(settings, stopped=True)
+
+
+def _revive(settings: Settings) -> None:
+    """The last ``up`` was killed: its workers may have held messages that the embedded broker
+    then lost (kombu's SQLAlchemy transport keeps a taken message only in the worker's memory).
+    Send again at once what every active job still needs, instead of after the sweeper's
+    MMBATCH_STALE_AFTER_SECONDS; what is sent twice counts once."""
+    rt = Runtime(settings)
+    try:
+        revival = sweep(rt, older_than_seconds=0)
+        resend(revival, create_celery(settings).send_task)
+    finally:
+        rt.close()
+    jobs = {*revival.ingest, *revival.train, *(job for job, _ in revival.batches)}
+    if jobs:
+        click.echo(f"the last mmbatch up was stopped hard: sent again the work of {len(jobs)} "
+                   "active job(s)")
 
 
 @main.command()
-@click.option("--queues", default="ingest,model", show_default=True)
+@click.option("--queues", default=ALL_QUEUES, show_default=True)
 @click.option("--name", default="mmbatch", show_default=True)
 def worker(queues: str, name: str) -> None:
     """Run one Celery worker process (solo pool: one model load, one batch at a time)."""
@@ -127,9 +177,9 @@ def web(host: str | None, port: int | None) -> None:
 @click.option("--callback-url", default=None, help="POSTed (signed) when the job ends.")
 @click.option("--url", default=None, help="API base URL (default MMBATCH_URL or host:port).")
 @click.option("--set", "settings_", multiple=True, metavar="KEY=VALUE",
-              help="A train option: strategy, loss, gamma, balanced, modality_dropout, "
-                   "patience, epochs, seed, mode, image_mode, text_mode, audio_mode, budget "
-                   "(repeatable; docs/models.md).")
+              help="A train option (repeatable; docs/models.md): "
+                   + ", ".join(f.name for f in dataclasses.fields(TrainOptions)
+                               if f.name != "name") + ".")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
            idempotency_key: str | None, callback_url: str | None, url: str | None,
            settings_: tuple[str, ...]) -> None:
@@ -158,16 +208,23 @@ def status(job_id: str, url: str | None) -> None:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet", "table"]),
+              default="jsonl")
 @click.option("--embeddings", is_flag=True, help="Include fused embeddings.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File to write (default: standard output, which for parquet must not be a "
                    "terminal).")
+@click.option("--limit", type=int, default=100, show_default=True,
+              help="table: at most this many rows.")
 @click.option("--url", default=None)
-def results(job_id: str, fmt: str, embeddings: bool, output: Path | None,
+def results(job_id: str, fmt: str, embeddings: bool, output: Path | None, limit: int,
             url: str | None) -> None:
-    """Export a job's per-item results (streamed by the server) as JSON lines, CSV or Parquet."""
+    """Export a job's per-item results (streamed by the server) as JSON lines, CSV or Parquet,
+    or show them as a table."""
     client = _client(url)
+    if fmt == "table":
+        _summary(client, _run(lambda: client.job(job_id)), show=limit)
+        return
     if output is None:
         if fmt == "parquet" and sys.stdout.isatty():
             raise click.UsageError("Parquet is binary: give --output FILE or redirect the output")
@@ -205,24 +262,41 @@ def list_jobs(state: str | None, kind: str | None, limit: int, url: str | None) 
 
 
 @main.command()
+@click.option("--all-tenants", is_flag=True,
+              help="Every tenant with a default model, as the nightly run does (an operator's "
+                   "command: it talks to the broker, not to the API).")
 @click.option("--now", is_flag=True,
-              help="Plan the reprocess jobs in this process and enqueue their batches, instead of "
-                   "asking a worker to.")
+              help="With --all-tenants: plan the reprocess jobs in this process and enqueue "
+                   "their batches, instead of asking a worker to.")
 @click.option("--model", type=int, default=None, help="Model version (default: the default).")
 @click.option("--limit", type=int, default=None, help="At most this many items per tenant.")
-def reprocess(now: bool, model: int | None, limit: int | None) -> None:
-    """Reprocess items whose result is missing, failed, or from an older model, for every tenant."""
+@click.option("--url", default=None)
+def reprocess(all_tenants: bool, now: bool, model: int | None, limit: int | None,
+              url: str | None) -> None:
+    """Reprocess items whose result is missing, failed, or from an older model: yours through
+    the API, or every tenant's (--all-tenants)."""
+    if not all_tenants:
+        if now:
+            raise click.UsageError("--now goes with --all-tenants")
+        body = _run(lambda: _client(url).reprocess(model=model, limit=limit))
+        if body.get("status") == "nothing to reprocess":
+            click.echo(f"nothing to reprocess: {body['reason']}")
+        else:
+            click.echo(f"job {body['id']} {body['state']} (reprocess; mmbatch status "
+                       f"{body['id']})")
+        return
     settings = _settings()
     celery = create_celery(settings)
     if not now:
         celery.send_task(TASK_REPROCESS, kwargs={"model_id": model, "limit": limit})
-        click.echo("reprocessing requested; a worker will start it (see: mmbatch jobs --kind reprocess)")
+        click.echo("reprocessing requested; a worker will start it (see: mmbatch jobs --kind "
+                   "reprocess)")
         return
     rt = Runtime(settings)
     try:
-        for plan in start_reprocess(rt, celery.send_task, None, model, limit):
+        for plan in reprocess_tenants(rt, celery.send_task, None, model, limit):
             click.echo(f"tenant {plan.tenant_id}: {plan.reason}"
-                       + (f" (job {plan.job_id}, {plan.items} items)" if plan.items else ""))
+                       + (f" (job {plan.job_id}, {plan.items} items)" if plan.started else ""))
     finally:
         rt.close()
 
@@ -318,18 +392,30 @@ def evaluate(model_id: int, archive: Path, url: str | None) -> None:
     scores = _run(lambda: client.evaluation(job["id"]))
     click.echo(json.dumps(scores, indent=2))
     if scores["accuracy"] is not None:
-        click.echo(f"accuracy {scores['accuracy']:.3f}  macro F1 {scores['macro_f1']:.3f}  "
-                   f"ECE {scores['ece']:.3f}  ({scores['classified']} of {scores['items']} "
-                   "labelled items classified)", err=True)
-    for warning in (scores.get("shift") or {}).get("warnings", []):
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"accuracy {_score(scores['accuracy'])}  macro F1 "
+                   f"{_score(scores['macro_f1'])}  ECE {_score(scores['ece'])}  "
+                   f"({scores['classified']} of {scores['items']} labelled items classified)")
+    for warning in scores.get("warnings", []):  # classes the model lacks, shift
+        click.echo(f"warning: {warning}")
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _key_value(item: str) -> tuple[str, str]:
+    """A --set KEY=VALUE: the key must be a train option (checked here, before the upload)."""
     key, sep, value = item.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-    return key.strip(), value.strip()
+    options = [f.name for f in dataclasses.fields(TrainOptions) if f.name != "name"]
+    if key not in options:
+        close = difflib.get_close_matches(key, options, n=1)
+        raise click.BadParameter(
+            f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; options: {', '.join(options)}", param_hint="--set")
+    return key, value.strip()
 
 
 @main.command()
@@ -396,26 +482,55 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
 
 
 def _run(fn: Any) -> Any:
+    """Call the API; its errors, and a server that does not answer, as one line each."""
     try:
         return fn()
     except ApiError as exc:
-        raise click.ClickException(str(exc))
+        if exc.status == 401:
+            settings = _settings()
+            source = ("MMBATCH_API_KEY" if os.environ.get("MMBATCH_API_KEY")
+                      else f"{key_path(settings).resolve()}"
+                      + ("" if key_path(settings).exists() else ", which does not exist"))
+            raise click.ClickException(
+                f"{exc} (the key comes from {source}; for data directory "
+                f"{settings.data_dir.resolve()}: MMBATCH_DATA_DIR={settings.data_dir.resolve()} "
+                "mmbatch keys create --name NAME)") from None
+        raise click.ClickException(str(exc)) from None
     except requests.ConnectionError as exc:
-        raise click.ClickException(f"cannot reach the API: {exc}")
+        where = exc.request.url.split("/api/")[0] if exc.request is not None else "the API"
+        raise click.ClickException(f"cannot reach mmbatch at {where}: is `mmbatch up` running? "
+                                   "(or give --url, or set MMBATCH_URL)") from None
 
 
 def _wait(client: Any, job_id: str) -> dict[str, Any]:
     with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  TextColumn("{task.fields[eta]}"), TimeElapsedColumn(),
                   transient=False) as progress:
-        bar = progress.add_task(f"job {job_id[:8]} queued", total=None)
+        bar = progress.add_task(f"job {job_id[:8]} queued", total=1.0, eta="")
 
         def update(job: dict[str, Any]) -> None:
-            stage = f"{job['state']}" + (f"/{job['stage']}" if job.get("stage") else "")
-            progress.update(bar, description=f"job {job_id[:8]} {stage}",
-                            total=job["total"] or None, completed=job["done"] + job["failed"])
+            eta = job.get("eta_seconds")
+            progress.update(bar, description=f"job {job_id[:8]} {describe(job)}",
+                            completed=job.get("progress") or 0.0,
+                            eta="" if eta is None else f"ETA {dt.timedelta(seconds=round(eta))}")
 
         return _run(lambda: client.wait(job_id, update))
+
+
+def describe(job: dict[str, Any]) -> str:
+    """Where a job is, in words: its stage (ingest, encode, train epochs with the validation
+    score) and its counts."""
+    if job["state"] != "running":
+        return job["state"]
+    counts = f"{job['done'] + job['failed']}/{job['total']}"
+    training = job.get("training") or {}
+    if job.get("stage") == "training" and training.get("phase") == "training":
+        score = training.get("val_macro_f1")
+        return (f"training epoch {training['epoch']}/{training.get('stops_by') or '?'}"
+                + (f" (val F1 {score:.3f})" if score is not None else ""))
+    if job.get("stage") == "training":
+        return "training: reading the media again"
+    return f"encoding {counts}"
 
 
 def _duration(job: dict[str, Any]) -> float | None:
@@ -435,9 +550,11 @@ def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None
     if job.get("model"):
         console.print(f"model: {job['model']['name']} v{job['model']['version']} "
                       f"(id {job['model']['id']})")
-    if rows is None:
-        rows = list(client.results(job["id"], page_size=show)) if job["total"] else []
-        rows = rows[:show]
+    for warning in job.get("warnings") or []:
+        console.print(f"warning: {warning}")
+    if rows is None:  # one page: the first rows
+        pages = client.results(job["id"], page_size=max(1, show)) if job["total"] else iter(())
+        rows = list(itertools.islice(pages, show))
     table = Table("key", "modalities", "status", "label", "confidence", "given", "error")
     for r in rows[:show]:
         table.add_row(r["key"], "+".join(r["modalities"]), r["status"], r["label"] or "",
@@ -445,8 +562,10 @@ def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None
                       r["given_label"] or "", (r["error"] or "")[:60])
     if rows:
         console.print(table)
-        if len(rows) > show:
-            console.print(f"… {len(rows) - show} more (mmbatch results {job['id']})")
+        more = max(job["total"], len(rows)) - min(len(rows), show)
+        if more > 0:
+            console.print(f"… {more} more (mmbatch results {job['id']} --format table "
+                          f"--limit N, or an export format)")
 
 
 def _free_port() -> int:

@@ -1,17 +1,34 @@
-"""Run the web server and a worker as child processes: the embedded stack of ``mmbatch up``."""
+"""Run the web server, the workers and beat as child processes: the embedded stack of
+``mmbatch up``.
+
+The children die with the process that started them (Linux: the parent-death signal), so a
+killed ``up`` leaves nothing running; ``$DATA_DIR/up.json`` records where ``up`` serves (the
+command line talks to it), its children, and whether it stopped cleanly; the next ``up`` refuses
+to start beside a live one, and refuses a port something else holds, saying what.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import datetime as dt
+import errno
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
+from mmbatch.contract import INGEST_QUEUE, MODEL_QUEUE, TRAIN_QUEUE
 from mmbatch.settings import Settings
+
+RECORD = "up.json"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -32,7 +49,10 @@ def web_command(settings: Settings, host: str, port: int) -> list[str]:
             "web.wsgi:app"]
 
 
-def worker_command(settings: Settings, queues: str = "ingest,model",
+ALL_QUEUES = f"{INGEST_QUEUE},{MODEL_QUEUE},{TRAIN_QUEUE}"
+
+
+def worker_command(settings: Settings, queues: str = ALL_QUEUES,
                    name: str = "mmbatch", app: str = "worker.celery_app") -> list[str]:
     """A worker process of the Celery app in module ``app`` (the service's own by default)."""
     return [sys.executable, "-m", "celery", "-A", app, "worker",
@@ -47,7 +67,8 @@ def beat_command(settings: Settings) -> list[str]:
 
 
 class Stack:
-    """A web process, a worker process and optionally beat; ``stop()`` ends them all."""
+    """A web process, a worker for batches (and ingest), a worker for training (so a long
+    training never holds the batches' worker), and optionally beat; ``stop()`` ends them all."""
 
     def __init__(self, settings: Settings, host: str, port: int,
                  log_dir: Path | None = None, beat: bool = False,
@@ -71,8 +92,10 @@ class Stack:
         return self
 
     def commands(self) -> dict[str, list[str]]:
-        commands = {"worker": worker_command(self.settings, app=self.worker_app)
-                    + self.worker_args,
+        commands = {"worker": worker_command(self.settings, f"{INGEST_QUEUE},{MODEL_QUEUE}",
+                                             app=self.worker_app) + self.worker_args,
+                    "trainer": worker_command(self.settings, TRAIN_QUEUE, "trainer",
+                                              app=self.worker_app) + self.worker_args,
                     "web": web_command(self.settings, self.host, self.port)}
         if self.beat:
             commands["beat"] = beat_command(self.settings)
@@ -87,7 +110,8 @@ class Stack:
         self.procs[name] = subprocess.Popen(
             self.commands()[name], env=child_env(self.settings),
             cwd=Path(__file__).resolve().parent.parent, stdout=out,
-            stderr=subprocess.STDOUT if out else None, start_new_session=True)
+            stderr=subprocess.STDOUT if out else None, start_new_session=True,
+            preexec_fn=_die_with_parent)
         return self.procs[name]
 
     def _wait_healthy(self, wait: float) -> None:
@@ -144,3 +168,115 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: SIGTERM it when the process that started it dies, however
+    that dies (Linux; elsewhere the pid file below is the only guard)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# --- what `up` leaves in the data directory -----------------------------------------------------
+
+def record_path(settings: Settings) -> Path:
+    return settings.data_dir.resolve() / RECORD
+
+
+def read_record(settings: Settings) -> dict[str, Any] | None:
+    """What the last ``up`` for this data directory recorded, if any."""
+    try:
+        record = json.loads(record_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_record(settings: Settings, **values: Any) -> None:
+    path = record_path(settings)
+    record = {**(read_record(settings) or {}), **values}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def start_record(settings: Settings, stack: Stack) -> None:
+    write_record(settings, pid=os.getpid(), url=stack.url, stopped=False,
+                 started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                 children={name: proc.pid for name, proc in stack.procs.items()})
+
+
+def previous_up(settings: Settings) -> tuple[dict[str, Any] | None, bool]:
+    """The record of a previous ``up`` for this data directory that is still running (None
+    when none is), and whether the last one ended uncleanly (killed: its workers may have
+    taken messages the broker no longer shows). Children a dead ``up`` left are stopped."""
+    record = read_record(settings)
+    if record is None:
+        return None, False
+    pid = record.get("pid")
+    if isinstance(pid, int) and pid != os.getpid() and _is_up(pid):
+        return record, False
+    for child in (record.get("children") or {}).values():
+        if isinstance(child, int) and _alive(child) and "python" in _cmdline(child):
+            os.kill(child, signal.SIGTERM)
+    return None, not record.get("stopped", True)
+
+
+def port_holder(host: str, port: int) -> str | None:
+    """Who holds ``host:port`` (a pid and its command line where this machine says), or None
+    when the port is free."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return f"({exc.strerror})"
+    for pid in _listeners(port):
+        return f"pid {pid} ({_cmdline(pid)[:200]})"
+    return "another process (not one this user may inspect)"
+
+
+def _listeners(port: int) -> list[int]:
+    """Processes with a listening TCP socket on ``port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+        except OSError:
+            continue
+        if any(f"socket:[{inode}]" in links for inode in inodes):
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _is_up(pid: int) -> bool:
+    line = _cmdline(pid)
+    return _alive(pid) and " up" in f" {line} " and ("cli.main" in line or "mmbatch" in line)

@@ -2,8 +2,11 @@
 
 ``animals/cat_001.jpg``, ``animals/cat_001.txt`` and ``animals/cat_001.wav`` are the item
 ``animals/cat_001``: the key is the member's path without its last extension, and the extension
-names the modality. An optional ``labels.csv`` at the root (``key,label[,split[,group]]``, or any order under a
-header row that names the columns) labels items.
+names the modality. An optional ``labels.csv`` (``key,label[,split[,group]]``, or any order under a
+header row that names the columns) labels items: at the root, or in the one top-level folder that
+holds everything (a zip of a whole folder, as "Compress folder" makes), its keys relative to that
+folder. Paths are Unicode-normalised (NFC: the same name typed on macOS and elsewhere is one key),
+and backslashes are folder separators (Windows zip tools write them).
 Members that are not media (other extensions, directories, links, devices, hidden files, nested
 archives, empty files, members over a limit) are skipped and listed with the reason in the job's
 report; none of them stops the walk.
@@ -25,12 +28,14 @@ import posixpath
 import stat
 import struct
 import tarfile
+import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
-from media.decode import modality_of
+from media.decode import MediaError, modality_of, read_text
 
 if TYPE_CHECKING:
     from mmbatch.settings import Settings
@@ -49,6 +54,8 @@ MAX_TAR_HEADERS_TOTAL = 64 * 1024 * 1024
 # zipfile reads the whole central directory into memory before anything else.
 MAX_ZIP_DIRECTORY_BYTES = 64 * 1024 * 1024
 MAX_NAME_CHARS = 1024  # an item key is at most this long (store.schema.Item.key)
+# Captions this small are read while walking: one of whitespace only is no text at all.
+TEXT_PEEK_BYTES = 64 * 1024
 NESTED_ARCHIVE_EXTS = frozenset({
     ".zip", ".tar", ".gz", ".tgz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".zst", ".lz4",
     ".lzma", ".7z", ".rar", ".cpio", ".iso", ".jar", ".war", ".whl", ".apk", ".cab", ".arj",
@@ -66,6 +73,15 @@ class LabelRow(NamedTuple):
 
 class ArchiveError(Exception):
     """The archive as a whole cannot be read; the job fails with this message."""
+
+
+class Labels(dict[str, LabelRow]):
+    """``labels.csv``'s rows by item key, and the keys it gave more than once with the same
+    label (a key given two different labels is an ArchiveError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.duplicates: list[dict[str, Any]] = []
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,8 @@ class Walk:
     """What an archive holds, grouped: item key → {modality: member name}."""
 
     items: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
-    labels: dict[str, LabelRow] = field(default_factory=dict)
+    labels: Labels = field(default_factory=Labels)
+    labels_folder: str | None = None  # where labels.csv was, when not at the root
     skipped: list[dict[str, str]] = field(default_factory=list)
     skipped_count: int = 0
     members: int = 0
@@ -111,7 +128,38 @@ class Walk:
             "skipped": self.skipped,
             "skipped_count": self.skipped_count,
             "labels_without_item": unknown[:MAX_REPORTED],
+            "duplicate_labels": self.labels.duplicates[:MAX_REPORTED],
         }
+
+    def why_empty(self) -> str:
+        """Why the walk found no item: the reasons its files were skipped, counted."""
+        if not self.skipped_count:
+            return ("the archive holds no image, text or audio files (images: jpg png webp bmp "
+                    "gif; text: txt; audio: wav flac ogg mp3)")
+        reasons: dict[str, int] = {}
+        for skipped in self.skipped:
+            reasons[skipped["reason"]] = reasons.get(skipped["reason"], 0) + 1
+        counted = ", ".join(f"{n} {reason}" for reason, n in
+                            sorted(reasons.items(), key=lambda r: -r[1]))
+        return (f"the archive holds no usable image, text or audio file: all of its "
+                f"{self.skipped_count} files were skipped ({counted}; the job's report lists "
+                "them)")
+
+    def place_labels(self) -> None:
+        """labels.csv from a folder labels the items below it, when that one folder holds every
+        item (the keys in it are relative to it); otherwise it labels nothing, and says so."""
+        folder = self.labels_folder
+        if folder is None:
+            return
+        if all(key.startswith(folder + "/") for key in self.items):
+            placed = Labels()
+            placed.update({f"{folder}/{key}": row for key, row in self.labels.items()})
+            placed.duplicates = self.labels.duplicates
+            self.labels = placed
+        else:
+            self.labels = Labels()
+            self.skip(f"{folder}/{LABELS_FILE}", f"{LABELS_FILE} in folder {folder}/, but not "
+                                                 "every file of the archive is in that folder")
 
 
 def sniff_archive(head: bytes) -> str | None:
@@ -126,8 +174,10 @@ def sniff_archive(head: bytes) -> str | None:
 
 
 def safe_name(name: str) -> str | None:
-    """The member's normalised relative path, or None if it could escape or is not a path."""
-    if not name or "\\" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    """The member's normalised relative path (backslashes as separators, Unicode NFC), or None
+    if it could escape (absolute, a drive, ``..`` past the top) or is not a path."""
+    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return None
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return None
@@ -222,13 +272,14 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
             _take(result, entry, store, budget)
     except ArchiveError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, _Corrupt) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, _Corrupt) as exc:
         if isinstance(exc, EOFError) or isinstance(exc.__cause__, EOFError):
             raise ArchiveError(f"the {kind} archive is truncated: {exc.__cause__ or exc}"
                                ) from exc
         raise ArchiveError(f"cannot read the {kind} archive: {exc}") from exc
     finally:
         result.unpacked_bytes = budget.used
+    result.place_labels()
     return result
 
 
@@ -472,7 +523,7 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
         return
     name = safe_name(raw_name)
     if name is None:
-        result.skip(raw_name, "unsafe path")
+        result.skip(raw_name.replace("\\", "/"), "unsafe path")
         return
     if len(name) > MAX_NAME_CHARS:
         result.skip(name[:MAX_NAME_CHARS] + "…", f"path longer than {MAX_NAME_CHARS} characters")
@@ -480,11 +531,13 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
     if any(part.startswith(".") for part in name.split("/")) or name.startswith("__MACOSX/"):
         result.skip(name, "hidden file")
         return
-    if name == LABELS_FILE:
+    folder, _, base = name.rpartition("/")
+    if base == LABELS_FILE and "/" not in folder:  # at the root, or in a top-level folder
         if result.has_labels:
             result.skip(name, f"a second {LABELS_FILE} (the first one counts)")
             return
         result.has_labels = True
+        result.labels_folder = folder or None
         labels_entry = _Entry(name, entry.size, entry.opener, MAX_LABELS_BYTES,
                               f"{LABELS_FILE} is larger than {MAX_LABELS_BYTES} bytes",
                               entry.corrupt_is_fatal)
@@ -519,7 +572,15 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
         return
     try:
         with entry.opener() as f:
-            digest = store(_MemberReader(f, entry, budget))  # type: ignore[arg-type]
+            reader = _MemberReader(f, entry, budget)
+            if modality == "text" and entry.size <= TEXT_PEEK_BYTES:
+                data = reader.read()
+                if _blank(data, name):
+                    result.skip(name, "empty caption (whitespace only)")
+                    return
+                digest = store(io.BytesIO(data))
+            else:
+                digest = store(reader)  # type: ignore[arg-type]
     except _TooLarge as exc:
         result.skip(name, str(exc))
         return
@@ -534,7 +595,16 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
     result.items.setdefault(key, media)[modality] = {"blob": digest, "name": name}
 
 
-def parse_labels(data: bytes) -> dict[str, LabelRow]:
+def _blank(data: bytes, name: str) -> bool:
+    """Whether a caption holds whitespace only (one that does not read as text is the worker's
+    to fail, with the reason)."""
+    try:
+        return not read_text(data, name).text.strip()
+    except MediaError:
+        return False
+
+
+def parse_labels(data: bytes) -> Labels:
     """``key,label[,split[,group]]`` rows. A first row whose first cell is ``key`` is a header:
     it is skipped, and where it names ``label``, ``split`` and ``group`` columns, those are read
     from where it puts them."""
@@ -544,7 +614,8 @@ def parse_labels(data: bytes) -> dict[str, LabelRow]:
         raise ArchiveError(f"{LABELS_FILE} is not valid UTF-8: {exc}") from exc
     if "\x00" in text:  # PostgreSQL text cannot hold NUL
         raise ArchiveError(f"{LABELS_FILE} is not valid CSV: it contains a NUL byte")
-    labels: dict[str, LabelRow] = {}
+    labels = Labels()
+    first_line: dict[str, int] = {}
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:  # e.g. a NUL byte, or a field over the csv module's size limit
@@ -571,8 +642,28 @@ def parse_labels(data: bytes) -> dict[str, LabelRow]:
         if group is not None and len(group) > 255:
             raise ArchiveError(f"{LABELS_FILE} line {lineno}: a group is at most 255 characters")
         key = posixpath.splitext(row[0].strip())[0] if modality_of(row[0].strip()) else row[0].strip()
-        labels[key.removeprefix("./")] = LabelRow(label, _canonical_split(split), group)
+        key = unicodedata.normalize("NFC", key.replace("\\", "/")).removeprefix("./")
+        new = LabelRow(label, _canonical_split(split), group)
+        if key in labels:
+            if labels[key] != new:
+                raise ArchiveError(
+                    f"{LABELS_FILE} lines {first_line[key]} and {lineno}: item {key} is labelled "
+                    f"both {labels[key].label!r} and {label!r}" if labels[key].label != label
+                    else f"{LABELS_FILE} lines {first_line[key]} and {lineno}: item {key} is "
+                         f"given twice with a different split or group")
+            _note_duplicate(labels, key, first_line[key], lineno)
+            continue
+        labels[key] = new
+        first_line[key] = lineno
     return labels
+
+
+def _note_duplicate(labels: Labels, key: str, first: int, again: int) -> None:
+    for seen in labels.duplicates:
+        if seen["key"] == key:
+            seen["lines"].append(again)
+            return
+    labels.duplicates.append({"key": key, "lines": [first, again]})
 
 
 def _cell(row: list[str], index: int) -> str:

@@ -13,6 +13,7 @@ import functools
 import io
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import soundfile
@@ -41,7 +42,6 @@ _MAX_RESAMPLE_TERM = 10_000
 
 # JPEGs are decoded at a reduced DCT scale no smaller than this; the encoders crop 224 px.
 _JPEG_DRAFT_SIZE = (320, 320)
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class MediaError(Exception):
@@ -124,23 +124,65 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return background
 
 
-def decode_text(data: bytes, name: str, max_chars: int = 100_000) -> str:
-    """Decode UTF-8 text (a leading BOM is dropped), truncated to ``max_chars`` characters.
+class Text(NamedTuple):
+    """A caption as read: the text (at most the limit's characters), the encoding it was read
+    in, and whether it was cut at the limit."""
 
-    Only the bytes that can hold the kept characters are decoded (and checked), so a huge file
-    costs no more than a short one.
+    text: str
+    encoding: str  # "utf-8", "utf-16", "utf-32", "windows-1252" or "latin-1"
+    truncated: bool
+
+
+# Byte order marks, longest first (a UTF-32 LE mark starts like a UTF-16 LE one).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+_CODECS = {"utf-32": "utf-32", "utf-16": "utf-16", "utf-8": "utf-8-sig"}
+
+
+def read_text(data: bytes, name: str, max_chars: int = 100_000) -> Text:
+    """Read a caption as people save it: by its byte order mark (UTF-8, UTF-16 as Windows
+    Notepad writes it, UTF-32), else as UTF-8, else as Windows-1252 (Latin-1 for the five bytes
+    Windows-1252 leaves undefined). A file with a NUL byte and no byte order mark is binary, not
+    text. Kept to ``max_chars`` characters; only the bytes that can hold them are decoded, so a
+    huge file costs no more than a short one.
     """
-    offset = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
-    window = data[offset:offset + 4 * max_chars]  # a UTF-8 character is at most 4 bytes
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    bom, encoding = next(((b, enc) for b, enc in _BOMS if data.startswith(b)), (b"", None))
+    if encoding is not None:  # the codec reads (and drops) the mark itself
+        try:
+            text, whole = _window(data, _CODECS[encoding], 4 * max_chars + 4)
+        except UnicodeDecodeError as exc:  # the mark promised what the bytes do not keep
+            offset = exc.start + (len(bom) if encoding == "utf-8" else 0)
+            raise MediaError(f"text {name}: not valid {encoding.upper()} after its byte order "
+                             f"mark (byte 0x{data[offset]:02x} at offset {offset})") from exc
+        return Text(text[:max_chars], encoding, not whole or len(text) > max_chars)
     try:
-        text = decoder.decode(window, final=offset + len(window) == len(data))
-    except UnicodeDecodeError as exc:
-        bad = exc.object[exc.start]
-        raise MediaError(
-            f"text {name}: not valid UTF-8 (byte 0x{bad:02x} at offset {exc.start + offset})"
-        ) from exc
-    return text[:max_chars]
+        text, whole = _window(data, "utf-8", 4 * max_chars)
+        return Text(text[:max_chars], "utf-8", not whole or len(text) > max_chars)
+    except UnicodeDecodeError:
+        pass
+    window = data[: max_chars + 1]
+    if b"\x00" in window:
+        raise MediaError(f"text {name}: binary data, not text (a NUL byte at offset "
+                         f"{window.index(0)}; UTF-16 text needs a byte order mark)")
+    try:
+        text, encoding = window.decode("cp1252"), "windows-1252"
+    except UnicodeDecodeError:
+        text, encoding = window.decode("latin-1"), "latin-1"
+    return Text(text[:max_chars], encoding, len(data) > max_chars)
+
+
+def _window(data: bytes, codec: str, size: int) -> tuple[str, bool]:
+    """The text of the first ``size`` bytes of ``data`` in ``codec`` (a character the window
+    cuts is left out; one the file's end cuts is an error), and whether the window was the whole
+    file."""
+    whole = size >= len(data)
+    return codecs.getincrementaldecoder(codec)().decode(data[:size], final=whole), whole
+
+
+def decode_text(data: bytes, name: str, max_chars: int = 100_000) -> str:
+    """The caption's text as :func:`read_text` reads it."""
+    return read_text(data, name, max_chars).text
 
 
 def decode_audio(

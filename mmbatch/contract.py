@@ -32,7 +32,8 @@ JOB_STAGES: tuple[str, ...] = ("extracting", "training")
 # --- tasks and queues ---------------------------------------------------------------------------
 
 INGEST_QUEUE = "ingest"  # archive walking and housekeeping: no model, no torch
-MODEL_QUEUE = "model"  # encoders, classifiers, training
+MODEL_QUEUE = "model"  # encoders and classifiers over batches
+TRAIN_QUEUE = "train"  # training: long, so it never holds the batches' worker
 
 TASK_INGEST = "mmbatch.ingest"
 TASK_PROCESS_BATCH = "mmbatch.process_batch"
@@ -44,7 +45,7 @@ TASK_WEBHOOKS = "mmbatch.webhooks"
 TASK_QUEUES: dict[str, str] = {
     TASK_INGEST: INGEST_QUEUE,
     TASK_PROCESS_BATCH: MODEL_QUEUE,
-    TASK_TRAIN: MODEL_QUEUE,
+    TASK_TRAIN: TRAIN_QUEUE,
     TASK_REPROCESS: INGEST_QUEUE,
     TASK_SWEEP: INGEST_QUEUE,
     TASK_WEBHOOKS: INGEST_QUEUE,

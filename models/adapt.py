@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from models.scratch import ScratchConfig, build_scratch
 from models.training import (
     BestEpoch,
     FeatureSet,
+    OnEpoch,
     TrainConfig,
     _fit_standardization,
     _one_modality,
@@ -133,7 +134,7 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                 scratch: dict[str, ScratchConfig], *, budget_seconds: float = 600.0,
                 init: dict[str, nn.Module] | None = None, encoder_lr: float | None = None,
                 finetune: dict[str, nn.Module] | None = None,
-                on_epoch: Callable[[int], None] | None = None,
+                on_epoch: OnEpoch | None = None,
                 ) -> tuple[AdaptedClassifier, dict[str, Any]]:
     """Train the scratch encoders of ``scratch`` (modality -> config) and the pretrained tops
     of ``finetune`` (modality -> models.finetune top, fed the cached activations below it) with
@@ -144,7 +145,7 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
     ``init`` gives scratch encoders to start from (a trial's, in ``auto``); ``encoder_lr`` is
     theirs (default: the fusion's); finetuned tops learn at models.finetune.LR_FACTOR times the
     fusion's rate, and neither ``init`` nor ``finetune`` modules are modified (copies train).
-    ``on_epoch(epoch)`` is called after every epoch (the worker's heartbeat: a long run must not
+    ``on_epoch(progress)`` is called after every epoch (the worker's heartbeat: a long run must not
     look stale). Seeded like models.training.fit. Returns the model in eval mode and metrics
     with ``seconds_per_epoch`` and ``stopped`` ("patience", "epochs" or "budget").
     """
@@ -215,7 +216,7 @@ def fit_adapted(train: InputSet, val: InputSet | None, cfg: FusionConfig, tcfg: 
                 stopped = "patience"
                 break
             if on_epoch is not None:
-                on_epoch(epoch)
+                on_epoch(best.progress(epoch, tcfg.epochs, val is not None))
             if time.perf_counter() - started >= budget_seconds:
                 stopped = "budget"
                 break
@@ -246,7 +247,7 @@ def _only(data: InputSet, column: int, modality: str) -> InputSet:
 def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
                  scratch: dict[str, ScratchConfig], num_classes: int, tcfg: TrainConfig,
                  budget_seconds: float, frozen_train: FeatureSet, frozen_val: FeatureSet,
-                 on_epoch: Callable[[int], None] | None = None,
+                 on_epoch: OnEpoch | None = None,
                  tops: dict[str, nn.Module] | None = None,
                  tuned_train: InputSet | None = None, tuned_val: InputSet | None = None,
                  ) -> tuple[dict[str, str], dict[str, Any], dict[str, nn.Module]]:
@@ -277,7 +278,8 @@ def choose_modes(train: InputSet, val: InputSet, features: dict[str, int],
         if len(ftrain) == 0 or len(fval) == 0:
             report[m] = {"mode": "frozen", "why": "no validation items with this modality"}
             continue
-        _, frozen_metrics = fit(ftrain, fval, FusionConfig({m: features[m]}, num_classes), single)
+        _, frozen_metrics = fit(ftrain, fval, FusionConfig({m: features[m]}, num_classes), single,
+                                on_epoch)
         f_frozen = float(frozen_metrics["val_macro_f1"])
         entry: dict[str, Any] = {"frozen": {"val_macro_f1": f_frozen,
                                             "epochs": frozen_metrics["epochs"],
@@ -392,7 +394,7 @@ class TrainedClassifier:
 
 
 def train_classifier(data: TrainingData, plan: TrainingPlan,
-                     on_epoch: Callable[[int], None] | None = None) -> TrainedClassifier:
+                     on_epoch: OnEpoch | None = None) -> TrainedClassifier:
     """Train a train job's classifier with the encoder modes of ``plan``.
 
     All frozen: the fusion on cached features (models.training.fit). Otherwise scratch
@@ -402,7 +404,7 @@ def train_classifier(data: TrainingData, plan: TrainingPlan,
     hears of every epoch (the worker's heartbeat)."""
     cfg, tcfg, modes = plan.fusion, plan.training, plan.modes
     if all(mode == "frozen" for mode in modes.values()):
-        model, metrics = fit(data.train, data.val, cfg, tcfg)
+        model, metrics = fit(data.train, data.val, cfg, tcfg, on_epoch)
         return TrainedClassifier(model, metrics, data.train, data.val, {}, {}, None)
     started = time.perf_counter()
     dims = cfg.input_dims
@@ -455,7 +457,7 @@ def train_classifier(data: TrainingData, plan: TrainingPlan,
     tuned = {m: init[m] if m in init else pretrained_top(m) for m in dims
              if chosen[m] == "finetune"}
     if not scratch and not tuned:
-        model, metrics = fit(data.train, data.val, cfg, tcfg)
+        model, metrics = fit(data.train, data.val, cfg, tcfg, on_epoch)
         return TrainedClassifier(model, metrics, data.train, data.val, {}, {}, report)
     left = max(plan.budget_seconds - (time.perf_counter() - started), plan.budget_seconds / 4)
     adapted_cfg = FusionConfig(**{**asdict(cfg), "input_dims": {

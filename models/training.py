@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +125,20 @@ def stack_features(input_dims: dict[str, int], feats: Sequence[dict[str, np.ndar
     return tensors, mask
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a training loop is, told after every epoch: the epoch, the last it may run (the
+    epoch budget, or sooner when early stopping's patience would run out), and the best
+    validation macro F1 so far (None without validation)."""
+
+    epoch: int
+    stops_by: int
+    val_macro_f1: float | None
+
+
+OnEpoch = Callable[[Progress], None]
+
+
 class BestEpoch:
     """Early stopping on a validation score: keeps the weights of the best epoch (higher macro
     F1; on a tie, a loss lower by more than 1e-4) and says when ``patience`` epochs have passed
@@ -147,6 +161,12 @@ class BestEpoch:
     def restore(self) -> None:
         """Put the best epoch's weights back into the model."""
         self.model.load_state_dict(self.state)
+
+    def progress(self, epoch: int, epochs: int, validated: bool) -> Progress:
+        """Where the loop is after ``epoch`` of at most ``epochs``."""
+        if not validated:
+            return Progress(epoch, epochs, None)
+        return Progress(epoch, min(epochs, self.epoch + self.patience), self.f1)
 
 
 def _check(data: FeatureSet, cfg: FusionConfig, what: str) -> None:
@@ -294,7 +314,8 @@ def _selection_score(model: FusionClassifier, data: FeatureSet, select: str) -> 
 
 
 def fit(
-    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig,
+    on_epoch: OnEpoch | None = None,
 ) -> tuple[FusionClassifier, dict[str, Any]]:
     """Train a fusion classifier with Adam on the CPU, with the loss ``tcfg.loss`` (plain,
     class-weighted cross-entropy or focal loss), optionally class-balanced sampling, and
@@ -306,7 +327,8 @@ def fit(
     untouched. Returns the model in eval mode and its metrics.
 
     ``tcfg.stacking_folds`` >= 2 (``late`` fusion only) stacks instead of training jointly: see
-    :func:`_fit_stacked`; the result is the same kind of model.
+    :func:`_fit_stacked`; the result is the same kind of model. ``on_epoch`` hears of every
+    epoch (a caller's heartbeat; it may raise to stop the training).
     """
     started = time.perf_counter()
     if tcfg.stacking_folds and cfg.strategy != "late":
@@ -332,10 +354,10 @@ def fit(
             val.labels.cpu(),
         )
     if tcfg.stacking_folds:
-        model, extra = _fit_stacked(train, val, cfg, tcfg)
+        model, extra = _fit_stacked(train, val, cfg, tcfg, on_epoch)
         epoch, best_epoch = extra.pop("epochs"), extra.pop("best_epoch")
     else:
-        model, epoch, best_epoch = _fit_joint(train, val, cfg, tcfg)
+        model, epoch, best_epoch = _fit_joint(train, val, cfg, tcfg, on_epoch)
         extra = {}
     model.eval()
 
@@ -366,7 +388,8 @@ def fit(
 
 
 def _fit_joint(
-    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig,
+    on_epoch: OnEpoch | None = None,
 ) -> tuple[FusionClassifier, int, int]:
     """fit's training loop on checked CPU data: (model, epochs run, epoch kept)."""
     with torch.random.fork_rng(devices=[]):
@@ -399,9 +422,10 @@ def _fit_joint(
                 optimizer.step()
             if val is None:
                 best.epoch = epoch
-                continue
-            if best.update(epoch, *_selection_score(model, val, tcfg.select)):
+            elif best.update(epoch, *_selection_score(model, val, tcfg.select)):
                 break
+            if on_epoch is not None:
+                on_epoch(best.progress(epoch, tcfg.epochs, val is not None))
         if val is not None:
             best.restore()
     return model.eval(), epoch, best.epoch
@@ -413,7 +437,8 @@ STACKING_RIDGE = 1e-3
 
 
 def _fit_stacked(
-    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig,
+    on_epoch: OnEpoch | None = None,
 ) -> tuple[FusionClassifier, dict[str, Any]]:
     """Late fusion by stacking, on checked CPU data.
 
@@ -439,7 +464,7 @@ def _fit_stacked(
     for held in folds:
         held_set = set(held)
         rest = [i for i in range(len(train)) if i not in held_set]
-        heads, _ = _fit_modality_heads(train.subset(rest), val, cfg, tcfg)
+        heads, _ = _fit_modality_heads(train.subset(rest), val, cfg, tcfg, on_epoch)
         part = train.subset(held)
         with torch.no_grad():
             out = heads.forward_details(part.features, part.mask)
@@ -451,7 +476,7 @@ def _fit_stacked(
         oof_logits, _ = combine_late(oof, train.mask, modality_logits)  # (N, C)
     oof_accuracy = float((oof_logits.argmax(dim=1) == train.labels).float().mean())
 
-    model, epochs = _fit_modality_heads(train, val, cfg, tcfg)
+    model, epochs = _fit_modality_heads(train, val, cfg, tcfg, on_epoch)
     with torch.no_grad():
         model.modality_logits.copy_(modality_logits)
     weights = torch.softmax(modality_logits, dim=0)  # (M,) with every modality present
@@ -469,7 +494,8 @@ def _fit_stacked(
 
 
 def _fit_modality_heads(
-    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig
+    train: FeatureSet, val: FeatureSet | None, cfg: FusionConfig, tcfg: TrainConfig,
+    on_epoch: OnEpoch | None = None,
 ) -> tuple[FusionClassifier, dict[str, tuple[int, int]]]:
     """A late fusion model whose per-modality classifiers are each trained alone, with equal
     modality weights, and each one's (epochs run, epoch kept).
@@ -493,7 +519,7 @@ def _fit_modality_heads(
             continue
         unimodal_val = _one_modality(val, m, i) if val is not None else None
         one_cfg = dataclasses.replace(cfg, input_dims={m: dim})
-        unimodal, metrics = fit(unimodal_train, unimodal_val, one_cfg, alone)
+        unimodal, metrics = fit(unimodal_train, unimodal_val, one_cfg, alone, on_epoch)
         for key, value in unimodal.state_dict().items():
             if key != "modality_logits":
                 state[key] = value

@@ -62,6 +62,11 @@ class BlobWriter:
         self.size = 0
         self.committed: str | None = None
 
+    @property
+    def digest(self) -> str:
+        """The SHA-256 of what was written so far (the blob's name once committed)."""
+        return self._hash.hexdigest()
+
     # The file protocol werkzeug's multipart parser needs.
     def write(self, data: bytes) -> int:
         self._hash.update(data)

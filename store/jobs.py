@@ -86,11 +86,13 @@ def create_job(session: Session, *, kind: str, archive_blob: str, archive_name: 
                archive_bytes: int, model_version_id: int | None,
                options: dict[str, Any] | None = None, tenant_id: int | None = None,
                api_key_id: int | None = None, idempotency_key: str | None = None,
-               callback_url: str | None = None, state: str = "queued") -> Job:
+               callback_url: str | None = None, state: str = "queued",
+               request_fingerprint: str | None = None) -> Job:
     job = Job(kind=kind, state=state, archive_blob=archive_blob, archive_name=archive_name,
               archive_bytes=archive_bytes, model_version_id=model_version_id,
               options=options or {}, report={}, tenant_id=tenant_id, api_key_id=api_key_id,
-              idempotency_key=idempotency_key, callback_url=callback_url)
+              idempotency_key=idempotency_key, callback_url=callback_url,
+              request_fingerprint=request_fingerprint)
     session.add(job)
     session.flush()
     joblog.note(session, job.id, state, kind=kind)
@@ -253,6 +255,7 @@ class ItemOutcome:
     top_k: list[dict[str, Any]] | None = None
     embedding: np.ndarray | None = None
     explanation: dict[str, Any] | None = None
+    info: dict[str, Any] | None = None  # how its media were read (a caption's encoding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +285,7 @@ def record_outcomes(session: Session, job_id: str, model_version_id: int,
         "embedding": None if o.embedding is None
         else np.asarray(o.embedding, dtype="<f4").tobytes(),
         "explanation": o.explanation,
+        "info": o.info,
         "created_at": utcnow(),
     } for o in outcomes]
     inserted = insert_new(session, Result.__table__, rows, ("item_id", "model_version_id"),
@@ -359,6 +363,27 @@ def stale_jobs(session: Session, older_than: Any) -> list[Job]:
     """Active jobs that have not moved since ``older_than``: their messages may be lost."""
     return list(session.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES),
                                                   Job.updated_at < older_than)))
+
+
+def lock_job(session: Session, job_id: str) -> Job:
+    """The job, locked for the rest of the transaction (PostgreSQL: FOR UPDATE; SQLite's
+    writer lock is already held: BEGIN IMMEDIATE)."""
+    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def note_training(session: Session, job_id: str, progress: dict[str, Any]) -> bool:
+    """Write a training's progress on its job (``report["training"]``; it also moves
+    ``updated_at``, so the sweeper sees it alive); False when the job has left its training
+    stage (cancelled, failed)."""
+    job = lock_job(session, job_id)
+    if job.state != "running" or job.stage != "training":
+        return False
+    job.report = {**(job.report or {}), "training": progress}
+    job.updated_at = utcnow()
+    return True
 
 
 def touch(session: Session, job_id: str) -> None:

@@ -6,7 +6,8 @@ missing, failed (retried while the item has had fewer than ``max_attempts`` trie
 older version. Due items become the members of one ``reprocess`` job per tenant, which the API
 shows like any other job. At most one runs per tenant at a time: a lease guards the choice (and
 expires if the process holding it dies), and an active reprocess job blocks the next. Database
-work only: whoever plans enqueues the batches (the reprocess task, ``mmbatch reprocess --now``).
+work only, in two steps: :func:`start_reprocess` creates the job (a request can, and answer with
+it), :func:`plan_members` fills it (the reprocess task, which then sends its batches).
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def tenants_with_models(session: Session) -> list[int | None]:
                   key=lambda t: -1 if t is None else t)
 
 
-def plan_reprocess(db: Database, tenant_id: int | None, model_id: int | None = None, *,
-                   limit: int, max_attempts: int) -> Plan:
-    """Create the tenant's reprocess job (state running, its members the due items) if anything
-    is due; its batches are the caller's to enqueue (``jobs.item_ids``)."""
+def start_reprocess(db: Database, tenant_id: int | None, model_id: int | None = None, *,
+                    limit: int, max_attempts: int) -> Plan:
+    """Create the tenant's reprocess job (queued; its members are planned next, by
+    :func:`plan_members`) when anything is due: a cheap check, fit for a request."""
     owner = uuid.uuid4().hex
     lease = f"reprocess:{tenant_id}"
     with db.session() as s:
@@ -72,29 +73,42 @@ def plan_reprocess(db: Database, tenant_id: int | None, model_id: int | None = N
                      else default_model(s, tenant_id))
             if model is None:
                 return Plan(None, tenant_id, 0, "no default model")
-            due = _due(s, tenant_id, model.id, max_attempts, limit)
-            if not due:
+            if not _due(s, tenant_id, model.id, max_attempts, 1):
                 return Plan(None, tenant_id, 0, "nothing to reprocess")
             job = jobs.create_job(s, kind="reprocess", archive_blob="", archive_name="",
                                   archive_bytes=0, model_version_id=model.id,
-                                  tenant_id=tenant_id, state="running",
-                                  options={"reason": "reprocess"})
-            job.total, job.started_at = len(due), jobs.utcnow()
-            s.flush()
-            for start in range(0, len(due), CHUNK):
-                chunk = due[start:start + CHUNK]
-                insert_new(s, JobMember.__table__,
-                           [{"job_id": job.id, "item_id": i} for i in chunk],
-                           ("job_id", "item_id"))
-                # a new job: earlier deliveries are not redeliveries of this one's batches
-                # (``attempts``, every try, keeps counting towards max_attempts)
-                jobs.reset_deliveries(s, chunk)
-            log.info("reprocess_planned job=%s tenant=%s model=%s total=%d",
-                     job.id, tenant_id, model.id, len(due))
-            return Plan(job.id, tenant_id, len(due), "started")
+                                  tenant_id=tenant_id, options={"reason": "reprocess",
+                                                                "limit": limit})
+            return Plan(job.id, tenant_id, 0, "started")
     finally:
         with db.session() as s:
             leases.release(s, lease, owner)
+
+
+def plan_members(db: Database, job_id: str, max_attempts: int) -> int:
+    """Make a queued reprocess job's due items its members and start it (state running);
+    how many. A job with nothing due any more (another job got there first) succeeds empty."""
+    with db.session() as s:
+        job = jobs.get_job(s, job_id)
+        if job.state != "queued":
+            return job.total  # planned already: a redelivered message
+        assert job.model_version_id is not None
+        due = _due(s, job.tenant_id, job.model_version_id, max_attempts,
+                   int((job.options or {}).get("limit") or 1))
+        for start in range(0, len(due), CHUNK):
+            chunk = due[start:start + CHUNK]
+            insert_new(s, JobMember.__table__, [{"job_id": job.id, "item_id": i} for i in chunk],
+                       ("job_id", "item_id"))
+            # a new job: earlier deliveries are not redeliveries of this one's batches
+            # (``attempts``, every try, keeps counting towards max_attempts)
+            jobs.reset_deliveries(s, chunk)
+        jobs.transition(s, job_id, ("queued",), "running", total=len(due),
+                        started_at=jobs.utcnow())
+        if not due:
+            jobs.finish_job(s, job_id)
+        log.info("reprocess_planned job=%s tenant=%s model=%s total=%d", job.id, job.tenant_id,
+                 job.model_version_id, len(due))
+        return len(due)
 
 
 def _tenant(column, tenant_id: int | None):  # type: ignore[no-untyped-def]

@@ -103,6 +103,11 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What the user should know of a job that did not fail (classes the model lacks, shift).
+    warnings: Mapped[list[Any] | None] = mapped_column()
+    # SHA-256 of the request that made the job (kind, options, model, callback, archive hash):
+    # an Idempotency-Key reused for another request is refused.
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -167,6 +172,8 @@ class Result(Base):
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, little endian
     # How much each present modality drove the decision: {"weights": {m: w}, "drop": {m: Δp}, …}
     explanation: Mapped[dict[str, Any] | None] = mapped_column()
+    # How the item's media were read: {"text_encoding": "utf-16", "text_truncated": false}.
+    info: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

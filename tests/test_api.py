@@ -263,7 +263,9 @@ def test_reprocess_request_is_validated(client) -> None:  # type: ignore[no-unty
     assert client.post("/api/v1/reprocess", json={"model": 99}).status_code == 400
     assert client.post("/api/v1/reprocess", json={"limit": 0}).status_code == 400
     assert client.post("/api/v1/reprocess", json=[1]).status_code == 400
-    assert client.post("/api/v1/reprocess").status_code == 202
+    nothing = client.post("/api/v1/reprocess")  # no model yet: nothing is due, and it says why
+    assert nothing.status_code == 200
+    assert nothing.get_json() == {"status": "nothing to reprocess", "reason": "no default model"}
 
 
 def test_export_format_is_validated(client) -> None:  # type: ignore[no-untyped-def]

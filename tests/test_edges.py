@@ -89,7 +89,6 @@ def _model(rt: Runtime, api: Any, classes: list[str]) -> int:
 
 # --- 5. labels.csv with duplicate keys --------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.5: a duplicate key silently took the last row")
 def test_conflicting_duplicate_labels_fail_naming_the_lines() -> None:
     with pytest.raises(ArchiveError, match=r"labels\.csv lines 2 and 4: item a is labelled "
                                            r"both 'cat' and 'dog'"):
@@ -99,7 +98,6 @@ def test_conflicting_duplicate_labels_fail_naming_the_lines() -> None:
     assert rows["a"].label == "cat"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.5: a duplicate key silently took the last row")
 def test_identical_duplicate_labels_are_reported_on_the_job(rt: Runtime, api: Any) -> None:
     archive = tar_bytes({"a.txt": b"x", "b.txt": b"y",
                          "labels.csv": b"key,label\na,cat\nb,dog\na,cat\n"})
@@ -111,7 +109,6 @@ def test_identical_duplicate_labels_are_reported_on_the_job(rt: Runtime, api: An
 
 # --- 6. Idempotency-Key reused for another request -------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.6: a reused key returned the old job")
 def test_an_idempotency_key_reused_for_another_request_is_422(api: Any) -> None:
     one, other = tar_bytes({"a.txt": b"one"}), tar_bytes({"a.txt": b"other"})
     key = {"Idempotency-Key": "k-1"}
@@ -128,7 +125,6 @@ def test_an_idempotency_key_reused_for_another_request_is_422(api: Any) -> None:
 
 # --- 7. a failed job keeps its report; Windows paths ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.7: failed jobs answered {} and a wrong reason")
 def test_a_failed_job_keeps_its_report_and_names_the_real_reason(rt: Runtime, api: Any) -> None:
     archive = _zip({"..\\up.jpg": b"x", "/abs.txt": b"y"})
     job = _submit(api, archive, name="bad.zip").get_json()
@@ -141,7 +137,6 @@ def test_a_failed_job_keeps_its_report_and_names_the_real_reason(rt: Runtime, ap
     assert {s["reason"] for s in report["skipped"]} == {"unsafe path"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.7: backslash separators were unsafe paths")
 def test_backslash_paths_of_windows_zips_are_folders(rt: Runtime, api: Any) -> None:
     archive = _zip({"g\\000.txt": b"zero", "g\\001.txt": b"one", "g\\..\\..\\x.txt": b"no"})
     job = _submit(api, archive, name="win.zip").get_json()
@@ -154,7 +149,6 @@ def test_backslash_paths_of_windows_zips_are_folders(rt: Runtime, api: Any) -> N
 
 # --- 8. a zip of a whole folder -------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.8: labels.csv in the top folder was ignored")
 def test_labels_in_the_one_top_level_folder_count(rt: Runtime, api: Any) -> None:
     files = {"mydata/labels.csv": b"key,label\na/001,cat\nb/002,dog\n",
              "mydata/a/001.txt": b"a cat", "mydata/b/002.txt": b"a dog"}
@@ -170,7 +164,6 @@ def test_labels_in_the_one_top_level_folder_count(rt: Runtime, api: Any) -> None
 
 # --- 9. a model applied to other classes ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.9: disjoint classes crashed the command line")
 def test_evaluating_on_classes_the_model_lacks_says_so(rt: Runtime, api: Any,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     model_id = _model(rt, api, ["cat", "dog"])
@@ -220,7 +213,6 @@ def _write(rt: Runtime, name: str, data: bytes) -> Path:
 
 # --- 10. requests accepted quietly ----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.10: extra parts and unknown fields were dropped")
 def test_what_the_api_used_to_accept_quietly_is_400(api: Any) -> None:
     one = tar_bytes({"a.txt": b"x"})
     cases = [
@@ -241,7 +233,6 @@ def test_what_the_api_used_to_accept_quietly_is_400(api: Any) -> None:
     assert r.status_code == 400 and _error(r)["code"] == "send_multipart"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.10: unknown --set keys were sent and ignored")
 def test_the_command_line_refuses_an_unknown_option(tmp_path: Path) -> None:
     archive = tmp_path / "a.tar"
     archive.write_bytes(tar_bytes({"a.txt": b"x"}))
@@ -253,7 +244,6 @@ def test_the_command_line_refuses_an_unknown_option(tmp_path: Path) -> None:
 
 # --- 11. text as people save it ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.11: UTF-16 and Latin-1 captions failed")
 def test_captions_in_other_encodings_are_read_and_say_so(rt: Runtime, api: Any) -> None:
     long = ("word " * 30_000).encode()
     files = {"u16.txt": b"\xff\xfe" + "café au lait".encode("utf-16-le"),
@@ -274,7 +264,6 @@ def test_captions_in_other_encodings_are_read_and_say_so(rt: Runtime, api: Any) 
     assert rows["blank"]["modalities"] == ["image"]  # whitespace only: no text modality
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.11: NFC and NFD names were two items")
 def test_a_name_in_nfc_and_nfd_is_one_key(rt: Runtime, api: Any) -> None:
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
     assert nfc != nfd
@@ -294,7 +283,6 @@ def _png() -> bytes:
 
 # --- 14. a reprocess a client can follow ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 13.14: POST /reprocess answered status only")
 def test_reprocess_answers_with_its_job_or_why_there_is_none(rt: Runtime, api: Any) -> None:
     r = api.post("/api/v1/reprocess")
     assert r.status_code == 200, r.get_json()
@@ -324,8 +312,6 @@ def served(api: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.13: the '… N more' hint never showed; no table "
-                                       "format; reprocess did not say nothing was due")
 def test_the_command_line_says_how_many_more_and_when_nothing_is_due(
         rt: Runtime, api: Any, served: str) -> None:
     job = _submit(api, tar_bytes({f"t{i:02d}.txt": b"x" for i in range(14)})).get_json()

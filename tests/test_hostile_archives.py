@@ -87,7 +87,7 @@ GOOD = [("ok/a.txt", b"a caption"), ("ok/a.png", b"png bytes")]
 
 ESCAPES = ["../evil.txt", "a/../../evil.txt", "/etc/evil.txt", "//server/share/evil.txt",
            "C:/evil.txt", "C:evil.txt", "c:\\windows\\evil.txt", "..\\evil.txt",
-           "a/b\\..\\..\\evil.txt", "new\nline.txt", "tab\there.txt", "bell\x07.txt"]
+           "a\\..\\..\\evil.txt", "new\nline.txt", "tab\there.txt", "bell\x07.txt"]
 
 
 @pytest.mark.parametrize("fmt", ["tar", "zip"])
@@ -116,7 +116,7 @@ def test_escaping_names_are_skipped_as_unsafe_and_nothing_is_written(tmp_path: P
     assert set(found.items) == {"ok/a"}
     reasons = _reasons(found)
     for name in ESCAPES:
-        assert reasons[name] == "unsafe path", name
+        assert reasons[name.replace("\\", "/")] == "unsafe path", name  # shown with / separators
     after = sorted(p for p in tmp_path.rglob("*") if "blobs" not in p.parts)
     assert after == before
     assert not Path("/etc/evil.txt").exists()

@@ -19,7 +19,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from media.decode import MediaError, decode_audio, decode_image, decode_text
+from media.decode import MediaError, decode_audio, decode_image, decode_text, read_text
 from media.sandbox import DecodeSandbox
 
 
@@ -77,7 +77,7 @@ def test_eps_never_reaches_ghostscript() -> None:
 @pytest.mark.parametrize("width,height", [(100_000, 100_000), (70_000, 1_000), (2**31 - 1, 1)])
 def test_pixel_bomb_headers_fail_before_any_pixel_is_allocated(width: int, height: int) -> None:
     data = _forge_png_size(_png(), width, height)
-    with pytest.raises(MediaError, match=rf"^image b\.png: .*(over the limit of 64000000|too many"
+    with pytest.raises(MediaError, match=r"^image b\.png: .*(over the limit of 64000000|too many"
                                          r" pixels)"):
         decode_image(data, "b.png")
 
@@ -103,13 +103,23 @@ def test_huge_text_is_cut_without_decoding_all_of_it() -> None:
     assert text == "ä" * 1000
 
 
-@pytest.mark.parametrize("data,offset", [(b"\xff", 0), (b"ok \xc3", 3), (b"\xed\xa0\x80", 0),
-                                         (b"\xc0\xaf", 0), (b"a\x00b\xfe", 3)])
-def test_invalid_utf8_forms_are_media_errors(data: bytes, offset: int) -> None:
-    # a lone byte, a cut sequence, an encoded surrogate, an overlong slash
-    with pytest.raises(MediaError, match=rf"^text t\.txt: not valid UTF-8 \(byte 0x.. at "
-                                         rf"offset {offset}\)$"):
-        decode_text(data, "t.txt")
+@pytest.mark.parametrize("data,text,encoding", [
+    (b"\xff", "\u00ff", "windows-1252"),  # a lone byte
+    (b"ok \xc3", "ok \u00c3", "windows-1252"),  # a sequence cut short: not UTF-8
+    (b"\xed\xa0\x80", "\u00ed\u00a0\u20ac", "windows-1252"),  # an encoded surrogate
+    (b"\xc0\xaf", "\u00c0\u00af", "windows-1252"),  # an overlong slash
+    (b"\x81\x8d", "\x81\x8d", "latin-1"),  # bytes Windows-1252 leaves undefined
+])
+def test_text_that_is_not_utf8_is_read_as_windows_1252(data: bytes, text: str,
+                                                        encoding: str) -> None:
+    assert read_text(data, "t.txt") == (text, encoding, False)
+
+
+def test_text_with_a_nul_byte_is_binary_unless_marked_utf16() -> None:
+    with pytest.raises(MediaError, match=r"^text t\.txt: binary data, not text \(a NUL byte at "
+                                         r"offset 1; UTF-16 text needs a byte order mark\)$"):
+        decode_text(b"a\x00b\xfe", "t.txt")
+    assert read_text(b"\xfe\xff\x00a\x00b", "t.txt") == ("ab", "utf-16", False)
 
 
 # --- audio -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from media.decode import (
     decode_image,
     decode_text,
     modality_of,
+    read_text,
 )
 
 
@@ -165,15 +166,15 @@ def test_decode_text_strips_bom() -> None:
     assert decode_text(b"\xef\xbb\xbfhello", "a.txt") == "hello"
 
 
-def test_decode_text_invalid_utf8_names_byte_and_offset() -> None:
-    with pytest.raises(
-        MediaError, match=r"^text d/a\.txt: not valid UTF-8 \(byte 0xe9 at offset 9\)$"
-    ):
-        decode_text(b"caf\xc3\xa9 caf\xe9", "d/a.txt")  # the second é is Latin-1
+def test_decode_text_not_utf8_is_read_whole_as_windows_1252() -> None:
+    # the second é is Latin-1: the file is not UTF-8, so all of it is read as Windows-1252
+    assert read_text(b"caf\xc3\xa9 caf\xe9", "d/a.txt") == (
+        "caf\u00c3\u00a9 caf\u00e9", "windows-1252", False)
 
 
-def test_decode_text_invalid_utf8_offset_counts_the_bom() -> None:
-    with pytest.raises(MediaError, match=r"byte 0xff at offset 5"):
+def test_decode_text_invalid_after_a_bom_names_byte_and_offset() -> None:
+    with pytest.raises(MediaError, match=r"^text b\.txt: not valid UTF-8 after its byte order "
+                                         r"mark \(byte 0xff at offset 5\)$"):
         decode_text(b"\xef\xbb\xbfab\xff", "b.txt")
 
 

@@ -17,7 +17,7 @@ from mmbatch.settings import Settings
 from store import jobs
 from store.migrate import upgrade
 from store.registry import promote, register_model
-from store.reprocess import plan_reprocess
+from store.reprocess import plan_members, start_reprocess
 from store.schema import Item
 from tests.test_pipeline import _job
 from worker.batch import BatchProcessor, BatchReport
@@ -73,11 +73,12 @@ def test_reprocess_batches_are_not_split_and_tries_stop_at_the_limit(rt: Runtime
 
     runs = 0
     while True:
-        started = plan_reprocess(rt.db, None, limit=rt.settings.reprocess_limit,
-                                 max_attempts=rt.settings.reprocess_max_attempts)
+        started = start_reprocess(rt.db, None, limit=rt.settings.reprocess_limit,
+                                  max_attempts=rt.settings.reprocess_max_attempts)
         if started.job_id is None:
             assert started.reason == "nothing to reprocess"
             break
+        assert plan_members(rt.db, started.job_id, rt.settings.reprocess_max_attempts) == 3
         runs += 1
         with rt.db.session() as s:
             ids = jobs.item_ids(s, started.job_id)

@@ -20,7 +20,7 @@ from models.scratch import (
     preprocess,
     save_encoder,
 )
-from models.training import TrainConfig
+from models.training import Progress, TrainConfig
 
 
 @pytest.mark.parametrize("modality,shape", [("image", (3, 1, 32, 32)), ("text", (3, 64)),
@@ -127,8 +127,9 @@ def test_a_budget_stops_training() -> None:
                              TrainConfig(epochs=10_000, patience=10_000), {"text": cfg},
                              budget_seconds=0.0)
     assert metrics["stopped"] == "budget" and metrics["epochs"] == 1
-    seen: list[int] = []
+    seen: list[Progress] = []
     _, metrics = fit_adapted(data, data, FusionConfig({"text": 8}, 3),
                              TrainConfig(epochs=3, patience=10), {"text": cfg},
                              on_epoch=seen.append)
-    assert seen == [1, 2, 3] and metrics["stopped"] == "epochs"
+    assert [p.epoch for p in seen] == [1, 2, 3] and metrics["stopped"] == "epochs"
+    assert all(p.stops_by == 3 and p.val_macro_f1 is not None for p in seen)

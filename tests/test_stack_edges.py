@@ -61,8 +61,6 @@ def embedded(tmp_path: Path) -> Iterator[tuple[Settings, str]]:
     yield settings, make_key(settings.db_url)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.1, 13.4: cancel did not reach a training, which "
-                                       "held the only worker")
 def test_training_neither_blocks_classify_jobs_nor_outlives_its_cancel(
         embedded: tuple[Settings, str], sample_dir: Any, tmp_path: Path) -> None:
     settings, key = embedded
@@ -97,8 +95,6 @@ def test_training_neither_blocks_classify_jobs_nor_outlives_its_cancel(
         stack.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2: a restart during training lost the message "
-                                       "until the sweeper resent it 600 s later")
 def test_a_restart_during_training_goes_on_at_once(embedded: tuple[Settings, str],
                                                    sample_dir: Any, tmp_path: Path) -> None:
     settings, key = embedded
@@ -161,7 +157,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.3: a hard-killed `up` left its children running")
 def test_a_hard_killed_up_takes_its_children_and_a_taken_port_is_refused(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -198,8 +193,6 @@ def test_a_hard_killed_up_takes_its_children_and_a_taken_port_is_refused(tmp_pat
         refused.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.12, 13.13: the CLI did not find `up`'s port; "
-                                       "beat's webhook task logged every 5 s")
 def test_the_command_line_finds_where_up_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                ) -> None:
     port = free_port()
@@ -229,4 +222,6 @@ def test_the_command_line_finds_where_up_serves(tmp_path: Path, monkeypatch: pyt
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(60)
-    assert "mmbatch.webhooks" not in log.read_text()
+    noisy = [line for line in log.read_text().splitlines()
+             if "mmbatch.webhooks" in line and not line.strip().startswith(".")]  # not the banner
+    assert noisy == []

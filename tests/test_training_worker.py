@@ -11,6 +11,7 @@ import pytest
 
 from mmbatch.contract import OptionError, TrainOptions
 from mmbatch.settings import Settings
+from models.training import Progress
 from store import jobs
 from store.blobs import BlobStore
 from store.migrate import upgrade
@@ -33,7 +34,8 @@ def test_modes_from_options() -> None:
         modes({"image_mode": "tuned"}, ["image"])
 
 
-def test_heartbeat_touches_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pulse_writes_progress_and_stops_a_cancelled_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
                                   "MMBATCH_BROKER_URL": "memory://"})
     upgrade(settings.db_url)
@@ -42,16 +44,36 @@ def test_heartbeat_touches_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         with rt.db.session() as s:
             job_id = jobs.create_job(s, kind="train", archive_blob="0" * 64, archive_name="a",
                                      archive_bytes=1, model_version_id=None).id
+            jobs.transition(s, job_id, ("queued",), "running", stage="training")
             before = jobs.get_job(s, job_id).updated_at
-        beat = training._heartbeat(rt, job_id)
-        beat(1)  # within HEARTBEAT_SECONDS of the start: nothing written
+        pulse = training.Pulse(rt, job_id, epochs=100)
+        pulse(Progress(1, 31, 0.5))  # within PULSE_SECONDS of the start: nothing written
         with rt.db.session() as s:
             assert jobs.get_job(s, job_id).updated_at == before
-        monkeypatch.setattr(training, "HEARTBEAT_SECONDS", 0.0)
+        monkeypatch.setattr(training, "PULSE_SECONDS", 0.0)
         time.sleep(0.01)
-        beat(2)
+        pulse(Progress(2, 32, 0.75))
         with rt.db.session() as s:
-            assert jobs.get_job(s, job_id).updated_at > before
+            job = jobs.get_job(s, job_id)
+            assert job.updated_at > before
+            assert job.report["training"]["epoch"] == 2
+            assert job.report["training"]["val_macro_f1"] == 0.75
+            jobs.cancel_job(s, job_id)
+        with pytest.raises(training.TrainingStopped, match="cancelled"):
+            pulse(Progress(3, 33, 0.75))
+    finally:
+        rt.close()
+
+
+def test_the_pulse_gives_the_task_back_when_the_worker_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.worker import state
+
+    rt = Runtime(Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path)}))
+    try:
+        monkeypatch.setattr(state, "should_stop", 0)  # a warm shutdown (SIGTERM)
+        with pytest.raises(training.TrainingInterrupted):
+            training.Pulse(rt, "no-job", epochs=10)(Progress(1, 10, None))
     finally:
         rt.close()
 

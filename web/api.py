@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import text
 
 from mmbatch.contract import ALL_KINDS, JOB_STATES
@@ -37,8 +37,8 @@ def healthz():  # type: ignore[no-untyped-def]
 @api.post("/api/v1/jobs")
 def create_job():  # type: ignore[no-untyped-def]
     idem = request.headers.get("Idempotency-Key", "").strip() or None
-    job_id, created = service.submit_job(services(), request.form.get("kind", ""), request.form,
-                                         request.files.get("archive"), idem)
+    job_id, created = service.submit_job(services(), request.mimetype, request.form,
+                                         request.files, idem)
     return job_response(job_id, status=202 if created else 200)
 
 
@@ -157,9 +157,10 @@ def start_reprocess():  # type: ignore[no-untyped-def]
     body = request.get_json(silent=True) if request.data else {}
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "send a JSON object (or nothing)")
-    service.start_reprocess(services(), body.get("model"), body.get("limit"))
-    return jsonify({"status": "accepted",
-                    "links": {"jobs": url_for("api.list_jobs", kind="reprocess")}}), 202
+    job_id, reason = service.start_reprocess(services(), body.get("model"), body.get("limit"))
+    if job_id is None:
+        return jsonify({"status": "nothing to reprocess", "reason": reason})
+    return job_response(job_id)
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

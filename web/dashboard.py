@@ -35,6 +35,7 @@ from flask import (
     session,
     url_for,
 )
+from werkzeug.datastructures import MultiDict
 
 from mmbatch.contract import TERMINAL_STATES
 from mmbatch.settings import Settings
@@ -246,8 +247,10 @@ def upload():  # type: ignore[no-untyped-def]
     """The upload form: the API's job creation, answered as JSON to the page's script or with
     a redirect to the job's page for a plain form post."""
     idem = request.headers.get("Idempotency-Key", "").strip() or None
-    job_id, created = service.submit_job(_services(), request.form.get("kind", ""),
-                                         request.form, request.files.get("archive"), idem)
+    form = MultiDict(request.form)
+    form.pop(CSRF_FIELD, None)  # the page's, not the job's
+    job_id, created = service.submit_job(_services(), request.mimetype, form, request.files,
+                                         idem)
     if request.headers.get(CSRF_HEADER):
         return job_response(job_id, status=202 if created else 200)
     return redirect(url_for("dashboard.job_page", job_id=job_id), code=303)

@@ -32,6 +32,7 @@ ERROR_CODES = {
     409: "the resource is not in a state that allows this",
     413: "the request body exceeds MMBATCH_MAX_UPLOAD_BYTES (`request_entity_too_large`)",
     415: "the upload is not a zip, tar or tar.gz archive (`invalid_archive`)",
+    422: "an Idempotency-Key already used for another request (`idempotency_key_reused`)",
     429: "more requests a minute than this key may make (`rate_limited`); see Retry-After",
     503: "the database, blob storage or the job queue is unavailable "
          "(`database_unavailable`, `storage_unavailable`, `broker_unavailable`)",
@@ -101,6 +102,18 @@ def _schemas(settings: Any) -> dict[str, Schema]:
                                  "description": "items per second since the job started"}),
         "eta_seconds": _nullable({"type": "number", "minimum": 0}),
         "error": _nullable({"type": "string"}),
+        "warnings": {"type": "array", "items": {"type": "string"},
+                     "description": "what to know of a job that did not fail: labels the model "
+                                    "lacks, features far from its training data"},
+        "training": _nullable(_obj({
+            "phase": {"type": "string", "enum": ["decoding", "training"]},
+            "epoch": {"type": "integer", "minimum": 0},
+            "epochs": {"type": "integer", "minimum": 1},
+            "stops_by": {"type": "integer", "minimum": 0},
+            "val_macro_f1": _nullable({"type": "number"}),
+            "seconds_per_epoch": {"type": "number", "minimum": 0},
+            "rows": {"type": "integer", "minimum": 0},
+        }, required=["phase", "epoch", "epochs"])),
         "idempotency_key": _nullable({"type": "string", "maxLength": 255}),
         "callback_url": _nullable({"type": "string", "maxLength": 2048}),
         "archive": _obj({"name": {"type": "string"}, "bytes": {"type": "integer",
@@ -134,6 +147,11 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "group": _nullable({"type": "string"}),
         "error": _nullable({"type": "string"}),
         "explanation": _nullable(explanation),
+        "text_encoding": _nullable({"type": "string", "enum": ["utf-8", "utf-16", "utf-32",
+                                                               "windows-1252", "latin-1"],
+                                    "description": "how the caption was read"}),
+        "text_truncated": _nullable({"type": "boolean", "description": "the caption was cut at "
+                                                                       "MMBATCH_TEXT_MAX_CHARS"}),
         "embedding": _nullable({"type": "array", "items": {"type": "number"}}),
     }, required=["item_id", "key", "modalities", "status", "label", "confidence", "top_k",
                  "given_label", "split", "group", "error"])
@@ -197,11 +215,13 @@ def _schemas(settings: Any) -> dict[str, Schema]:
                                                      "items": {"type": "integer",
                                                                "minimum": 0}}},
             "unknown_labels": {"type": "array", "items": {"type": "string"}},
+            "warnings": {"type": "array", "items": {"type": "string"}},
             "shift": _nullable({"type": "object", "description": "how far the job's features "
                                 "are from the model's training data (report.shift)"}),
         }),
-        "ReprocessAccepted": _obj({"status": {"type": "string", "enum": ["accepted"]},
-                                   "links": _obj({"jobs": {"type": "string"}})}),
+        "NothingToReprocess": _obj({"status": {"type": "string",
+                                               "enum": ["nothing to reprocess"]},
+                                    "reason": {"type": "string"}}),
         "Health": _obj({"status": {"type": "string", "enum": ["ok"]},
                         "database": {"type": "string", "enum": ["ok"]}}),
     }
@@ -304,7 +324,7 @@ def _paths(settings: Any) -> dict[str, Any]:
                     "200": _json(_ref("Job"), "the job an earlier request with this "
                                               "Idempotency-Key made", location),
                     "202": _json(_ref("Job"), "the job, queued", location),
-                    **_errors(400, 409, 413, 415)}},
+                    **_errors(400, 409, 413, 415, 422)}},
             "get": {
                 "operationId": "listJobs", "tags": ["jobs"],
                 "summary": "This tenant's jobs, newest first",
@@ -351,9 +371,10 @@ def _paths(settings: Any) -> dict[str, Any]:
                 "properties": {"model": {"type": "integer", "minimum": 1},
                                "limit": {"type": "integer", "minimum": 1,
                                          "maximum": 10_000_000}}}}}},
-            "responses": {"202": _json(_ref("ReprocessAccepted"), "the reprocess job(s) will "
-                                                                  "appear in the job list"),
-                          **_errors(400, 413)}}},
+            "responses": {"200": _json(_ref("NothingToReprocess"), "nothing is due, and why"),
+                          "202": _json(_ref("Job"), "the reprocess job, whose members a worker "
+                                                    "plans", location),
+                          **_errors(400, 409, 413)}}},
         "/api/v1/models": {"get": {
             "operationId": "listModels", "tags": ["models"],
             "responses": {"200": _json(_ref("ModelList"), "this tenant's model versions"),

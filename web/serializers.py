@@ -28,6 +28,14 @@ def job_payload(s: Session, job: Job) -> dict[str, Any]:
     processed = job.done + job.failed
     report = job.report or {}
     throughput, eta = _rate(job, processed)
+    training = report.get("training") if job.stage == "training" else None
+    progress = round(processed / job.total, 4) if job.total else 0.0
+    if job.kind == "train" and job.state == "running":  # half extraction, half training
+        epochs = training or {}
+        trained = (min(1.0, epochs["epoch"] / max(1, epochs.get("stops_by") or 1))
+                   if epochs.get("phase") == "training" else 0.0)
+        progress = round(0.5 * progress + 0.5 * trained, 4)
+        eta = _training_eta(epochs) if job.stage == "training" else None
     return {
         "id": job.id,
         "kind": job.kind,
@@ -36,12 +44,15 @@ def job_payload(s: Session, job: Job) -> dict[str, Any]:
         "total": job.total,
         "done": job.done,
         "failed": job.failed,
-        "progress": round(processed / job.total, 4) if job.total else 0.0,
+        "progress": progress,
         "model": None if model is None else {"id": model.id, "name": model.name,
                                              "version": model.version},
         "throughput": throughput,
         "eta_seconds": eta,
         "error": job.error,
+        "warnings": list(job.warnings or []),
+        # while a train job trains: its epoch, the last it may run, the best validation score
+        "training": training,
         "idempotency_key": job.idempotency_key,
         "callback_url": job.callback_url,
         "archive": {"name": job.archive_name, "bytes": job.archive_bytes},
@@ -73,6 +84,14 @@ def _rate(job: Job, processed: int) -> tuple[float | None, float | None]:
     return round(rate, 3), eta
 
 
+def _training_eta(training: dict[str, Any]) -> float | None:
+    """Seconds left to a training at its pace so far, when it has one."""
+    pace = training.get("seconds_per_epoch")
+    if training.get("phase") != "training" or pace is None or not training.get("stops_by"):
+        return None
+    return round(max(0, training["stops_by"] - training["epoch"]) * pace, 1)
+
+
 def result_payload(item: Item, result: Result | None, with_embeddings: bool = False,
                    embedding_digits: int | None = 6) -> dict[str, Any]:
     """An item and its result (None while pending); the fused embedding on request, rounded
@@ -90,6 +109,9 @@ def result_payload(item: Item, result: Result | None, with_embeddings: bool = Fa
         "group": item.group,
         "error": None if result is None else result.error,
         "explanation": None if result is None else result.explanation,
+        # how a caption was read (None without text, or while pending)
+        "text_encoding": (result.info or {}).get("text_encoding") if result else None,
+        "text_truncated": (result.info or {}).get("text_truncated") if result else None,
     }
     if with_embeddings:
         vector = None

@@ -8,6 +8,10 @@ acts for the request's principal (``web.auth``): a tenant sees only its own jobs
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from mmbatch.contract import (
 from mmbatch.netpolicy import DestinationRefused, check_url
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
-from store import jobs
+from store import jobs, reprocess
 from store.blobs import Blobs
 from store.db import Database
 from store.registry import ModelNotFound, default_model, get_model
@@ -70,21 +74,65 @@ def get_model_or_404(s: Session, model_id: int) -> ModelVersion:
         raise ApiError(404, "not_found", f"no model version {model_id}") from None
 
 
-def submit_job(svc: Services, kind: str, form: MultiDict[str, str], upload: FileStorage | None,
-               idempotency_key: str | None) -> tuple[str, bool]:
+# The fields of a job request besides its archive and a train job's options.
+JOB_FIELDS = ("kind", "model", "callback_url")
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
+
+
+def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
+               files: MultiDict[str, FileStorage], idempotency_key: str | None
+               ) -> tuple[str, bool]:
     """Create a job from a request's form and uploaded archive, commit it, then enqueue its
-    ingest; (the job's id, True), or (the earlier job's id, False) for an Idempotency-Key
-    already used."""
+    ingest; (the job's id, True), or (the earlier job's id, False) when the Idempotency-Key
+    came with this same request before (422 when it came with another)."""
     tenant = auth.tenant_id()
     if idempotency_key is not None and (len(idempotency_key) > 255
                                         or not idempotency_key.isprintable()):
         raise ApiError(400, "invalid_idempotency_key",
                        "Idempotency-Key is at most 255 printable characters")
+    existing = None
     if idempotency_key is not None:
         with svc.db.session() as s:
             existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key)
-            if existing is not None:
-                return existing.id, False
+    try:
+        kind, upload, writer, options, model_id, callback = _job_request(svc, mimetype, form,
+                                                                         files)
+    except ApiError:
+        if existing is not None:  # the key's own request was valid: this is another one
+            raise _key_reused(existing) from None
+        raise
+    fingerprint = _fingerprint({"kind": kind, "options": options, "model": model_id,
+                                "callback_url": callback, "archive": writer.digest})
+    if existing is not None:
+        return _same_request(existing, fingerprint), False
+    digest = writer.commit()
+    try:
+        with svc.db.session() as s:
+            job_id = jobs.create_job(s, kind=kind, archive_blob=digest,
+                                     archive_name=archive_name(upload),
+                                     archive_bytes=writer.size, model_version_id=model_id,
+                                     options=options, tenant_id=tenant,
+                                     api_key_id=auth.current().key_id,
+                                     idempotency_key=idempotency_key, callback_url=callback,
+                                     request_fingerprint=fingerprint).id
+    except IntegrityError:
+        # the same Idempotency-Key raced us: answer with the job that won
+        with svc.db.session() as s:
+            existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
+            if existing is None:
+                raise
+            return _same_request(existing, fingerprint), False
+    enqueue(svc, job_id, TASK_INGEST, job_id)
+    return job_id, True
+
+
+def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],
+                 files: MultiDict[str, FileStorage]
+                 ) -> tuple[str, FileStorage, Any, dict[str, Any], int | None, str | None]:
+    """A job request checked: (kind, the upload, its blob writer, options, model id, callback
+    URL); ApiError for the first thing wrong."""
+    _check_request(mimetype, form, files)
+    kind = form.get("kind", "")
     if kind not in JOB_KINDS:
         raise ApiError(400, "invalid_kind",
                        f"kind must be one of {', '.join(JOB_KINDS)}; got {kind!r}")
@@ -96,28 +144,68 @@ def submit_job(svc: Services, kind: str, form: MultiDict[str, str], upload: File
             check_url(callback, svc.settings.webhook_allow)
         except DestinationRefused as exc:
             raise ApiError(400, "invalid_callback_url", str(exc)) from None
+    upload = files.get("archive")
     writer = _archive(upload, "send the archive as a multipart file field named 'archive'")
     options = _options(kind, form)
     with svc.db.session() as s:
         model_id = _resolve_model(s, kind, form.get("model"))
-    digest = writer.commit()
-    try:
-        with svc.db.session() as s:
-            job_id = jobs.create_job(s, kind=kind, archive_blob=digest,
-                                     archive_name=archive_name(upload),
-                                     archive_bytes=writer.size, model_version_id=model_id,
-                                     options=options, tenant_id=tenant,
-                                     api_key_id=auth.current().key_id,
-                                     idempotency_key=idempotency_key, callback_url=callback).id
-    except IntegrityError:
-        # the same Idempotency-Key raced us: answer with the job that won
-        with svc.db.session() as s:
-            existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
-            if existing is None:
-                raise
-            return existing.id, False
-    enqueue(svc, job_id, TASK_INGEST, job_id)
-    return job_id, True
+    assert upload is not None
+    return kind, upload, writer, options, model_id, callback
+
+
+def _check_request(mimetype: str, form: MultiDict[str, str],
+                   files: MultiDict[str, FileStorage]) -> None:
+    """400 for what a job request must not quietly lose: a body that is not a form (a raw
+    archive, JSON), a field or file given twice, a field the API does not know, a train option
+    on another kind of job."""
+    if mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded", ""):
+        raise ApiError(400, "send_multipart",
+                       "send multipart/form-data: the archive as a file field named 'archive', "
+                       f"and kind (one of {', '.join(JOB_KINDS)}) as a form field; got "
+                       f"{mimetype or 'no body'}")
+    for name in set(files):
+        if name != "archive":
+            raise ApiError(400, "unknown_field", f"unknown file field {name!r}: send the "
+                                                 "archive as a file field named 'archive'")
+    if len(files.getlist("archive")) > 1:
+        raise ApiError(400, "one_archive", "send one archive per job: "
+                                           f"got {len(files.getlist('archive'))} files named "
+                                           "'archive'")
+    for name in form:
+        if len(form.getlist(name)) > 1:
+            raise ApiError(400, f"one_{name}" if name in JOB_FIELDS + TRAIN_FIELDS
+                           else "unknown_field", f"{name} is given {len(form.getlist(name))} "
+                                                 "times: send it once")
+        if name not in JOB_FIELDS + TRAIN_FIELDS:
+            close = difflib.get_close_matches(name, JOB_FIELDS + TRAIN_FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ApiError(400, "unknown_field", f"unknown field {name!r}{hint}; fields: "
+                                                 f"{', '.join(JOB_FIELDS + TRAIN_FIELDS)}")
+    given = [name for name in TRAIN_FIELDS if (form.get(name) or "").strip()]
+    if given and form.get("kind") != "train":
+        raise ApiError(400, "train_only_option",
+                       f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to "
+                       f"train jobs only, not to a {form.get('kind') or 'job without a kind'}")
+
+
+def _fingerprint(request: dict[str, Any]) -> str:
+    """SHA-256 of a job request's canonical JSON: what an Idempotency-Key stands for."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _same_request(existing: Job, fingerprint: str) -> str:
+    """The job an Idempotency-Key made, if this request is the one that made it (a job from
+    before fingerprints were kept counts as the same); 422 otherwise."""
+    if existing.request_fingerprint not in (None, fingerprint):
+        raise _key_reused(existing)
+    return existing.id
+
+
+def _key_reused(existing: Job) -> ApiError:
+    return ApiError(422, "idempotency_key_reused",
+                    f"this Idempotency-Key made job {existing.id} for another request "
+                    "(another archive, kind, model or options): use a new key")
 
 
 def evaluate_model(svc: Services, model_id: int, upload: FileStorage | None) -> str:
@@ -150,9 +238,10 @@ def cancel_job(svc: Services, job_id: str) -> None:
         log.warning("webhook_kick_failed job=%s", job_id)
 
 
-def start_reprocess(svc: Services, model: Any, limit: Any) -> None:
-    """Ask a worker to reprocess this tenant's stale or failed items now (what the nightly
-    schedule does for every tenant)."""
+def start_reprocess(svc: Services, model: Any, limit: Any) -> tuple[str | None, str]:
+    """Start this tenant's reprocess of stale or failed items now (what the nightly schedule
+    does for every tenant): the job, created here after a cheap check and run by a worker, or
+    None and why nothing is due."""
     if model is not None:
         with svc.db.session() as s:
             try:
@@ -162,8 +251,20 @@ def start_reprocess(svc: Services, model: Any, limit: Any) -> None:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
                               or not 1 <= limit <= 10_000_000):
         raise ApiError(400, "invalid_limit", "limit must be an integer between 1 and 10000000")
-    svc.celery.send_task(TASK_REPROCESS, kwargs={
-        "tenant_id": auth.tenant_id(), "model_id": model, "limit": limit, "all_tenants": False})
+    settings = svc.settings
+    plan = reprocess.start_reprocess(svc.db, auth.tenant_id(), model,
+                                     limit=limit or settings.reprocess_limit,
+                                     max_attempts=settings.reprocess_max_attempts)
+    if plan.reason == "a reprocess job is already running":
+        raise ApiError(409, "reprocess_running", f"reprocess job {plan.job_id} is running: "
+                                                 "wait for it to end")
+    if plan.reason == "another reprocess is being planned":
+        raise ApiError(409, "reprocess_running", "another reprocess is being planned: try "
+                                                 "again in a moment")
+    if not plan.started or plan.job_id is None:
+        return None, plan.reason
+    svc.celery.send_task(TASK_REPROCESS, kwargs={"job_id": plan.job_id})
+    return plan.job_id, plan.reason
 
 
 def evaluation(svc: Services, job_id: str) -> dict[str, Any]:
@@ -184,6 +285,7 @@ def evaluation(svc: Services, job_id: str) -> dict[str, Any]:
         return {"job": job.id, "state": job.state,
                 "model": {"id": model.id, "name": model.name, "version": model.version},
                 **score_labels(pairs, list(model.classes)),
+                "warnings": list(job.warnings or []),
                 # worker.shift: how far the job's features are from the training data
                 "shift": (job.report or {}).get("shift")}
 

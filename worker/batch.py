@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from media.decode import read_text
 from mmbatch.contract import MODALITIES
 from models.explain import explain
 from models.registry import SPECS
@@ -197,11 +198,14 @@ class BatchProcessor:
         ok = [it for it in batch.items if it.id not in errors]
         if not ok:
             return outcomes
+        info = {it.id: self.text_info(it) for it in ok if "text" in it.media}
         if batch.kind == "train":
-            return outcomes + [jobs.ItemOutcome(it.id, label=it.label) for it in ok]
+            return outcomes + [jobs.ItemOutcome(it.id, label=it.label, info=info.get(it.id))
+                               for it in ok]
         feats = [features[it.id] for it in ok]
         if batch.model is None:
-            return outcomes + [jobs.ItemOutcome(it.id, embedding=plain_embedding(f))
+            return outcomes + [jobs.ItemOutcome(it.id, embedding=plain_embedding(f),
+                                                info=info.get(it.id))
                                for it, f in zip(ok, feats)]
         model = batch.model
         probs, fused, notes = classify(self.models, model, feats, explained=True)
@@ -212,8 +216,15 @@ class BatchProcessor:
                 it.id, label=model.classes[order[0]], confidence=float(p[order[0]]),
                 top_k=[{"label": model.classes[i], "probability": round(float(p[i]), 6)}
                        for i in order],
-                embedding=f, explanation=note))
+                embedding=f, explanation=note, info=info.get(it.id)))
         return outcomes
+
+    def text_info(self, item: jobs.ItemRow) -> dict[str, Any]:
+        """How the item's caption was read (a cached feature says nothing of it, and reading a
+        caption again costs microseconds): its encoding, and whether the limit cut it."""
+        f = item.media["text"]
+        text = read_text(self.rt.blobs.read(f.blob), f.name, self.rt.settings.text_max_chars)
+        return {"text_encoding": text.encoding, "text_truncated": text.truncated}
 
     def record_shift(self, model: ModelRow) -> None:
         """The finished job's shift report (worker.shift); the job itself has succeeded

@@ -7,6 +7,7 @@ import logging
 from media.archive import ArchiveError, LabelRow, Limits, walk
 from store import jobs
 from store.blobs import BlobNotFound
+from store.registry import get_model
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
         jobs.reset_items(s, job_id)
         kind, archive_blob = job.kind, job.archive_blob
+        model = (get_model(s, job.model_version_id)
+                 if job.model_version_id is not None and kind != "train" else None)
+        known = (list(model.classes), f"{model.name} v{model.version}") if model else None
 
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
@@ -39,18 +43,19 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         _fail(rt, job_id, "the job's archive is no longer in blob storage")
         return []
     if not found.items:
-        _fail(rt, job_id, "the archive holds no image, text or audio files "
-                          "(images: jpg png webp bmp gif; text: txt; audio: wav flac ogg mp3)")
+        _fail(rt, job_id, found.why_empty(), found.report())
         return []
+    labels = {found.labels[k].label for k in found.items if k in found.labels}
     if kind == "train":
-        classes = {found.labels[k].label for k in found.items if k in found.labels}
         if not found.labels:
-            _fail(rt, job_id, "a train job needs labels.csv (key,label[,split]) at the archive root")
+            _fail(rt, job_id, "a train job needs labels.csv (key,label[,split]) at the archive "
+                              "root or in the one folder that holds everything", found.report())
             return []
-        if len(classes) < 2:
+        if len(labels) < 2:
             _fail(rt, job_id, "a train job needs labelled items of at least two classes; "
-                              f"found {len(classes)}")
+                              f"found {len(labels)}", found.report())
             return []
+    warnings = class_warnings(labels, *known) if known else []
 
     unlabelled = LabelRow(None, None, None)  # type: ignore[arg-type]
     rows = ({"key": key, "media": media, "label": row.label, "split": row.split,
@@ -61,7 +66,8 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         total = jobs.add_items(s, job_id, rows)
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
                                 report=found.report(), started_at=jobs.utcnow(),
-                                stage="extracting" if kind == "train" else None)
+                                stage="extracting" if kind == "train" else None,
+                                warnings=warnings)
         ids = jobs.item_ids(s, job_id) if moved else []
     if moved:
         log.info("ingest_done job=%s items=%d skipped=%d", job_id, total, found.skipped_count)
@@ -73,6 +79,22 @@ def _batches(rt: Runtime, job_id: str, ids: list[int]) -> list[list[int]]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
-def _fail(rt: Runtime, job_id: str, error: str) -> None:
+def class_warnings(labels: set[str], classes: list[str], model: str) -> list[str]:
+    """What to tell the user when an archive's labels are not all classes of the model that
+    classifies it: it cannot predict them, so accuracy on them is zero by construction."""
+    unknown = sorted(labels - set(classes))
+    if not unknown:
+        return []
+    theirs = ", ".join(sorted(classes))
+    if len(unknown) == len(labels):
+        return [f"none of the archive's labels ({', '.join(unknown)}) is a class of model "
+                f"{model} ({theirs}): it cannot predict them"]
+    return [f"the archive's labels {', '.join(unknown)} are not classes of model {model} "
+            f"({theirs}): it cannot predict them"]
+
+
+def _fail(rt: Runtime, job_id: str, error: str, report: dict[str, object] | None = None
+          ) -> None:
     with rt.db.session() as s:
-        jobs.fail_job(s, job_id, error)
+        if jobs.fail_job(s, job_id, error) and report is not None:
+            jobs.get_job(s, job_id).report = report

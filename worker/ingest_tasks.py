@@ -12,14 +12,14 @@ from mmbatch.contract import (
     TASK_PROCESS_BATCH,
     TASK_REPROCESS,
     TASK_SWEEP,
-    TASK_TRAIN,
     TASK_WEBHOOKS,
 )
 from store import jobs
 from worker.ingest import ingest_job
-from worker.reprocess import start_reprocess
+from worker.reprocess import reprocess_tenants, run_reprocess
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
 from worker.runtime import runtime_for
+from worker.sweeper import resend
 from worker.sweeper import sweep as find_stale
 from worker.webhooks import deliver_due
 
@@ -46,12 +46,16 @@ def ingest(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
 
 
 @shared_task(name=TASK_REPROCESS, bind=True, max_retries=MAX_RETRIES)
-def reprocess(self, tenant_id: int | None = None, model_id: int | None = None,  # type: ignore[no-untyped-def]
-              limit: int | None = None, all_tenants: bool = True) -> list[str]:
-    """Start reprocess jobs: for one tenant, or (the nightly run) for every tenant with a model."""
+def reprocess(self, job_id: str | None = None, model_id: int | None = None,  # type: ignore[no-untyped-def]
+              limit: int | None = None) -> list[str]:
+    """Run a reprocess job a request started (``job_id``), or (the nightly run, no job) start
+    and run one for every tenant with a default model."""
+    rt = runtime_for(self.app)
     try:
-        plans = start_reprocess(runtime_for(self.app), self.app.send_task,
-                                None if all_tenants else [tenant_id], model_id, limit)
+        if job_id is not None:
+            run_reprocess(rt, self.app.send_task, job_id)
+            return [job_id]
+        plans = reprocess_tenants(rt, self.app.send_task, None, model_id, limit)
     except TRANSIENT as exc:
         retry(self, exc)
     return [p.job_id for p in plans if p.started and p.job_id]
@@ -59,15 +63,7 @@ def reprocess(self, tenant_id: int | None = None, model_id: int | None = None,  
 
 @shared_task(name=TASK_SWEEP, bind=True)
 def sweep(self) -> None:  # type: ignore[no-untyped-def]
-    revival = find_stale(runtime_for(self.app))
-    for job_id in revival.ingest:
-        self.app.send_task(TASK_INGEST, args=[job_id])
-    for job_id, ids in revival.batches:
-        self.app.send_task(TASK_PROCESS_BATCH, args=[job_id, ids])
-    for job_id in revival.train:
-        self.app.send_task(TASK_TRAIN, args=[job_id])
-    if revival.finished:
-        self.app.send_task(TASK_WEBHOOKS)
+    resend(find_stale(runtime_for(self.app)), self.app.send_task)
 
 
 @shared_task(name=TASK_WEBHOOKS, bind=True)

@@ -9,13 +9,14 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Reject
 
 from mmbatch.contract import TASK_PROCESS_BATCH, TASK_TRAIN, TASK_WEBHOOKS
 from store import jobs
 from worker.batch import BatchProcessor, BatchReport, fail_batch
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
 from worker.runtime import runtime_for
-from worker.training import train_job
+from worker.training import TrainingInterrupted, train_job
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     rt = runtime_for(self.app)
     try:
         train_job(rt, job_id)
+    except TrainingInterrupted as exc:
+        # The worker is stopping: back to the broker (kombu's SQLAlchemy transport would
+        # otherwise keep the message only in this process's memory until it dies).
+        log.info("training_requeued job=%s", job_id)
+        raise Reject(str(exc), requeue=True) from exc
     except TRANSIENT as exc:
         retry(self, exc)
     except Exception as exc:

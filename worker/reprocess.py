@@ -1,39 +1,49 @@
-"""Start reprocessing: plan each tenant's reprocess job (``store.reprocess``) and send its
-batches. The nightly task, ``POST /api/v1/reprocess`` (through the task) and
-``mmbatch reprocess --now`` all come here."""
+"""Reprocessing in the worker: plan a reprocess job's members (``store.reprocess``) and send its
+batches; the nightly run (and ``mmbatch reprocess --now``) first starts a job for every tenant
+with a default model. ``POST /api/v1/reprocess`` starts its job in the request and sends the job's
+id here."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from mmbatch.contract import TASK_PROCESS_BATCH
 from store import jobs
-from store.reprocess import Plan, plan_reprocess, tenants_with_models
+from store.reprocess import Plan, plan_members, start_reprocess, tenants_with_models
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def start_reprocess(rt: Runtime, send_task: Callable[..., Any], tenants: list[int | None] | None,
-                    model_id: int | None = None, limit: int | None = None) -> list[Plan]:
-    """Plan a reprocess job for each of ``tenants`` (None: every tenant with a default model)
-    and send the batches of those that started; what planning did, per tenant."""
+def reprocess_tenants(rt: Runtime, send_task: Callable[..., Any],
+                      tenants: list[int | None] | None, model_id: int | None = None,
+                      limit: int | None = None) -> list[Plan]:
+    """Start a reprocess job for each of ``tenants`` (None: every tenant with a default model)
+    and run those that started; what starting did, per tenant."""
     settings = rt.settings
     if tenants is None:
         with rt.db.session() as s:
             tenants = tenants_with_models(s)
     plans = []
     for tenant in tenants:
-        plan = plan_reprocess(rt.db, tenant, model_id, limit=limit or settings.reprocess_limit,
-                              max_attempts=settings.reprocess_max_attempts)
-        log.info("reprocess tenant=%s job=%s items=%d reason=%s", tenant, plan.job_id,
-                 plan.items, plan.reason)
+        plan = start_reprocess(rt.db, tenant, model_id, limit=limit or settings.reprocess_limit,
+                               max_attempts=settings.reprocess_max_attempts)
+        log.info("reprocess tenant=%s job=%s reason=%s", tenant, plan.job_id, plan.reason)
         if plan.started and plan.job_id:
-            with rt.db.session() as s:
-                ids = jobs.item_ids(s, plan.job_id)
-            for i in range(0, len(ids), settings.batch_size):
-                send_task(TASK_PROCESS_BATCH, args=[plan.job_id, ids[i:i + settings.batch_size]])
+            plan = replace(plan, items=run_reprocess(rt, send_task, plan.job_id))
         plans.append(plan)
     return plans
+
+
+def run_reprocess(rt: Runtime, send_task: Callable[..., Any], job_id: str) -> int:
+    """Plan a reprocess job's members and send its batches; how many items it has."""
+    total = plan_members(rt.db, job_id, rt.settings.reprocess_max_attempts)
+    with rt.db.session() as s:
+        ids = jobs.item_ids(s, job_id, pending_only=True)
+    size = rt.settings.batch_size
+    for i in range(0, len(ids), size):
+        send_task(TASK_PROCESS_BATCH, args=[job_id, ids[i:i + size]])
+    return total

@@ -83,6 +83,7 @@ def record_job_shift(rt: Runtime, job_id: str, model: ModelRow) -> dict[str, Any
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         job.report = {**(job.report or {}), "shift": result}
+        job.warnings = [*(job.warnings or []), *warnings]
     if warnings:
         log.warning("shift_warning job=%s model=%s modalities=%s", job_id, model.id,
                     ",".join(m for m in scores if any(w.startswith(m) for w in warnings)))

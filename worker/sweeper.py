@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from mmbatch.contract import TASK_INGEST, TASK_PROCESS_BATCH, TASK_TRAIN, TASK_WEBHOOKS
 from store import jobs
 from store.schema import utcnow
 from worker.runtime import Runtime
@@ -53,3 +56,15 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
         log.info("sweep stale=%d ingest=%d batches=%d train=%d finished=%d", len(stale),
                  len(out.ingest), len(out.batches), len(out.train), len(out.finished))
     return out
+
+
+def resend(revival: Revival, send_task: Callable[..., Any]) -> None:
+    """Send what a sweep found missing."""
+    for job_id in revival.ingest:
+        send_task(TASK_INGEST, args=[job_id])
+    for job_id, ids in revival.batches:
+        send_task(TASK_PROCESS_BATCH, args=[job_id, ids])
+    for job_id in revival.train:
+        send_task(TASK_TRAIN, args=[job_id])
+    if revival.finished:
+        send_task(TASK_WEBHOOKS)

@@ -2,19 +2,22 @@
 other than frozen need, train (``models.adapt.train_classifier``: the ML policy), evaluate, store
 the checkpoint and the trained encoders as blobs, and register the model version.
 
-The job's ``updated_at`` moves at least every HEARTBEAT_SECONDS meanwhile, so the sweeper does
-not take a long training for a lost one.
+While it trains, a pulse every PULSE_SECONDS (from the training loop's epochs, and from the
+decoding before them) writes the training's progress on the job (which also tells the sweeper it
+is alive), stops the training when the job was cancelled (nothing is registered: the worker is
+free at once), and gives the task back to the broker when the worker is asked to stop (a
+restart goes on with it at once, instead of after the sweeper's wait).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from celery.worker import state as worker_state
 
 from mmbatch.contract import DEFAULT_BUDGET_SECONDS, MODALITIES, OptionError, TrainOptions
 from models.adapt import (
@@ -30,7 +33,14 @@ from models.finetune import finetune_version, save_top
 from models.fusion import FusionConfig
 from models.registry import SPECS
 from models.scratch import encoder_version, save_encoder
-from models.training import FeatureSet, TrainConfig, choose_split, split_groups, stack_features
+from models.training import (
+    FeatureSet,
+    Progress,
+    TrainConfig,
+    choose_split,
+    split_groups,
+    stack_features,
+)
 from store import features as feature_cache
 from store import jobs
 from store.jobs import ItemRow
@@ -42,12 +52,21 @@ from worker.training_inputs import decode_inputs
 
 log = logging.getLogger(__name__)
 
-# Training touches its job this often: well under MMBATCH_STALE_AFTER_SECONDS (600 by default).
-HEARTBEAT_SECONDS = 60.0
+# How often a training looks at its job: cancel reaches it within this (plus one epoch), and
+# the job's progress is this fresh; well under MMBATCH_STALE_AFTER_SECONDS (600 by default).
+PULSE_SECONDS = 2.0
 
 
 class TrainingError(Exception):
     """The labelled data cannot train a model; the job fails with this message."""
+
+
+class TrainingStopped(Exception):
+    """The job left its training stage (cancelled): nothing is registered."""
+
+
+class TrainingInterrupted(Exception):
+    """The worker is stopping: the task goes back to the broker for the next worker."""
 
 
 def train_job(rt: Runtime, job_id: str) -> int | None:
@@ -64,6 +83,9 @@ def train_job(rt: Runtime, job_id: str) -> int | None:
     except TrainingError as exc:
         with rt.db.session() as s:
             jobs.fail_job(s, job_id, str(exc))
+        return None
+    except TrainingStopped as exc:
+        log.info("training_cancelled job=%s state=%s", job_id, exc)
         return None
 
 
@@ -98,14 +120,15 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
             modes, budget)
     except ValueError as exc:
         raise TrainingError(f"bad training options: {exc}") from exc
-    data = _training_data(rt, job_id, rows, [classes.index(label) for label in labels],
-                          plan, train_idx, val_idx)
+    pulse = Pulse(rt, job_id, plan.training.epochs)
+    data = _training_data(rt, rows, [classes.index(label) for label in labels], plan,
+                          train_idx, val_idx, pulse)
     log.info("training job=%s items=%d train=%d val=%d classes=%d strategy=%s loss=%s "
              "balanced=%s modes=%s", job_id, len(rows), len(train_idx), len(val_idx),
              len(classes), plan.fusion.strategy, plan.training.loss, plan.training.balanced,
              ",".join(f"{m}:{mode}" for m, mode in modes.items()))
     try:
-        trained = train_classifier(data, plan, on_epoch=_heartbeat(rt, job_id))
+        trained = train_classifier(data, plan, on_epoch=pulse)
     except ValueError as exc:  # e.g. fewer training items than stacking folds
         raise TrainingError(f"training failed: {exc}") from exc
     metrics: dict[str, Any] = dict(trained.metrics)
@@ -136,7 +159,9 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
     config.update(own_sections)  # worker.model_cache loads them for inference
     blob = rt.blobs.put_bytes(data_bytes)
     with rt.db.session() as s:
-        job = jobs.get_job(s, job_id)
+        job = jobs.lock_job(s, job_id)  # a cancel that came meanwhile wins: nothing registered
+        if job.state != "running" or job.stage != "training":
+            raise TrainingStopped(job.state)
         mv = register_model(s, name=name, fusion=plan.fusion.strategy, classes=classes,
                             encoders=registry, metrics=_jsonable(metrics), config=config,
                             checkpoint_blob=blob, job_id=job_id, tenant_id=job.tenant_id)
@@ -155,8 +180,8 @@ def _training_options(options: TrainOptions) -> dict[str, Any]:
     return {n: getattr(options, n) for n in names if getattr(options, n) is not None}
 
 
-def _training_data(rt: Runtime, job_id: str, rows: list[ItemRow], targets: list[int],
-                   plan: TrainingPlan, train_idx: list[int], val_idx: list[int]) -> TrainingData:
+def _training_data(rt: Runtime, rows: list[ItemRow], targets: list[int], plan: TrainingPlan,
+                   train_idx: list[int], val_idx: list[int], pulse: Pulse) -> TrainingData:
     """The items' cached frozen features, split, and the raw inputs their modes need."""
     dims = plan.fusion.input_dims
     with rt.db.session() as s:
@@ -175,7 +200,7 @@ def _training_data(rt: Runtime, job_id: str, rows: list[ItemRow], targets: list[
     assert train is not None
     scratch, finetune = raw_inputs_needed(plan.modes)
     raw = decode_inputs(rt, models_of(rt), rows, scratch, finetune,
-                        on_progress=_heartbeat(rt, job_id)) if scratch or finetune else None
+                        on_progress=pulse.decoded) if scratch or finetune else None
     if raw is None:
         return TrainingData(train, subset(val_idx), train_idx, val_idx)
     return TrainingData(train, subset(val_idx), train_idx, val_idx, raw.scratch,
@@ -204,17 +229,46 @@ def _save_encoders(rt: Runtime, trained: TrainedClassifier, present: list[str]
     return {k: v for k, v in sections.items() if v}, registry
 
 
-def _heartbeat(rt: Runtime, job_id: str) -> Callable[[int], None]:
-    """A callback that touches the job at most every HEARTBEAT_SECONDS."""
-    last = [time.monotonic()]
+class Pulse:
+    """The training's callback (every epoch, and every few rows decoded before): at most every
+    PULSE_SECONDS it writes the progress on the job, raises TrainingStopped when the job was
+    cancelled, and TrainingInterrupted as soon as the worker is asked to stop."""
 
-    def beat(_progress: int) -> None:
-        if time.monotonic() - last[0] >= HEARTBEAT_SECONDS:
-            with rt.db.session() as s:
-                jobs.touch(s, job_id)
-            last[0] = time.monotonic()
+    def __init__(self, rt: Runtime, job_id: str, epochs: int) -> None:
+        self.rt, self.job_id, self.epochs = rt, job_id, epochs
+        self.last = time.monotonic()
+        self.progress: dict[str, Any] = {"phase": "decoding", "epoch": 0, "epochs": epochs,
+                                         "val_macro_f1": None}
+        self.first: tuple[float, int] | None = None  # when an epoch was first heard of, which
 
-    return beat
+    def __call__(self, progress: Progress) -> None:
+        """After an epoch."""
+        self.progress.update(phase="training", epoch=progress.epoch, stops_by=progress.stops_by,
+                             val_macro_f1=progress.val_macro_f1)
+        if self.first is None or progress.epoch < self.first[1]:  # a new loop (auto's trials)
+            self.first = (time.monotonic(), progress.epoch)
+        self.beat()
+
+    def decoded(self, rows: int) -> None:
+        """After ``rows`` items were decoded again for the encoder modes."""
+        self.progress.update(phase="decoding", rows=rows)
+        self.beat()
+
+    def beat(self) -> None:
+        if any(flag is not None and flag is not False  # SIGTERM sets an exit code, 0 included
+               for flag in (worker_state.should_stop, worker_state.should_terminate)):
+            raise TrainingInterrupted("the worker is stopping")
+        now = time.monotonic()
+        if now - self.last < PULSE_SECONDS:
+            return
+        self.last = now
+        shown = dict(self.progress)
+        if self.first is not None and self.progress["epoch"] > self.first[1]:
+            shown["seconds_per_epoch"] = round(
+                (now - self.first[0]) / (self.progress["epoch"] - self.first[1]), 4)
+        with self.rt.db.session() as s:
+            if not jobs.note_training(s, self.job_id, shown):
+                raise TrainingStopped(jobs.get_job(s, self.job_id).state)
 
 
 def _present(data: FeatureSet | None) -> dict[str, np.ndarray]:
