@@ -165,3 +165,17 @@ class Client:
 
     def evaluation(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}/evaluation")
+
+    def label_issues(self, model_id: int, limit: int = 100) -> dict[str, Any]:
+        """The first ``limit`` items whose given label looked wrong when the model trained."""
+        return self._call("GET", f"/api/v1/models/{model_id}/label-issues",
+                          params={"limit": limit})
+
+    def set_label(self, item_id: int, label: str, model: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"label": label}
+        if model is not None:
+            body["model"] = model
+        return self._call("POST", f"/api/v1/items/{item_id}/label", json=body)
+
+    def labels(self, item_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/items/{item_id}/labels")

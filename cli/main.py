@@ -378,6 +378,49 @@ def models_promote(model_id: int, url: str | None) -> None:
     click.echo(f"default model: {model['name']} v{model['version']} (id {model['id']})")
 
 
+@main.command("label-issues")
+@click.argument("model_id", type=int, metavar="MODEL")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--url", default=None)
+def label_issues(model_id: int, limit: int, url: str | None) -> None:
+    """The items of MODEL's training archive whose given label looks wrong, worst first."""
+    page = _run(lambda: _client(url).label_issues(model_id, limit))
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    found = page.get("found")
+    console.print(f"model {model_id}: {'no count (too few items)' if found is None else found} "
+                  "label issues found in its training archive, worst first")
+    table = Table("item", "key", "given", "suggested", "quality", "label now")
+    for i in page["issues"]:
+        table.add_row(str(i["item"]), i["key"], i["given_label"], i["suggested_label"],
+                      f"{i['quality']:.3f}", i["label"] or "")
+    console.print(table)
+    if page.get("next_cursor"):
+        console.print(f"… more: --limit {limit * 2}")
+    console.print("correct one: mmbatch label ITEM LABEL")
+
+
+@main.command()
+@click.argument("item_id", type=int, metavar="ITEM")
+@click.argument("new_label", required=False, metavar="[LABEL]")
+@click.option("--model", type=int, default=None,
+              help="the model version whose prediction you were shown")
+@click.option("--url", default=None)
+def label(item_id: int, new_label: str | None, model: int | None, url: str | None) -> None:
+    """Set ITEM's label to LABEL (kept as an event: nothing is overwritten); without LABEL,
+    print the item's label history."""
+    client = _client(url)
+    if new_label is not None:
+        event = _run(lambda: client.set_label(item_id, new_label, model))["event"]
+        click.echo(f"item {item_id}: {event['old_label']} -> {event['new_label']}")
+        return
+    history = _run(lambda: client.labels(item_id))
+    click.echo(f"item {item_id} ({history['key']}): given {history['given_label']}, "
+               f"now {history['label']}")
+    for e in history["events"]:
+        click.echo(f"  {e['created_at']}  {e['old_label']} -> {e['new_label']}  "
+                   f"(key {e['key_id']}, model {e['model']})")
+
+
 @main.command()
 @click.argument("model_id", type=int, metavar="MODEL")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -555,9 +598,10 @@ def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None
     if rows is None:  # one page: the first rows
         pages = client.results(job["id"], page_size=max(1, show)) if job["total"] else iter(())
         rows = list(itertools.islice(pages, show))
-    table = Table("key", "modalities", "status", "label", "confidence", "given", "error")
+    table = Table("item", "key", "modalities", "status", "label", "confidence", "given", "error")
     for r in rows[:show]:
-        table.add_row(r["key"], "+".join(r["modalities"]), r["status"], r["label"] or "",
+        table.add_row(str(r["item_id"]), r["key"], "+".join(r["modalities"]), r["status"],
+                      r["label"] or "",
                       f"{r['confidence']:.3f}" if r["confidence"] is not None else "",
                       r["given_label"] or "", (r["error"] or "")[:60])
     if rows:

@@ -1,4 +1,5 @@
-"""The relational schema: jobs, items, cached features, results and model versions.
+"""The relational schema: jobs, items, cached features, results, model versions, and the label
+events and label issues of items.
 
 Created only by Alembic migrations (``migrations/``); tests compare the two.
 """
@@ -237,6 +238,38 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LabelEvent(Base):
+    """One change of an item's label, appended and never overwritten: who (the API key), when,
+    from what to what, and which model version the person was shown. An item's current label is
+    its latest event's, else the label its archive gave."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    old_label: Mapped[str | None] = mapped_column(String(255))
+    new_label: Mapped[str] = mapped_column(String(255))
+    model_version_id: Mapped[int | None] = mapped_column(Integer)
+    verified: Mapped[bool] = mapped_column(Boolean, default=True)  # a person looked
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LabelIssue(Base):
+    """An item of a train job whose given label looked wrong to the model version trained on it
+    (confident learning on out-of-fold predictions): ``rank`` 0 is the worst."""
+
+    __tablename__ = "label_issues"
+
+    model_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    given_label: Mapped[str] = mapped_column(String(255))
+    suggested_label: Mapped[str] = mapped_column(String(255))
+    quality: Mapped[float] = mapped_column(Float)
 
 
 Index("ix_items_job_id_id", Item.job_id, Item.id)

@@ -368,7 +368,8 @@ def test_every_authenticated_operation_needs_the_bearer_key(app: Any) -> None:
             assert public == (path in (OPENAPI_PATH, "/healthz")), (method, path)
             if public:
                 continue
-            url = path.replace("{job_id}", "0" * 32).replace("{model_id}", "1")
+            url = (path.replace("{job_id}", "0" * 32).replace("{model_id}", "1")
+                       .replace("{item_id}", "1"))
             r = client.open(url, method=method.upper())
             assert r.status_code == 401, (method, path)
             assert "401" in op["responses"] and "429" in op["responses"]

@@ -18,7 +18,8 @@ from store.registry import default_model, promote, register_model
 from store.schema import Base
 
 TABLES = {"jobs", "items", "features", "results", "model_versions", "alembic_version",
-          "tenants", "api_keys", "job_members", "leases", "webhook_deliveries"}
+          "tenants", "api_keys", "job_members", "leases", "webhook_deliveries", "label_events",
+          "label_issues"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

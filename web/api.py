@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 
 from flask import Blueprint, current_app, jsonify, request
@@ -10,10 +9,11 @@ from sqlalchemy import text
 
 from mmbatch.contract import ALL_KINDS, JOB_STATES
 from store import jobs
-from store.schema import JOB_ID_LENGTH, MAX_ID
+from store.schema import JOB_ID_LENGTH
 from web import auth, service
 from web.errors import ApiError
 from web.exports import FORMATS, export
+from web.paging import decode_cursor, encode_cursor, int_arg, int_cursor
 from web.serializers import job_payload, result_payload
 
 api = Blueprint("api", __name__)
@@ -57,7 +57,7 @@ def job_response(job_id: str, status: int = 202, **links: str):  # type: ignore[
 @api.get("/api/v1/jobs")
 def list_jobs():  # type: ignore[no-untyped-def]
     settings = services().settings
-    limit = _int_arg("limit", settings.default_page_size, 1, settings.max_page_size)
+    limit = int_arg("limit", settings.default_page_size, 1, settings.max_page_size)
     state = request.args.get("state") or None
     if state is not None and state not in JOB_STATES:
         raise ApiError(400, "invalid_state", f"state must be one of {', '.join(JOB_STATES)}")
@@ -70,7 +70,7 @@ def list_jobs():  # type: ignore[no-untyped-def]
     position = None
     if cursor:
         try:
-            at, job_id = _decode(cursor, "j").split("|", 1)
+            at, job_id = decode_cursor(cursor, "j").split("|", 1)
             position = (dt.datetime.fromisoformat(at), job_id)
             if len(job_id) > JOB_ID_LENGTH or "\x00" in job_id:
                 raise ValueError(cursor)
@@ -85,7 +85,7 @@ def list_jobs():  # type: ignore[no-untyped-def]
         next_cursor = None
         if more:
             last = rows[-1]
-            next_cursor = _encode("j", f"{last.created_at.isoformat()}|{last.id}")
+            next_cursor = encode_cursor("j", f"{last.created_at.isoformat()}|{last.id}")
         return jsonify({"jobs": [job_payload(s, j) for j in rows], "next_cursor": next_cursor})
 
 
@@ -137,8 +137,8 @@ def job_evaluation(job_id: str):  # type: ignore[no-untyped-def]
 
 def _results(job_id: str, failed_only: bool):  # type: ignore[no-untyped-def]
     settings = services().settings
-    limit = _int_arg("limit", settings.default_page_size, 1, settings.max_page_size)
-    after = _cursor(request.args.get("cursor"))
+    limit = int_arg("limit", settings.default_page_size, 1, settings.max_page_size)
+    after = int_cursor(request.args.get("cursor"))
     with_embeddings = request.args.get("embeddings", "").lower() in TRUE
     with services().db.session() as s:
         job = service.get_job_or_404(s, job_id)
@@ -146,7 +146,7 @@ def _results(job_id: str, failed_only: bool):  # type: ignore[no-untyped-def]
         more = len(rows) > limit
         rows = rows[:limit]
         items = [result_payload(item, result, with_embeddings) for item, result in rows]
-        cursor = _encode("i", str(rows[-1][0].id)) if more else None
+        cursor = encode_cursor("i", str(rows[-1][0].id)) if more else None
         return jsonify({"job": job.id, "state": job.state, "items": items,
                         "next_cursor": cursor})
 
@@ -161,47 +161,6 @@ def start_reprocess():  # type: ignore[no-untyped-def]
     if job_id is None:
         return jsonify({"status": "nothing to reprocess", "reason": reason})
     return job_response(job_id)
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"invalid_{name}", f"{name} must be an integer")
-    if not low <= value <= high:
-        raise ApiError(400, f"invalid_{name}", f"{name} must be between {low} and {high}")
-    return value
-
-
-def _encode(prefix: str, value: str) -> str:
-    return base64.urlsafe_b64encode(f"{prefix}:{value}".encode()).decode().rstrip("=")
-
-
-def _decode(raw: str, prefix: str) -> str:
-    """The value of a cursor made by _encode with ``prefix``; ValueError otherwise."""
-    try:
-        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(raw) from exc
-    got, _, value = decoded.partition(":")
-    if got != prefix or not value:
-        raise ValueError(raw)
-    return value
-
-
-def _cursor(raw: str | None) -> int:
-    if not raw:
-        return 0
-    try:
-        after = int(_decode(raw, "i"))
-        if not 0 <= after <= MAX_ID:  # an item id this API returned
-            raise ValueError(raw)
-        return after
-    except ValueError:
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
 
 
 def _time_arg(name: str) -> dt.datetime | None:

@@ -10,6 +10,7 @@ from store.db import Database
 from web import dashboard, errors, metrics
 from web.api import api, health
 from web.auth import RateLimiter
+from web.labels_api import labels_api
 from web.models_api import models_api
 from web.openapi import openapi
 from web.queue import producer
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health)
     app.register_blueprint(api)
     app.register_blueprint(models_api)
+    app.register_blueprint(labels_api)
     app.register_blueprint(openapi)  # /api/v1/openapi.json, no API key
     dashboard.init_app(app, settings)
     return app

@@ -170,6 +170,15 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "job_id": _nullable({"type": "string"}),
         "created_at": date_time,
     })
+    label_event = _obj({
+        "id": {"type": "integer"},
+        "old_label": _nullable({"type": "string"}),
+        "new_label": {"type": "string"},
+        "model": _nullable({"type": "integer", "description": "the model version shown"}),
+        "verified": {"type": "boolean", "description": "a person looked"},
+        "key_id": _nullable({"type": "integer", "description": "the API key that set it"}),
+        "created_at": date_time,
+    })
     per_class = _obj({"precision": {"type": "number"}, "recall": {"type": "number"},
                       "f1": {"type": "number"}, "support": {"type": "integer", "minimum": 0}})
     score = _nullable({"type": "number", "minimum": 0, "maximum": 1})
@@ -222,6 +231,27 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "NothingToReprocess": _obj({"status": {"type": "string",
                                                "enum": ["nothing to reprocess"]},
                                     "reason": {"type": "string"}}),
+        "LabelEvent": label_event,
+        "LabelHistory": _obj({
+            "item": {"type": "integer"}, "key": {"type": "string"}, "job": {"type": "string"},
+            "given_label": _nullable({"type": "string"}),
+            "label": _nullable({"type": "string",
+                                "description": "the latest event's label, else the given one"}),
+            "events": {"type": "array", "items": _ref("LabelEvent")},
+            "links": _obj({"job": {"type": "string"}})}),
+        "LabelSet": _obj({"item": {"type": "integer"}, "label": {"type": "string"},
+                          "event": _ref("LabelEvent")}),
+        "LabelIssues": _obj({
+            "model": {"type": "integer"},
+            "found": _nullable({"type": "integer", "minimum": 0}),
+            "issues": {"type": "array", "maxItems": settings.max_page_size, "items": _obj({
+                "item": {"type": "integer"}, "key": {"type": "string"},
+                "job": {"type": "string"}, "given_label": {"type": "string"},
+                "suggested_label": {"type": "string"},
+                "quality": {"type": "number", "minimum": 0, "maximum": 1},
+                "label": _nullable({"type": "string", "description": "the item's label now"}),
+                "links": _obj({"labels": {"type": "string"}})})},
+            "next_cursor": _nullable({"type": "string"})}),
         "Health": _obj({"status": {"type": "string", "enum": ["ok"]},
                         "database": {"type": "string", "enum": ["ok"]}}),
     }
@@ -234,6 +264,10 @@ def _params(settings: Any) -> dict[str, Schema]:
                   "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
         "ModelId": {"name": "model_id", "in": "path", "required": True,
                     "schema": {"type": "integer", "minimum": 0}},
+        "ItemId": {"name": "item_id", "in": "path", "required": True,
+                   "description": "an item id (`item_id` in results); another tenant's "
+                                  "answers 404",
+                   "schema": {"type": "integer", "minimum": 0}},
         "Limit": {"name": "limit", "in": "query", "required": False,
                   "description": f"page size (default {settings.default_page_size})",
                   "schema": {"type": "integer", "minimum": 1,
@@ -395,6 +429,31 @@ def _paths(settings: Any) -> dict[str, Any]:
                                   "content": {"image/png": {"schema": {
                                       "type": "string", "format": "binary"}}}},
                           **_errors(404)}}},
+        "/api/v1/models/{model_id}/label-issues": {"get": {
+            "operationId": "getLabelIssues", "tags": ["labels"],
+            "parameters": [_p("ModelId"), _p("Limit"), _p("Cursor")],
+            "summary": "Items of the model's training archive whose given label looks wrong, "
+                       "worst first",
+            "responses": {"200": _json(_ref("LabelIssues"), "a page of label issues"),
+                          **_errors(400, 404)}}},
+        "/api/v1/items/{item_id}/label": {"post": {
+            "operationId": "setLabel", "tags": ["labels"], "parameters": [_p("ItemId")],
+            "summary": "Set an item's label (an appended event; nothing is overwritten)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["label"],
+                "properties": {"label": {"type": "string", "minLength": 1, "maxLength": 255,
+                                         "description": "one of the model's classes"},
+                               "model": {"type": "integer", "minimum": 1,
+                                         "description": "the model version shown (default: "
+                                                        "the item's job's, else the default)"}
+                               }}}}},
+            "responses": {"201": _json(_ref("LabelSet"), "the event recorded"),
+                          **_errors(400, 404, 413)}}},
+        "/api/v1/items/{item_id}/labels": {"get": {
+            "operationId": "getLabels", "tags": ["labels"], "parameters": [_p("ItemId")],
+            "summary": "An item's label history, oldest first, and its label now",
+            "responses": {"200": _json(_ref("LabelHistory"), "the history"),
+                          **_errors(404)}}},
         "/api/v1/models/{model_id}/evaluate": {"post": {
             "operationId": "evaluateModel", "tags": ["models"], "parameters": [_p("ModelId")],
             "summary": "Classify a labelled archive with this model (a classify job)",
@@ -417,7 +476,8 @@ def document(settings: Any) -> dict[str, Any]:
                                 " with a 4xx status (503 while a dependency is down)."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [{"name": "jobs"}, {"name": "models"}, {"name": "health"}, {"name": "meta"}],
+        "tags": [{"name": "jobs"}, {"name": "models"}, {"name": "labels"}, {"name": "health"},
+                 {"name": "meta"}],
         "paths": _paths(settings),
         "components": {
             "securitySchemes": {"bearer": {

@@ -1,5 +1,6 @@
-"""Every payload the web layer shows, built once: a job, an item's result, a model version. The
-API, the exports and the dashboard all call these."""
+"""Every payload the web layer shows, built once: a job, an item's result, a model version, an
+item's label history and a model's label issues. The API, the exports and the dashboard all call
+these."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from flask import url_for
 from sqlalchemy.orm import Session
 
 from mmbatch.contract import MODALITIES
-from store.schema import Item, Job, ModelVersion, Result
+from store.labels import IssueRow
+from store.schema import Item, Job, LabelEvent, ModelVersion, Result
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -139,3 +141,33 @@ def model_payload(m: ModelVersion, full: bool = False) -> dict[str, Any]:
         "job_id": m.job_id,
         "created_at": iso(m.created_at),
     }
+
+
+def label_event_payload(event: LabelEvent) -> dict[str, Any]:
+    """One change of an item's label: from what to what, the model version shown, who, when."""
+    return {
+        "id": event.id,
+        "old_label": event.old_label,
+        "new_label": event.new_label,
+        "model": event.model_version_id,
+        "verified": event.verified,
+        "key_id": event.api_key_id,
+        "created_at": iso(event.created_at),
+    }
+
+
+def label_history_payload(item: Item, current: str | None, events: list[LabelEvent]
+                          ) -> dict[str, Any]:
+    """An item's label as its archive gave it, as it is now, and every change between."""
+    return {"item": item.id, "key": item.key, "job": item.job_id, "given_label": item.label,
+            "label": current, "events": [label_event_payload(e) for e in events],
+            "links": {"job": url_for("api.get_job", job_id=item.job_id)}}
+
+
+def label_issue_payload(row: IssueRow, current: str | None) -> dict[str, Any]:
+    """An item whose given label looked wrong to the model trained on it; ``label`` is its
+    label now (a correction made since shows here)."""
+    return {"item": row.item_id, "key": row.key, "job": row.job_id,
+            "given_label": row.given_label, "suggested_label": row.suggested_label,
+            "quality": round(row.quality, 4), "label": current,
+            "links": {"labels": url_for("labels_api.get_labels", item_id=row.item_id)}}

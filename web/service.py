@@ -1,6 +1,6 @@
 """What the API and the dashboard do, written once: submit a job (upload, job, enqueue),
-evaluate a model on an archive, cancel, reprocess, score a classify job; and the one lookup of a
-job or a model version in the caller's tenant, 404 otherwise.
+evaluate a model on an archive, cancel, reprocess, score a classify job, correct an item's label;
+and the one lookup of a job, an item or a model version in the caller's tenant, 404 otherwise.
 
 Views parse the request, call one of these, and serialise (``web.serializers``). Everything here
 acts for the request's principal (``web.auth``): a tenant sees only its own jobs and models.
@@ -34,11 +34,11 @@ from mmbatch.contract import (
 from mmbatch.netpolicy import DestinationRefused, check_url
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
-from store import jobs, reprocess
+from store import jobs, labels, reprocess
 from store.blobs import Blobs
 from store.db import Database
 from store.registry import ModelNotFound, default_model, get_model
-from store.schema import Job, ModelVersion
+from store.schema import Item, Job, LabelEvent, ModelVersion
 from web import auth
 from web.errors import ApiError
 from web.uploads import archive_name, writer_of
@@ -72,6 +72,49 @@ def get_model_or_404(s: Session, model_id: int) -> ModelVersion:
         return get_model(s, model_id, auth.tenant_id())
     except ModelNotFound:
         raise ApiError(404, "not_found", f"no model version {model_id}") from None
+
+
+def get_item_or_404(s: Session, item_id: int) -> tuple[Item, Job]:
+    try:
+        return labels.get_item(s, item_id, auth.tenant_id())
+    except labels.ItemNotFound:
+        raise ApiError(404, "not_found", f"no item {item_id}") from None
+
+
+def correct_label(svc: Services, item_id: int, body: Any) -> LabelEvent:
+    """Record that a person set item ``item_id``'s label (``{"label", "model"}``: the model
+    version they were shown, whose classes the label must be one of; by default the model of
+    the item's job, else the tenant's default; with none, any label)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", 'send a JSON object: {"label": "…", "model": id}')
+    label = body.get("label")
+    if not isinstance(label, str) or not label.strip() or len(label) > 255 \
+            or not label.isprintable():
+        raise ApiError(400, "invalid_label", "label must be a non-empty printable string of "
+                                             "at most 255 characters")
+    with svc.db.session() as s:
+        item, job = get_item_or_404(s, item_id)
+        model = _model_shown(s, job, body.get("model"))
+        if model is not None and label not in model.classes:
+            raise ApiError(400, "unknown_label",
+                           f"{label!r} is not a class of model {model.name} v{model.version} "
+                           f"(id {model.id}); its classes: {', '.join(map(str, model.classes))}")
+        event = labels.record_label(s, item, label, api_key_id=auth.current().key_id,
+                                    model_version_id=model.id if model is not None else None)
+        s.expunge(event)
+        return event
+
+
+def _model_shown(s: Session, job: Job, requested: Any) -> ModelVersion | None:
+    if requested is not None:
+        try:
+            return get_model(s, int(requested), auth.tenant_id())
+        except (TypeError, ValueError, OverflowError, ModelNotFound):
+            raise ApiError(400, "unknown_model", f"no model version with id {requested!r}"
+                           ) from None
+    if job.model_version_id is not None:
+        return get_model(s, job.model_version_id)
+    return default_model(s, auth.tenant_id())
 
 
 # The fields of a job request besides its archive and a train job's options.

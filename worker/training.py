@@ -31,6 +31,7 @@ from models.checkpoint import save_checkpoint
 from models.evaluation import confusion_png, evaluation_report
 from models.finetune import finetune_version, save_top
 from models.fusion import FusionConfig
+from models.label_issues import design_matrix, label_issues, out_of_fold_probabilities
 from models.registry import SPECS
 from models.scratch import encoder_version, save_encoder
 from models.training import (
@@ -44,6 +45,7 @@ from models.training import (
 from store import features as feature_cache
 from store import jobs
 from store.jobs import ItemRow
+from store.labels import store_label_issues
 from store.registry import register_model
 from worker.model_cache import models_of
 from worker.runtime import Runtime
@@ -137,6 +139,14 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
         metrics["adaptation"] = {"budget_seconds": budget, "modalities": trained.adaptation}
     metrics["split"] = split_source
     metrics["groups"] = split_groups([r.group for r in rows], train_idx, val_idx)
+    try:
+        issues = _label_issues(data, rows, labels, classes, seed)
+        metrics["label_issues"] = {"found": len(issues), "items": len(rows),
+                                   "method": "confident learning (cleanlab) on out-of-fold "
+                                             "logistic regression over the cached features"}
+    except ValueError as exc:  # too few items per class for even two folds
+        issues = []
+        metrics["label_issues"] = {"found": None, "items": len(rows), "error": str(exc)}
     name = options.name or "fusion"
     config: dict[str, Any] = {}
     if trained.val is not None:
@@ -167,11 +177,30 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
                             checkpoint_blob=blob, job_id=job_id, tenant_id=job.tenant_id)
         job.model_version_id = mv.id
         s.flush()
+        store_label_issues(s, mv.id, issues)
         jobs.finish_job(s, job_id)
         model_id = mv.id
     log.info("model_registered job=%s model=%s val_accuracy=%s", job_id, model_id,
              metrics.get("val_accuracy"))
     return model_id
+
+
+def _label_issues(data: TrainingData, rows: list[ItemRow], labels: list[str],
+                  classes: list[str], seed: int) -> list[tuple[int, str, str, float]]:
+    """The rows whose given label looks wrong (``models.label_issues``), worst first: (item id,
+    given label, suggested label, quality)."""
+    parts = [(data.train, data.train_idx)]
+    if data.val is not None:
+        parts.append((data.val, data.val_idx))
+    order = [i for _, idx in parts for i in idx]
+    features = {m: np.concatenate([fs.features[m].numpy() for fs, _ in parts])
+                for m in data.train.features}
+    present = np.concatenate([fs.mask.numpy() for fs, _ in parts])
+    targets = [classes.index(labels[i]) for i in order]
+    probs = out_of_fold_probabilities(design_matrix(features, present), targets, len(classes),
+                                      [rows[i].group for i in order], seed)
+    return [(rows[order[x.row]].id, labels[order[x.row]], classes[x.suggested], x.quality)
+            for x in label_issues(targets, probs)]
 
 
 def _training_options(options: TrainOptions) -> dict[str, Any]:

@@ -1,0 +1,96 @@
+"""What people and models say an item's label is: the append-only label events (a correction, or
+an accepted prediction) and the label issues a training found in its own archive.
+
+An item's current label is its latest event's new label, else the label its archive gave
+(labels.csv). Events are never updated or deleted: two reviewers correcting one item both leave
+an event, and the later one is the label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from store.jobs import ANY_TENANT
+from store.schema import MAX_ID, Item, Job, LabelEvent, LabelIssue
+
+
+class ItemNotFound(LookupError):
+    """No such item, or another tenant's (the same answer for both)."""
+
+
+@dataclass(frozen=True)
+class IssueRow:
+    """One label issue with its item's key and job."""
+
+    rank: int
+    item_id: int
+    key: str
+    job_id: str
+    given_label: str
+    suggested_label: str
+    quality: float
+
+
+def get_item(session: Session, item_id: int, tenant_id: int | None = ANY_TENANT
+             ) -> tuple[Item, Job]:
+    """The item and the job that ingested it, in ``tenant_id``'s jobs."""
+    row = (session.execute(select(Item, Job).join(Job, Job.id == Item.job_id)
+                           .where(Item.id == item_id)).first()
+           if 0 < item_id <= MAX_ID else None)
+    if row is None or (tenant_id != ANY_TENANT and row[1].tenant_id != tenant_id):
+        raise ItemNotFound(item_id)
+    return row[0], row[1]
+
+
+def current_labels(session: Session, item_ids: list[int]) -> dict[int, str | None]:
+    """Each item's current label: its latest event's, else its given one."""
+    if not item_ids:
+        return {}
+    labels: dict[int, str | None] = {
+        item_id: label for item_id, label
+        in session.execute(select(Item.id, Item.label).where(Item.id.in_(item_ids)))}
+    latest = (select(LabelEvent.item_id, func.max(LabelEvent.id).label("last"))
+              .where(LabelEvent.item_id.in_(item_ids)).group_by(LabelEvent.item_id).subquery())
+    labels.update((item_id, label) for item_id, label in session.execute(
+        select(LabelEvent.item_id, LabelEvent.new_label)
+        .join(latest, LabelEvent.id == latest.c.last)))
+    return labels
+
+
+def record_label(session: Session, item: Item, label: str, *, api_key_id: int | None,
+                 model_version_id: int | None, verified: bool = True) -> LabelEvent:
+    """Append an event that sets ``item``'s label to ``label``."""
+    event = LabelEvent(item_id=item.id, api_key_id=api_key_id,
+                       old_label=current_labels(session, [item.id])[item.id],
+                       new_label=label, model_version_id=model_version_id, verified=verified)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def label_history(session: Session, item_id: int) -> list[LabelEvent]:
+    """An item's label events, oldest first."""
+    return list(session.scalars(select(LabelEvent).where(LabelEvent.item_id == item_id)
+                                .order_by(LabelEvent.id)))
+
+
+def store_label_issues(session: Session, model_version_id: int,
+                       issues: list[tuple[int, str, str, float]]) -> None:
+    """Keep a model version's label issues, worst first: (item id, given, suggested, quality)."""
+    session.add_all(LabelIssue(model_version_id=model_version_id, rank=rank, item_id=item_id,
+                               given_label=given, suggested_label=suggested, quality=quality)
+                    for rank, (item_id, given, suggested, quality) in enumerate(issues))
+
+
+def label_issue_page(session: Session, model_version_id: int, after_rank: int, limit: int
+                     ) -> list[IssueRow]:
+    """Up to ``limit`` label issues ranked after ``after_rank`` (-1: from the worst)."""
+    rows = session.execute(
+        select(LabelIssue, Item.key, Item.job_id).join(Item, Item.id == LabelIssue.item_id)
+        .where(LabelIssue.model_version_id == model_version_id, LabelIssue.rank > after_rank)
+        .order_by(LabelIssue.rank).limit(limit))
+    return [IssueRow(i.rank, i.item_id, key, job_id, i.given_label, i.suggested_label,
+                     i.quality) for i, key, job_id in rows]

@@ -1,0 +1,157 @@
+"""Corrections and label issues: a train job ranks its own planted label flips, a person corrects
+an item's label through the API (append-only events, the later one wins), tenants stay apart.
+
+In-process: the app from its factory over a real SQLite database and the worker's own functions
+(ingest, batches with the real encoders, training), as tests/test_architecture.py runs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from samples.noise import flip_labels
+from store import keys
+from tests.util import embedded_runtime
+from web.app import create_app
+from worker.batch import BatchProcessor
+from worker.ingest import ingest_job
+from worker.training import train_job
+
+FLIPS = 6
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, sample_dir: Any) -> Any:
+    """A train job on the sample with FLIPS labels flipped, run to its model."""
+    tmp = tmp_path_factory.mktemp("labels")
+    archive = tmp / "flipped.tar.gz"
+    flipped = flip_labels(sample_dir.train, archive, FLIPS / 76, seed=3)  # 76 in the train split
+    rt = embedded_runtime(tmp / "data")
+    with rt.db.session() as s:
+        mine, other = keys.create_key(s, "mine"), keys.create_key(s, "other", "elsewhere")
+    app = create_app(rt.settings)
+    app.extensions["mmbatch"].celery.send_task = lambda *a, **kw: None  # the worker is here
+    client = app.test_client()
+
+    def run(path: Path, kind: str, key: str, **form: str) -> dict[str, Any]:
+        with open(path, "rb") as f:
+            r = client.post("/api/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                            data={"kind": kind, "archive": (f, path.name), **form})
+        assert r.status_code == 202, r.get_json()
+        job_id = str(r.get_json()["id"])
+        for ids in ingest_job(rt, job_id):
+            if BatchProcessor(rt, job_id, ids).run().next_step == "train":
+                train_job(rt, job_id)
+        return client.get(f"/api/v1/jobs/{job_id}",  # type: ignore[no-any-return]
+                          headers={"Authorization": f"Bearer {key}"}).get_json()
+
+    job = run(archive, "train", mine.key, epochs="8")
+    assert job["state"] == "succeeded", job
+    other_job = run(sample_dir.unlabelled, "embed", other.key)
+    yield {"client": client, "job": job, "model": job["model"]["id"], "flipped": flipped,
+           "mine": {"Authorization": f"Bearer {mine.key}"},
+           "other": {"Authorization": f"Bearer {other.key}"}, "other_job": other_job}
+    rt.close()
+
+
+def _items(env: Any, job_id: str, headers: dict[str, str]) -> dict[str, dict[str, Any]]:
+    page = env["client"].get(f"/api/v1/jobs/{job_id}/results?limit=1000", headers=headers)
+    return {i["key"]: i for i in page.get_json()["items"]}
+
+
+def test_a_train_job_ranks_its_planted_flips_first(trained: Any) -> None:
+    client, model = trained["client"], trained["model"]
+    found = client.get(f"/api/v1/models/{model}/label-issues?limit=1000",
+                       headers=trained["mine"]).get_json()
+    keys_found = [i["key"] for i in found["issues"]]
+    assert found["found"] == len(found["issues"]) > 0
+    # 96 items, 6 flipped: a list in random order holds 0.75 of them in its first 12. On the
+    # sample's features, across seeds, the first 12 hold 4 to 6 (tests/test_label_issues.py
+    # checks the method on clearer clusters).
+    caught = set(keys_found[:2 * FLIPS]) & set(trained["flipped"])
+    assert len(caught) >= 4, (keys_found[:2 * FLIPS], trained["flipped"])
+    for issue in found["issues"]:
+        if issue["key"] in trained["flipped"]:
+            true, given = trained["flipped"][issue["key"]]
+            assert issue["given_label"] == given
+    qualities = [i["quality"] for i in found["issues"]]
+    assert qualities == sorted(qualities)  # worst first
+    model_page = client.get(f"/api/v1/models/{model}", headers=trained["mine"]).get_json()
+    assert model_page["metrics"]["label_issues"]["found"] == found["found"]
+
+
+def test_label_issues_page_with_a_cursor_and_stay_in_their_tenant(trained: Any) -> None:
+    client, model = trained["client"], trained["model"]
+    whole = client.get(f"/api/v1/models/{model}/label-issues?limit=1000",
+                       headers=trained["mine"]).get_json()["issues"]
+    paged, cursor = [], ""
+    while True:
+        page = client.get(f"/api/v1/models/{model}/label-issues?limit=2&cursor={cursor}",
+                          headers=trained["mine"]).get_json()
+        paged += page["issues"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [i["item"] for i in paged] == [i["item"] for i in whole]
+    assert client.get(f"/api/v1/models/{model}/label-issues",
+                      headers=trained["other"]).status_code == 404
+    bad = client.get(f"/api/v1/models/{model}/label-issues?cursor=nonsense",
+                     headers=trained["mine"])
+    assert bad.status_code == 400 and bad.get_json()["error"]["code"] == "invalid_cursor"
+
+
+def test_corrections_are_appended_and_the_later_one_wins(trained: Any) -> None:
+    client, headers = trained["client"], trained["mine"]
+    key, (true, given) = next(iter(trained["flipped"].items()))
+    item = _items(trained, trained["job"]["id"], headers)[key]["item_id"]
+    first = client.post(f"/api/v1/items/{item}/label", json={"label": true}, headers=headers)
+    assert first.status_code == 201, first.get_json()
+    assert first.get_json()["event"]["old_label"] == given
+    assert first.get_json()["event"]["model"] == trained["model"]
+    second = client.post(f"/api/v1/items/{item}/label", json={"label": given}, headers=headers)
+    assert second.status_code == 201
+    history = client.get(f"/api/v1/items/{item}/labels", headers=headers).get_json()
+    assert [(e["old_label"], e["new_label"]) for e in history["events"]] == \
+        [(given, true), (true, given)]
+    assert history["given_label"] == given and history["label"] == given
+    assert all(e["verified"] for e in history["events"])
+    client.post(f"/api/v1/items/{item}/label", json={"label": true}, headers=headers)
+    issues = client.get(f"/api/v1/models/{trained['model']}/label-issues?limit=1000",
+                        headers=headers).get_json()["issues"]
+    shown = [i for i in issues if i["item"] == item]
+    assert not shown or shown[0]["label"] == true  # the issue shows the label as it is now
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"label": "unicorn"}, 400, "unknown_label"),
+    ({"label": ""}, 400, "invalid_label"),
+    ({"label": "a\x00b"}, 400, "invalid_label"),
+    ({"label": 3}, 400, "invalid_label"),
+    (["day_bird"], 400, "invalid_body"),
+    ({"label": "day_bird", "model": 999999}, 400, "unknown_model"),
+])
+def test_bad_corrections_are_400(trained: Any, body: Any, status: int, code: str) -> None:
+    headers = trained["mine"]
+    item = next(iter(_items(trained, trained["job"]["id"], headers).values()))["item_id"]
+    r = trained["client"].post(f"/api/v1/items/{item}/label", json=body, headers=headers)
+    assert r.status_code == status and r.get_json()["error"]["code"] == code, r.get_json()
+    if code == "unknown_label":  # names the classes it may be
+        assert "day_bird" in r.get_json()["error"]["message"]
+
+
+def test_items_of_another_tenant_and_unknown_items_are_404(trained: Any) -> None:
+    client = trained["client"]
+    theirs = next(iter(_items(trained, trained["other_job"]["id"],
+                              trained["other"]).values()))["item_id"]
+    for item in (theirs, 2**31, 0):
+        for r in (client.post(f"/api/v1/items/{item}/label", json={"label": "day_bird"},
+                              headers=trained["mine"]),
+                  client.get(f"/api/v1/items/{item}/labels", headers=trained["mine"])):
+            assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
+    # the other tenant has no model: any label is taken for its own item
+    r = client.post(f"/api/v1/items/{theirs}/label", json={"label": "anything"},
+                    headers=trained["other"])
+    assert r.status_code == 201 and r.get_json()["event"]["model"] is None
