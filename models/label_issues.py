@@ -84,6 +84,8 @@ def label_issues(labels: Sequence[int], probs: np.ndarray) -> list[LabelIssue]:
     y = np.asarray(labels)
     if len(np.unique(y)) < 2:
         return []
-    flagged = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab forks a multiprocessing pool otherwise, and a fork of a worker that
+    # holds torch's threads hangs (a Celery trainer never finished its task).
+    flagged = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(y, probs, method="self_confidence")
     return [LabelIssue(int(i), int(probs[i].argmax()), float(quality[i])) for i in flagged]
