@@ -177,5 +177,14 @@ class Client:
             body["model"] = model
         return self._call("POST", f"/api/v1/items/{item_id}/label", json=body)
 
+    def review(self, job_id: str | None = None, model: int | None = None,
+               strategy: str = "uncertain", limit: int = 20) -> dict[str, Any]:
+        params: dict[str, Any] = {"strategy": strategy, "limit": limit}
+        if job_id is not None:
+            params["job"] = job_id
+        if model is not None:
+            params["model"] = model
+        return self._call("GET", "/api/v1/review", params=params)
+
     def labels(self, item_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/items/{item_id}/labels")

@@ -378,6 +378,28 @@ def models_promote(model_id: int, url: str | None) -> None:
     click.echo(f"default model: {model['name']} v{model['version']} (id {model['id']})")
 
 
+@main.command()
+@click.argument("job_id", required=False, metavar="[JOB]")
+@click.option("--strategy", type=click.Choice(["uncertain", "diverse", "label-issues"]),
+              default="uncertain", show_default=True)
+@click.option("--model", type=int, default=None, help="with --strategy label-issues")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--url", default=None)
+def review(job_id: str | None, strategy: str, model: int | None, limit: int,
+           url: str | None) -> None:
+    """What to look at next in a classify JOB: the least sure predictions (or a page spread
+    over them, --strategy diverse), or a model's label issues (--strategy label-issues --model
+    ID). Accept or correct each with `mmbatch label ITEM LABEL`."""
+    page = _run(lambda: _client(url).review(job_id, model, strategy, limit))
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    table = Table("item", "key", "label", "confidence", "why")
+    for i in page["items"]:
+        table.add_row(str(i["item"]), i["key"], i["label"] or "",
+                      "" if i["confidence"] is None else f"{i['confidence']:.3f}", i["reason"])
+    console.print(table)
+    console.print(f"{len(page['items'])} to review; accept or correct: mmbatch label ITEM LABEL")
+
+
 @main.command("label-issues")
 @click.argument("model_id", type=int, metavar="MODEL")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))

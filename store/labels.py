@@ -1,5 +1,6 @@
 """What people and models say an item's label is: the append-only label events (a correction, or
-an accepted prediction) and the label issues a training found in its own archive.
+an accepted prediction), the label issues a training found in its own archive, and the
+predictions of a job still waiting for a person to look at them.
 
 An item's current label is its latest event's new label, else the label its archive gave
 (labels.csv). Events are never updated or deleted: two reviewers correcting one item both leave
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from store.jobs import ANY_TENANT
-from store.schema import MAX_ID, Item, Job, LabelEvent, LabelIssue
+from store.jobs import ANY_TENANT, result_model
+from store.schema import MAX_ID, Item, Job, LabelEvent, LabelIssue, Result
 
 
 class ItemNotFound(LookupError):
@@ -32,6 +33,33 @@ class IssueRow:
     given_label: str
     suggested_label: str
     quality: float
+
+
+@dataclass(frozen=True)
+class Unreviewed:
+    """A job's prediction for an item that no person has labelled yet."""
+
+    item_id: int
+    key: str
+    label: str | None
+    confidence: float | None
+    top_k: list[dict[str, object]]
+    embedding: bytes | None
+
+
+def unreviewed(session: Session, job: Job, with_embeddings: bool = False) -> list[Unreviewed]:
+    """The job's ok predictions for items without a label event, in item order."""
+    columns = [Item.id, Item.key, Result.label, Result.confidence, Result.top_k]
+    if with_embeddings:
+        columns.append(Result.embedding)
+    rows = session.execute(
+        select(*columns).join(Result, Result.item_id == Item.id)
+        .where(Result.job_id == job.id, Result.model_version_id == result_model(job),
+               Result.status == "ok",
+               ~Item.id.in_(select(LabelEvent.item_id).distinct()))
+        .order_by(Item.id))
+    return [Unreviewed(r[0], r[1], r[2], r[3], list(r[4] or []),
+                       r[5] if with_embeddings else None) for r in rows]
 
 
 def get_item(session: Session, item_id: int, tenant_id: int | None = ANY_TENANT

@@ -1,5 +1,6 @@
-"""Corrections and label issues: a train job ranks its own planted label flips, a person corrects
-an item's label through the API (append-only events, the later one wins), tenants stay apart.
+"""Corrections, label issues and the review queue: a train job ranks its own planted label flips,
+a person corrects an item's label through the API (append-only events, the later one wins) and
+reviews the least sure predictions first; tenants stay apart.
 
 In-process: the app from its factory over a real SQLite database and the worker's own functions
 (ingest, batches with the real encoders, training), as tests/test_architecture.py runs them.
@@ -51,7 +52,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_dir: Any) -> Any:
     job = run(archive, "train", mine.key, epochs="8")
     assert job["state"] == "succeeded", job
     other_job = run(sample_dir.unlabelled, "embed", other.key)
+    classified = run(sample_dir.unlabelled, "classify", mine.key)
     yield {"client": client, "job": job, "model": job["model"]["id"], "flipped": flipped,
+           "classified": classified,
            "mine": {"Authorization": f"Bearer {mine.key}"},
            "other": {"Authorization": f"Bearer {other.key}"}, "other_job": other_job}
     rt.close()
@@ -155,3 +158,72 @@ def test_items_of_another_tenant_and_unknown_items_are_404(trained: Any) -> None
     r = client.post(f"/api/v1/items/{theirs}/label", json={"label": "anything"},
                     headers=trained["other"])
     assert r.status_code == 201 and r.get_json()["event"]["model"] is None
+
+
+def _margin(item: dict[str, Any]) -> float:
+    probs = sorted((t["probability"] for t in item["top_k"]), reverse=True) + [0.0]
+    return float(probs[0] - probs[1])
+
+
+def test_the_review_queue_pages_the_least_sure_first_and_a_labelled_item_leaves_it(
+        trained: Any) -> None:
+    client, headers, job = trained["client"], trained["mine"], trained["classified"]["id"]
+    seen: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        page = client.get(f"/api/v1/review?job={job}&limit=5&cursor={cursor}",
+                          headers=headers).get_json()
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    margins = [_margin(i) for i in seen]
+    assert margins == sorted(margins) and len(seen) == len({i["item"] for i in seen}) == 32
+    assert all(i["reason"].startswith("least sure: margin") for i in seen)
+    first = seen[0]
+    r = client.post(f"/api/v1/items/{first['item']}/label", json={"label": first["label"]},
+                    headers=headers)  # accepting the prediction is a label event too
+    assert r.status_code == 201 and r.get_json()["event"]["old_label"] is None
+    after = client.get(f"/api/v1/review?job={job}&limit=100", headers=headers).get_json()
+    assert first["item"] not in {i["item"] for i in after["items"]}
+    assert len(after["items"]) == 31
+
+
+def test_a_diverse_page_comes_from_the_least_sure_and_spreads_out(trained: Any) -> None:
+    client, headers, job = trained["client"], trained["mine"], trained["classified"]["id"]
+    diverse = client.get(f"/api/v1/review?job={job}&strategy=diverse&limit=3",
+                         headers=headers).get_json()
+    uncertain = client.get(f"/api/v1/review?job={job}&limit=30", headers=headers).get_json()
+    pool = [i["item"] for i in uncertain["items"]]
+    picked = [i["item"] for i in diverse["items"]]
+    assert len(picked) == len(set(picked)) == 3 and set(picked) <= set(pool)
+    assert picked[0] == pool[0]  # k-centre starts from the least sure
+    assert picked != pool[:3]  # and then goes elsewhere than the next least sure
+    assert diverse["next_cursor"] is None
+
+
+def test_the_review_queue_of_label_issues_follows_the_issue_list(trained: Any) -> None:
+    client, headers, model = trained["client"], trained["mine"], trained["model"]
+    issues = client.get(f"/api/v1/models/{model}/label-issues?limit=4",
+                        headers=headers).get_json()["issues"]
+    review = client.get(f"/api/v1/review?model={model}&strategy=label-issues&limit=4",
+                        headers=headers).get_json()
+    assert [i["item"] for i in review["items"]] == [i["item"] for i in issues]
+    assert "looks wrong" in review["items"][0]["reason"]
+
+
+@pytest.mark.parametrize("query, who, status, code", [
+    ("strategy=loudest&job={classified}", "mine", 400, "invalid_strategy"),
+    ("strategy=uncertain", "mine", 400, "invalid_job"),
+    ("strategy=label-issues", "mine", 400, "invalid_model"),
+    ("job={train}", "mine", 409, "not_a_classify_job"),
+    ("job={classified}", "other", 404, "not_found"),
+    ("job={classified}&cursor=bm9wZQ", "mine", 400, "invalid_cursor"),
+    ("job={classified}&limit=0", "mine", 400, "invalid_limit"),
+])
+def test_bad_review_requests_are_4xx(trained: Any, query: str, who: str, status: int,
+                                     code: str) -> None:
+    url = "/api/v1/review?" + query.format(classified=trained["classified"]["id"],
+                                          train=trained["job"]["id"])
+    r = trained["client"].get(url, headers=trained[who])
+    assert r.status_code == status and r.get_json()["error"]["code"] == code, r.get_json()

@@ -1,6 +1,7 @@
 """Items' labels under /api/v1: a person's correction (or acceptance) of an item's label, its
-history, and the label issues a training found in its own archive
-(``/api/v1/models/<id>/label-issues``). Corrections are append-only events (``store.labels``)."""
+history, the label issues a training found in its own archive
+(``/api/v1/models/<id>/label-issues``), and the review queue of what a person should look at
+next (``/api/v1/review``). Corrections are append-only events (``store.labels``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from flask import Blueprint, current_app, jsonify, request
 
 from store import labels
 from web import auth, service
-from web.paging import encode_cursor, int_arg, int_cursor
+from web.errors import ApiError
+from web.paging import decode_cursor, encode_cursor, int_arg, int_cursor
 from web.serializers import label_event_payload, label_history_payload, label_issue_payload
 
 labels_api = Blueprint("labels_api", __name__)
@@ -55,3 +57,47 @@ def get_label_issues(model_id: int):  # type: ignore[no-untyped-def]
             "found": (model.metrics or {}).get("label_issues", {}).get("found"),
             "issues": [label_issue_payload(r, current[r.item_id]) for r in rows],
             "next_cursor": encode_cursor("r", str(rows[-1].rank + 1)) if more else None})
+
+
+@labels_api.get("/api/v1/review")
+def review():  # type: ignore[no-untyped-def]
+    """What a person should look at next: ``?job=<classify job>&strategy=uncertain|diverse``,
+    or ``?model=<id>&strategy=label-issues`` (the model's training archive's label issues)."""
+    settings = _services().settings
+    limit = int_arg("limit", 20, 1, settings.max_page_size)
+    strategy = request.args.get("strategy", "uncertain")
+    if strategy == "label-issues":
+        model_id = int_arg("model", 0, 1, 2**31 - 1)
+        if not model_id:
+            raise ApiError(400, "invalid_model", "strategy=label-issues needs model=<id>")
+        after = int_cursor(request.args.get("cursor"), "r") - 1
+        with _services().db.session() as s:
+            model = service.get_model_or_404(s, model_id)
+            rows = labels.label_issue_page(s, model.id, after, limit + 1)
+            current = labels.current_labels(s, [r.item_id for r in rows[:limit]])
+        items = [{"item": r.item_id, "key": r.key, "job": r.job_id, "label": current[r.item_id],
+                  "confidence": None, "top_k": None,
+                  "reason": f"given label {r.given_label} looks wrong (quality "
+                            f"{r.quality:.3f}); suggested {r.suggested_label}"}
+                 for r in rows[:limit]]
+        more = len(rows) > limit
+        return jsonify({"items": items, "next_cursor":
+                        encode_cursor("r", str(rows[limit - 1].rank + 1)) if more else None})
+    job_id = request.args.get("job")
+    if not job_id:
+        raise ApiError(400, "invalid_job", "give job=<classify job id> (or model=<id> with "
+                                           "strategy=label-issues)")
+    page = service.review_page(_services(), job_id, strategy, limit,
+                               _margin_cursor(request.args.get("cursor")))
+    return jsonify({"items": page.items, "next_cursor": None if page.next_after is None
+                    else encode_cursor("u", f"{page.next_after[0]!r}|{page.next_after[1]}")})
+
+
+def _margin_cursor(raw: str | None) -> tuple[float, int] | None:
+    if not raw:
+        return None
+    try:
+        sureness, item_id = decode_cursor(raw, "u").split("|")
+        return float(sureness), int(item_id)
+    except ValueError:
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None

@@ -231,6 +231,17 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "NothingToReprocess": _obj({"status": {"type": "string",
                                                "enum": ["nothing to reprocess"]},
                                     "reason": {"type": "string"}}),
+        "ReviewPage": _obj({
+            "items": {"type": "array", "maxItems": settings.max_page_size, "items": _obj({
+                "item": {"type": "integer"}, "key": {"type": "string"},
+                "job": {"type": "string"},
+                "label": _nullable({"type": "string", "description": "the prediction (or, for "
+                                    "label issues, the item's label now)"}),
+                "confidence": _nullable({"type": "number"}),
+                "top_k": _nullable({"type": "array", "items": _obj({
+                    "label": {"type": "string"}, "probability": {"type": "number"}})}),
+                "reason": {"type": "string"}})},
+            "next_cursor": _nullable({"type": "string"})}),
         "LabelEvent": label_event,
         "LabelHistory": _obj({
             "item": {"type": "integer"}, "key": {"type": "string"}, "job": {"type": "string"},
@@ -436,6 +447,24 @@ def _paths(settings: Any) -> dict[str, Any]:
                        "worst first",
             "responses": {"200": _json(_ref("LabelIssues"), "a page of label issues"),
                           **_errors(400, 404)}}},
+        "/api/v1/review": {"get": {
+            "operationId": "review", "tags": ["labels"],
+            "summary": "What a person should look at next: a classify job's least sure "
+                       "predictions, a page spread over them, or a model's label issues",
+            "parameters": [
+                {"name": "job", "in": "query", "required": False,
+                 "description": "a classify job (strategies uncertain and diverse)",
+                 "schema": {"type": "string"}},
+                {"name": "model", "in": "query", "required": False,
+                 "description": "a model version (strategy label-issues)",
+                 "schema": {"type": "integer", "minimum": 1}},
+                {"name": "strategy", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["uncertain", "diverse",
+                                                       "label-issues"]}},
+                _p("Limit"), _p("Cursor")],
+            "responses": {"200": _json(_ref("ReviewPage"), "a page; labelled items leave the "
+                                                           "queue"),
+                          **_errors(400, 404, 409)}}},
         "/api/v1/items/{item_id}/label": {"post": {
             "operationId": "setLabel", "tags": ["labels"], "parameters": [_p("ItemId")],
             "summary": "Set an item's label (an appended event; nothing is overwritten)",

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -32,6 +33,7 @@ from mmbatch.contract import (
     TrainOptions,
 )
 from mmbatch.netpolicy import DestinationRefused, check_url
+from mmbatch.review import k_centre, margin
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
 from store import jobs, labels, reprocess
@@ -103,6 +105,60 @@ def correct_label(svc: Services, item_id: int, body: Any) -> LabelEvent:
                                     model_version_id=model.id if model is not None else None)
         s.expunge(event)
         return event
+
+
+REVIEW_STRATEGIES = ("uncertain", "diverse", "label-issues")
+DIVERSE_POOL = 10  # a diverse page of k is spread over the k * DIVERSE_POOL least sure
+
+
+@dataclass(frozen=True)
+class ReviewPage:
+    """Items for a person to look at, in order, each with why; and where the next page starts."""
+
+    items: list[dict[str, Any]]
+    next_after: tuple[float, int] | None
+
+
+def review_page(svc: Services, job_id: str, strategy: str, limit: int,
+                after: tuple[float, int] | None) -> ReviewPage:
+    """A classify job's predictions that no person has looked at yet: the least sure first
+    (``uncertain``; ``after`` is the (margin, item id) the last page ended on), or a page spread
+    over the embedding space among the least sure (``diverse``: ask again once it is reviewed).
+    A labelled item leaves the queue."""
+    if strategy not in ("uncertain", "diverse"):
+        raise ApiError(400, "invalid_strategy",
+                       f"strategy must be one of {', '.join(REVIEW_STRATEGIES)}")
+    with svc.db.session() as s:
+        job = get_job_or_404(s, job_id)
+        if job.kind not in ("classify", "reprocess") or job.model_version_id is None:
+            raise ApiError(409, "not_a_classify_job",
+                           "review takes a job that ran a classifier (a classify job)")
+        rows = labels.unreviewed(s, job, with_embeddings=strategy == "diverse")
+    ranked = sorted(((margin(r.top_k), r.item_id), r) for r in rows)
+    if after is not None:
+        ranked = [(order, r) for order, r in ranked if order > after]
+    if strategy == "diverse":
+        pool = ranked[:limit * DIVERSE_POOL]
+        vectors = [np.frombuffer(r.embedding, dtype="<f4") if r.embedding else None
+                   for _, r in pool]
+        if pool and all(v is not None and len(v) == len(vectors[0]) for v in vectors):
+            picked = k_centre(np.stack(vectors), limit)  # type: ignore[arg-type]
+            pool = [pool[i] for i in picked]
+        return ReviewPage([_review_item(job_id, r, m, "spread over the least sure")
+                           for (m, _), r in pool[:limit]], None)
+    page = ranked[:limit]
+    more = len(ranked) > limit
+    return ReviewPage([_review_item(job_id, r, m, "least sure") for (m, _), r in page],
+                      page[-1][0] if more else None)
+
+
+def _review_item(job_id: str, row: labels.Unreviewed, sureness: float, why: str
+                 ) -> dict[str, Any]:
+    top = [t["label"] for t in row.top_k[:2]]
+    versus = f" between {top[0]} and {top[1]}" if len(top) == 2 else ""
+    return {"item": row.item_id, "key": row.key, "job": job_id, "label": row.label,
+            "confidence": row.confidence, "top_k": row.top_k,
+            "reason": f"{why}: margin {sureness:.3f}{versus}"}
 
 
 def _model_shown(s: Session, job: Job, requested: Any) -> ModelVersion | None:
