@@ -99,6 +99,33 @@ def record_label(session: Session, item: Item, label: str, *, api_key_id: int | 
     return event
 
 
+def labelled_copies(session: Session, job_ids: list[str], holdout: str | None = None
+                    ) -> tuple[list[dict[str, object]], int]:
+    """Items of ``job_ids`` that have a label now (given, or set by an event), as new items of a
+    train job: the same media, the current label, the group; keyed ``<job id>/<key>`` so that
+    two jobs' keys never collide. With ``holdout="verified"`` the items a person labelled are
+    the validation split and the others the training split; otherwise each keeps its split.
+    Returns the rows and how many of them were verified."""
+    rows = list(session.execute(select(Item).where(Item.job_id.in_(job_ids))
+                                .order_by(Item.job_id, Item.id)).scalars())
+    current = {}
+    for start in range(0, len(rows), 1000):
+        current.update(current_labels(session, [i.id for i in rows[start:start + 1000]]))
+    verified = set(session.scalars(
+        select(LabelEvent.item_id).distinct().join(Item, Item.id == LabelEvent.item_id)
+        .where(LabelEvent.verified.is_(True), Item.job_id.in_(job_ids))))
+    copies: list[dict[str, object]] = []
+    for item in rows:
+        label = current.get(item.id)
+        if label is None:
+            continue
+        split = (("val" if item.id in verified else "train") if holdout == "verified"
+                 else item.split)
+        copies.append({"key": f"{item.job_id}/{item.key}", "media": item.media, "label": label,
+                       "split": split, "group": item.group})
+    return copies, sum(1 for item in rows if item.id in verified and current.get(item.id))
+
+
 def label_history(session: Session, item_id: int) -> list[LabelEvent]:
     """An item's label events, oldest first."""
     return list(session.scalars(select(LabelEvent).where(LabelEvent.item_id == item_id)

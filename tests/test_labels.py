@@ -54,7 +54,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_dir: Any) -> Any:
     other_job = run(sample_dir.unlabelled, "embed", other.key)
     classified = run(sample_dir.unlabelled, "classify", mine.key)
     yield {"client": client, "job": job, "model": job["model"]["id"], "flipped": flipped,
-           "classified": classified,
+           "classified": classified, "rt": rt,
            "mine": {"Authorization": f"Bearer {mine.key}"},
            "other": {"Authorization": f"Bearer {other.key}"}, "other_job": other_job}
     rt.close()
@@ -226,4 +226,65 @@ def test_bad_review_requests_are_4xx(trained: Any, query: str, who: str, status:
     url = "/api/v1/review?" + query.format(classified=trained["classified"]["id"],
                                           train=trained["job"]["id"])
     r = trained["client"].get(url, headers=trained[who])
+    assert r.status_code == status and r.get_json()["error"]["code"] == code, r.get_json()
+
+
+def test_retraining_from_jobs_uses_corrections_and_holds_out_what_people_verified(
+        trained: Any) -> None:
+    client, headers = trained["client"], trained["mine"]
+    train_id, classify_id = trained["job"]["id"], trained["classified"]["id"]
+    # a person labels three of the classify job's items (one of them twice: the later counts)
+    picked = list(_items(trained, classify_id, headers).values())[-3:]
+    for item in picked:
+        r = client.post(f"/api/v1/items/{item['item_id']}/label",
+                        json={"label": item["label"]}, headers=headers)
+        assert r.status_code == 201
+    r = client.post(f"/api/v1/items/{picked[0]['item_id']}/label", json={"label": "day_frog"},
+                    headers=headers)
+    assert r.status_code == 201
+    body = {"kind": "train", "from_jobs": [train_id, classify_id], "holdout": "verified",
+            "epochs": 4, "name": "retrained"}
+    r = client.post("/api/v1/jobs", json=body, headers={**headers, "Idempotency-Key": "re-1"})
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["id"]
+    again = client.post("/api/v1/jobs", json=body, headers={**headers, "Idempotency-Key": "re-1"})
+    assert again.status_code == 200 and again.get_json()["id"] == job_id
+    other = client.post("/api/v1/jobs", json={**body, "epochs": 5},
+                        headers={**headers, "Idempotency-Key": "re-1"})
+    assert other.status_code == 422
+    for ids in ingest_job(trained["rt"], job_id):
+        if BatchProcessor(trained["rt"], job_id, ids).run().next_step == "train":
+            train_job(trained["rt"], job_id)
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).get_json()
+    assert job["state"] == "succeeded", job
+    report = client.get(f"/api/v1/jobs/{job_id}/report", headers=headers).get_json()["report"]
+    verified = report["verified"]
+    assert verified >= 3  # the three above, and any the other tests labelled
+    results = _items(trained, job_id, headers)
+    assert len(results) == 96 + verified  # every train item, and the classify items labelled
+    copied = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(classify_id)}
+    assert copied[picked[0]["key"]]["given_label"] == "day_frog"  # the latest event
+    assert all(v["split"] == "val" for v in copied.values())
+    assert sum(v["split"] == "val" for v in results.values()) == verified
+    model = client.get(f"/api/v1/models/{job['model']['id']}", headers=headers).get_json()
+    confusion = model["metrics"]["validation"]["confusion"]
+    assert sum(map(sum, confusion)) == verified  # validated on what people verified
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"kind": "train", "from_jobs": []}, 400, "invalid_from_jobs"),
+    ({"kind": "train", "from_jobs": "abc"}, 400, "invalid_from_jobs"),
+    ({"kind": "classify", "from_jobs": ["{train}"]}, 400, "invalid_kind"),
+    ({"kind": "train", "from_jobs": ["{train}"], "holdout": "all"}, 400, "invalid_holdout"),
+    ({"kind": "train", "from_jobs": ["{train}"], "epochz": 3}, 400, "unknown_field"),
+    ({"kind": "train", "from_jobs": ["{train}"], "epochs": "many"}, 400, "invalid_epochs"),
+    ({"kind": "train", "from_jobs": ["{other}"]}, 400, "unknown_job"),
+    (["train"], 400, "invalid_body"),
+])
+def test_bad_retrain_requests_are_4xx(trained: Any, body: Any, status: int, code: str) -> None:
+    ids = {"train": trained["job"]["id"], "other": trained["other_job"]["id"]}
+    if isinstance(body, dict):
+        body = {k: [j.format(**ids) for j in v] if isinstance(v, list) else v
+                for k, v in body.items()}
+    r = trained["client"].post("/api/v1/jobs", json=body, headers=trained["mine"])
     assert r.status_code == status and r.get_json()["error"]["code"] == code, r.get_json()

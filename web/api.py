@@ -37,8 +37,12 @@ def healthz():  # type: ignore[no-untyped-def]
 @api.post("/api/v1/jobs")
 def create_job():  # type: ignore[no-untyped-def]
     idem = request.headers.get("Idempotency-Key", "").strip() or None
-    job_id, created = service.submit_job(services(), request.mimetype, request.form,
-                                         request.files, idem)
+    if request.mimetype == "application/json":  # a train job on earlier jobs' items
+        job_id, created = service.submit_retrain(services(), request.get_json(silent=True),
+                                                 idem)
+    else:
+        job_id, created = service.submit_job(services(), request.mimetype, request.form,
+                                             request.files, idem)
     return job_response(job_id, status=202 if created else 200)
 
 

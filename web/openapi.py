@@ -327,6 +327,23 @@ def _paths(settings: Any) -> dict[str, Any]:
             **TrainOptions.schema(),
         },
     }
+    retrain = {
+        "type": "object",
+        "required": ["kind", "from_jobs"],
+        "additionalProperties": False,
+        "description": "a train job on earlier jobs' items, with their current labels "
+                       "(corrections included) and cached features",
+        "properties": {
+            "kind": {"type": "string", "enum": ["train"]},
+            "from_jobs": {"type": "array", "minItems": 1, "maxItems": 100,
+                          "items": {"type": "string"},
+                          "description": "jobs that succeeded; their labelled items train"},
+            "holdout": {"type": "string", "enum": ["verified"],
+                        "description": "the items a person labelled validate; the rest train"},
+            "callback_url": {"type": "string", "maxLength": 2048},
+            **TrainOptions.schema(),
+        },
+    }
     jobs_list_params = [
         _p("Limit"), _p("Cursor"),
         {"name": "state", "in": "query", "required": False,
@@ -359,12 +376,15 @@ def _paths(settings: Any) -> dict[str, Any]:
         "/api/v1/jobs": {
             "post": {
                 "operationId": "createJob", "tags": ["jobs"],
-                "summary": "Upload an archive and start a job",
+                "summary": "Upload an archive and start a job (or, as JSON, train on earlier "
+                           "jobs' items)",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                 "description": "a retry with the same key answers the job "
                                                "the first request made (200)",
                                 "schema": {"type": "string", "maxLength": 255}}],
-                "requestBody": _multipart(new_job),
+                "requestBody": {"required": True, "content": {
+                    **_multipart(new_job)["content"],
+                    "application/json": {"schema": retrain}}},
                 "responses": {
                     "200": _json(_ref("Job"), "the job an earlier request with this "
                                               "Idempotency-Key made", location),

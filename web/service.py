@@ -225,6 +225,87 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
     return job_id, True
 
 
+MAX_FROM_JOBS = 100
+HOLDOUTS = ("verified",)
+
+
+def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tuple[str, bool]:
+    """A train job on earlier jobs' items instead of an archive (JSON ``{"kind": "train",
+    "from_jobs": [ids], "holdout": "verified", …train options}``): their current labels,
+    corrections included, and their cached features. Answers like :func:`submit_job`."""
+    tenant = auth.tenant_id()
+    if idempotency_key is not None and (len(idempotency_key) > 255
+                                        or not idempotency_key.isprintable()):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "Idempotency-Key is at most 255 printable characters")
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", 'send a JSON object: {"kind": "train", '
+                                            '"from_jobs": [job ids], …train options}')
+    known = ("kind", "from_jobs", "holdout", "callback_url", *TRAIN_FIELDS)
+    for name in body:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ApiError(400, "unknown_field", f"unknown field {name!r}{hint}; fields: "
+                                                 f"{', '.join(known)}")
+    if body.get("kind") != "train":
+        raise ApiError(400, "invalid_kind", "a JSON job request makes a train job from earlier "
+                                            'jobs: "kind": "train"; other kinds send an archive')
+    sources = body.get("from_jobs")
+    if (not isinstance(sources, list) or not sources or len(sources) > MAX_FROM_JOBS
+            or not all(isinstance(j, str) for j in sources)):
+        raise ApiError(400, "invalid_from_jobs", "from_jobs must be a list of 1 to "
+                                                 f"{MAX_FROM_JOBS} job ids")
+    holdout = body.get("holdout")
+    if holdout is not None and holdout not in HOLDOUTS:
+        raise ApiError(400, "invalid_holdout", f"holdout must be one of {', '.join(HOLDOUTS)}")
+    callback = body.get("callback_url")
+    if callback is not None:
+        if not isinstance(callback, str) or len(callback) > 2048:
+            raise ApiError(400, "invalid_callback_url", "callback_url is a URL of at most 2048 "
+                                                        "characters")
+        try:
+            check_url(callback, svc.settings.webhook_allow)
+        except DestinationRefused as exc:
+            raise ApiError(400, "invalid_callback_url", str(exc)) from None
+    form = MultiDict({k: ("true" if v is True else "false" if v is False else str(v))
+                      for k, v in body.items() if k in TRAIN_FIELDS and v is not None})
+    options = _options("train", form)
+    with svc.db.session() as s:
+        for job_id in dict.fromkeys(sources):
+            try:
+                job = jobs.get_job(s, job_id, tenant)
+            except jobs.JobNotFound:
+                raise ApiError(400, "unknown_job", f"no job {job_id} to train from") from None
+            if job.state != "succeeded":
+                raise ApiError(409, "job_not_finished", f"job {job_id} is {job.state}: train "
+                                                        "from jobs that succeeded")
+    options.update(from_jobs=list(dict.fromkeys(sources)))
+    if holdout is not None:
+        options["holdout"] = holdout
+    fingerprint = _fingerprint({"kind": "train", "options": options, "callback_url": callback})
+    try:
+        with svc.db.session() as s:
+            existing = (jobs.find_by_idempotency_key(s, tenant, idempotency_key)
+                        if idempotency_key is not None else None)
+            if existing is not None:
+                return _same_request(existing, fingerprint), False
+            job_id = jobs.create_job(
+                s, kind="train", archive_blob="",
+                archive_name=f"items of {len(options['from_jobs'])} job(s)", archive_bytes=0,
+                model_version_id=None, options=options, tenant_id=tenant,
+                api_key_id=auth.current().key_id, idempotency_key=idempotency_key,
+                callback_url=callback, request_fingerprint=fingerprint).id
+    except IntegrityError:  # the same Idempotency-Key raced us: answer with the job that won
+        with svc.db.session() as s:
+            existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
+            if existing is None:
+                raise
+            return _same_request(existing, fingerprint), False
+    enqueue(svc, job_id, TASK_INGEST, job_id)
+    return job_id, True
+
+
 def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],
                  files: MultiDict[str, FileStorage]
                  ) -> tuple[str, FileStorage, Any, dict[str, Any], int | None, str | None]:

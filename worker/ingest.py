@@ -1,4 +1,5 @@
-"""Ingest: walk a job's archive, store its media once, insert its items, plan its batches."""
+"""Ingest: walk a job's archive, store its media once, insert its items, plan its batches. A train
+job on earlier jobs' items (``from_jobs``) copies them instead, with their current labels."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from media.archive import ArchiveError, LabelRow, Limits, walk
 from store import jobs
 from store.blobs import BlobNotFound
+from store.labels import labelled_copies
 from store.registry import get_model
 from worker.runtime import Runtime
 
@@ -28,10 +30,13 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
         jobs.reset_items(s, job_id)
         kind, archive_blob = job.kind, job.archive_blob
+        sources, holdout = job.options.get("from_jobs"), job.options.get("holdout")
         model = (get_model(s, job.model_version_id)
                  if job.model_version_id is not None and kind != "train" else None)
         known = (list(model.classes), f"{model.name} v{model.version}") if model else None
 
+    if sources:
+        return _copy_items(rt, job_id, sources, holdout)
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
         with rt.blobs.local_path(archive_blob) as path:
@@ -71,6 +76,33 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         ids = jobs.item_ids(s, job_id) if moved else []
     if moved:
         log.info("ingest_done job=%s items=%d skipped=%d", job_id, total, found.skipped_count)
+    return _batches(rt, job_id, ids)
+
+
+def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | None
+                ) -> list[list[int]]:
+    """A train job's items from earlier jobs: those with a label now, corrections included;
+    their features are cached, so extraction runs no encoder."""
+    with rt.db.session() as s:
+        rows, verified = labelled_copies(s, sources, holdout)
+    labels = {r["label"] for r in rows}
+    report = {"from_jobs": sources, "items": len(rows), "labelled": len(rows),
+              "verified": verified, "holdout": holdout, "skipped": [], "skipped_count": 0}
+    if len(labels) < 2:
+        _fail(rt, job_id, "a train job needs labelled items of at least two classes; the jobs "
+                          f"named hold {len(labels)} ({', '.join(map(str, labels))})", report)
+        return []
+    if holdout == "verified" and not verified:
+        _fail(rt, job_id, "holdout=verified needs items a person labelled (mmbatch label, or "
+                          "POST /api/v1/items/<id>/label); the jobs named have none", report)
+        return []
+    with rt.db.session() as s:
+        total = jobs.add_items(s, job_id, rows)
+        moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
+                                report=report, started_at=jobs.utcnow(), stage="extracting")
+        ids = jobs.item_ids(s, job_id) if moved else []
+    if moved:
+        log.info("ingest_done job=%s items=%d from_jobs=%d", job_id, total, len(sources))
     return _batches(rt, job_id, ids)
 
 
