@@ -269,6 +269,15 @@ def test_retraining_from_jobs_uses_corrections_and_holds_out_what_people_verifie
     model = client.get(f"/api/v1/models/{job['model']['id']}", headers=headers).get_json()
     confusion = model["metrics"]["validation"]["confusion"]
     assert sum(map(sum, confusion)) == verified  # validated on what people verified
+    gate = model["metrics"]["promotion"]  # against the first model, on the same holdout
+    assert gate["against"] == trained["model"] and gate["holdout_items"] == verified
+    assert gate["gate"] in ("passed", "failed")
+    assert (gate["gate"] == "passed") == (gate["macro_f1"] >= gate["default_macro_f1"])
+    assert model["is_default"] == (gate["gate"] == "passed")
+    if gate["gate"] == "failed":  # promoting it anyway says so
+        r = client.post(f"/api/v1/models/{model['id']}/promote", headers=headers).get_json()
+        assert r["is_default"] and r["metrics"]["promotion"]["promoted_by_hand"] is True
+    client.post(f"/api/v1/models/{trained['model']}/promote", headers=headers)  # as it was
 
 
 @pytest.mark.parametrize("body, status, code", [

@@ -34,9 +34,13 @@ def get_model_version(model_id: int):  # type: ignore[no-untyped-def]
 
 @models_api.post("/api/v1/models/<int:model_id>/promote")
 def promote_model(model_id: int):  # type: ignore[no-untyped-def]
-    """Make this version the tenant's default model."""
+    """Make this version the tenant's default model (one its promotion gate kept a candidate
+    records that the gate was overridden)."""
     with _services().db.session() as s:
-        service.get_model_or_404(s, model_id)
+        model = service.get_model_or_404(s, model_id)
+        gate = (model.metrics or {}).get("promotion")
+        if isinstance(gate, dict) and gate.get("gate") != "passed" and not model.is_default:
+            model.metrics = {**model.metrics, "promotion": {**gate, "promoted_by_hand": True}}
         return jsonify(model_payload(promote(s, model_id, auth.tenant_id()), full=True))
 
 

@@ -20,6 +20,7 @@ import torch
 from celery.worker import state as worker_state
 
 from mmbatch.contract import DEFAULT_BUDGET_SECONDS, MODALITIES, OptionError, TrainOptions
+from mmbatch.scoring import score_labels
 from models.adapt import (
     TrainedClassifier,
     TrainingData,
@@ -39,6 +40,7 @@ from models.training import (
     Progress,
     TrainConfig,
     choose_split,
+    predict,
     split_groups,
     stack_features,
 )
@@ -46,7 +48,8 @@ from store import features as feature_cache
 from store import jobs
 from store.jobs import ItemRow
 from store.labels import store_label_issues
-from store.registry import register_model
+from store.registry import ModelRow, default_model, promote, register_model
+from worker.batch import classify
 from worker.model_cache import models_of
 from worker.runtime import Runtime
 from worker.shift import store_training_summary
@@ -163,6 +166,10 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
     metrics["shift"] = store_training_summary(rt, _present(trained.train),
                                               _present(trained.val))
     data_bytes, config = save_checkpoint(trained.fusion.cpu())
+    gate = (_promotion_gate(rt, job_id, trained, data, classes)
+            if stored.get("holdout") == "verified" else None)
+    if gate is not None:
+        metrics["promotion"] = gate
     config["temperature"] = metrics.get("temperature", 1.0)  # worker.batch applies it
     config["shift"] = metrics["shift"]  # worker.shift compares classify jobs with it
     own_sections, registry = _save_encoders(rt, trained, present)
@@ -178,11 +185,54 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
         job.model_version_id = mv.id
         s.flush()
         store_label_issues(s, mv.id, issues)
+        if gate is not None and gate["gate"] == "passed":
+            promote(s, mv.id, job.tenant_id)
         jobs.finish_job(s, job_id)
         model_id = mv.id
     log.info("model_registered job=%s model=%s val_accuracy=%s", job_id, model_id,
              metrics.get("val_accuracy"))
     return model_id
+
+
+def _promotion_gate(rt: Runtime, job_id: str, trained: TrainedClassifier, data: TrainingData,
+                    classes: list[str]) -> dict[str, Any] | None:
+    """Whether a version trained on a verified holdout should become the default by itself: it
+    does when its macro F1 on the holdout is no worse than the current default's on the same
+    items (over the union of both models' classes and the holdout's labels)."""
+    with rt.db.session() as s:
+        tenant = jobs.get_job(s, job_id).tenant_id
+        current = default_model(s, tenant)
+        current_row = ModelRow.of(current) if current is not None else None
+    if current_row is None or trained.val is None or data.val is None:
+        return None  # the first model is the default anyway; without a holdout, no gate
+    adapted = sorted(m for m, e in current_row.encoders.items()
+                     if e.get("mode", "frozen") != "frozen")
+    if adapted:
+        return {"gate": "skipped", "against": current_row.id,
+                "why": f"the default model's {', '.join(adapted)} encoders are adapted: its "
+                       "predictions on the holdout need them"}
+    truth = [classes[int(t)] for t in data.val.labels]
+    probs, _ = predict(trained.fusion, trained.val.features, trained.val.mask)
+    mine = [classes[int(i)] for i in probs.argmax(dim=1)]
+    columns = list(data.val.features)
+    feats = [{m: data.val.features[m][i].numpy() for j, m in enumerate(columns)
+              if data.val.mask[i, j]} for i in range(len(truth))]
+    theirs_probs, _, _ = classify(models_of(rt), current_row, feats)
+    theirs = [current_row.classes[int(i)] for i in theirs_probs.argmax(axis=1)]
+    union = sorted({*classes, *current_row.classes, *truth})
+    new_f1 = score_labels([(t, p, None) for t, p in zip(truth, mine, strict=True)],
+                          union)["macro_f1"]
+    old_f1 = score_labels([(t, p, None) for t, p in zip(truth, theirs, strict=True)],
+                          union)["macro_f1"]
+    passed = new_f1 >= old_f1
+    log.info("promotion_gate job=%s holdout=%d macro_f1=%.4f default=%s default_macro_f1=%.4f "
+             "passed=%s", job_id, len(truth), new_f1, current_row.id, old_f1, passed)
+    return {"gate": "passed" if passed else "failed", "against": current_row.id,
+            "holdout_items": len(truth), "macro_f1": round(new_f1, 4),
+            "default_macro_f1": round(old_f1, 4),
+            "why": ("no worse than the default on the verified holdout: now the default"
+                    if passed else "worse than the default on the verified holdout: a "
+                                   "candidate; promote it by hand to use it anyway")}
 
 
 def _label_issues(data: TrainingData, rows: list[ItemRow], labels: list[str],
