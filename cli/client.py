@@ -96,6 +96,16 @@ class Client:
             headers["Content-Type"] = body.content_type
             return self._call("POST", "/api/v1/jobs", data=body, headers=headers)
 
+    def retrain(self, from_jobs: list[str], holdout: str | None = None,
+                idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
+        """A train job on earlier jobs' items with their current labels."""
+        body = {"kind": "train", "from_jobs": from_jobs,
+                **{k: v for k, v in options.items() if v is not None}}
+        if holdout is not None:
+            body["holdout"] = holdout
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/api/v1/jobs", json=body, headers=headers)
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
 

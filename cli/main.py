@@ -379,6 +379,34 @@ def models_promote(model_id: int, url: str | None) -> None:
 
 
 @main.command()
+@click.argument("from_jobs", nargs=-1, required=True, metavar="JOB...")
+@click.option("--holdout", type=click.Choice(["verified"]), default=None,
+              help="validate on the items people labelled; train on the rest")
+@click.option("--name", default=None, help="Name of the model it makes.")
+@click.option("--wait/--no-wait", default=False)
+@click.option("--url", default=None)
+@click.option("--set", "settings_", multiple=True, metavar="KEY=VALUE",
+              help="A train option, as for submit.")
+def retrain(from_jobs: tuple[str, ...], holdout: str | None, name: str | None, wait: bool,
+            url: str | None, settings_: tuple[str, ...]) -> None:
+    """Train a model on the items of earlier JOBs with their labels now (corrections
+    included), without uploading them again."""
+    client = _client(url)
+    extra = dict(_key_value(item) for item in settings_)
+    job = _run(lambda: client.retrain(list(from_jobs), holdout, name=name, **extra))
+    click.echo(f"job {job['id']} {job['state']} (train on {len(from_jobs)} job(s)' items)")
+    if wait:
+        job = _wait(client, job["id"])
+        _summary(client, job)
+        if job["state"] != "succeeded":
+            sys.exit(1)
+        gate = (_run(lambda: client.model(job["model"]["id"]))["metrics"]
+                .get("promotion") or {})
+        if gate:
+            click.echo(f"promotion gate: {gate['gate']}: {gate.get('why', '')}")
+
+
+@main.command()
 @click.argument("job_id", required=False, metavar="[JOB]")
 @click.option("--strategy", type=click.Choice(["uncertain", "diverse", "label-issues"]),
               default="uncertain", show_default=True)
