@@ -41,7 +41,7 @@ from mmbatch.contract import TERMINAL_STATES
 from mmbatch.settings import Settings
 from store import jobs, keys
 from store.blobs import BlobNotFound
-from store.registry import default_model, list_models, promote
+from store.registry import default_model, list_models
 from store.schema import ApiKey, Item, Job
 from web import auth, service
 from web.api import job_response
@@ -422,6 +422,5 @@ def confusion(model_id: int):  # type: ignore[no-untyped-def]
 @dashboard.post("/models/<int:model_id>/promote")
 def promote_model(model_id: int):  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
-        service.get_model_or_404(s, model_id)
-        promote(s, model_id, auth.tenant_id())
+        service.promote_model(s, model_id)
     return redirect(url_for("dashboard.models_page"), code=303)

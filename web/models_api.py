@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
-from store.registry import list_models, promote
+from store.registry import list_models
 from web import auth, service
 from web.api import job_response
 from web.errors import ApiError
@@ -37,11 +37,7 @@ def promote_model(model_id: int):  # type: ignore[no-untyped-def]
     """Make this version the tenant's default model (one its promotion gate kept a candidate
     records that the gate was overridden)."""
     with _services().db.session() as s:
-        model = service.get_model_or_404(s, model_id)
-        gate = (model.metrics or {}).get("promotion")
-        if isinstance(gate, dict) and gate.get("gate") != "passed" and not model.is_default:
-            model.metrics = {**model.metrics, "promotion": {**gate, "promoted_by_hand": True}}
-        return jsonify(model_payload(promote(s, model_id, auth.tenant_id()), full=True))
+        return jsonify(model_payload(service.promote_model(s, model_id), full=True))
 
 
 @models_api.get("/api/v1/models/<int:model_id>/confusion.png")

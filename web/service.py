@@ -39,7 +39,7 @@ from mmbatch.settings import Settings
 from store import jobs, labels, reprocess
 from store.blobs import Blobs
 from store.db import Database
-from store.registry import ModelNotFound, default_model, get_model
+from store.registry import ModelNotFound, default_model, get_model, promote
 from store.schema import Item, Job, LabelEvent, ModelVersion
 from web import auth
 from web.errors import ApiError
@@ -74,6 +74,16 @@ def get_model_or_404(s: Session, model_id: int) -> ModelVersion:
         return get_model(s, model_id, auth.tenant_id())
     except ModelNotFound:
         raise ApiError(404, "not_found", f"no model version {model_id}") from None
+
+
+def promote_model(s: Session, model_id: int) -> ModelVersion:
+    """Make a model version the tenant's default; one its promotion gate kept a candidate
+    records that a person overrode the gate."""
+    model = get_model_or_404(s, model_id)
+    gate = (model.metrics or {}).get("promotion")
+    if isinstance(gate, dict) and gate.get("gate") != "passed" and not model.is_default:
+        model.metrics = {**model.metrics, "promotion": {**gate, "promoted_by_hand": True}}
+    return promote(s, model_id, auth.tenant_id())
 
 
 def get_item_or_404(s: Session, item_id: int) -> tuple[Item, Job]:
