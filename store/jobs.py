@@ -339,6 +339,18 @@ def results_page(session: Session, job: Job, *, after: int, limit: int,
     return [(item, result) for item, result in session.execute(stmt)]
 
 
+def results_page_of(session: Session, job: Job, item_ids: Sequence[int]
+                    ) -> list[tuple[Item, Result | None]]:
+    """The job's items ``item_ids`` with their result (None while pending)."""
+    if not item_ids:
+        return []
+    stmt = (select(Item, Result)
+            .outerjoin(Result, and_(Result.item_id == Item.id,
+                                    Result.model_version_id == result_model(job)))
+            .where(Item.id.in_(list(item_ids)), Item.id.in_(_members(job))))
+    return [(item, result) for item, result in session.execute(stmt)]
+
+
 def list_jobs(session: Session, tenant_id: int | None, *, before: tuple[Any, str] | None,
               limit: int, state: str | None = None, kind: str | None = None,
               created_after: Any = None, created_before: Any = None) -> list[Job]:

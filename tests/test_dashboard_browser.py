@@ -185,6 +185,31 @@ def test_upload_watch_progress_and_see_results(browser_context: Any, live: tuple
     _screenshot(page, "job.png")
     _screenshot(page, "job-full.png", full_page=True)
 
+    # the review page: least sure first; a accepts, a digit picks a class, j/k move
+    page.click("#review-link")
+    page.wait_for_selector("#review-items tr.review-row")
+    reviewing = page.locator("#review-items tr.review-row")
+    assert reviewing.count() == 12
+    first_id = reviewing.nth(0).get_attribute("data-item-id")
+    predicted = reviewing.nth(0).get_attribute("data-label")
+    with page.expect_navigation():
+        page.keyboard.press("a")
+    page.wait_for_selector("#review-items tr.review-row")
+    ids = page.locator("#review-items tr.review-row").evaluate_all(
+        "rows => rows.map(r => r.dataset.itemId)")
+    assert first_id not in ids  # accepted: it left the queue
+    second_id = ids[1]
+    page.keyboard.press("j")
+    assert page.locator("#review-items tr.current").get_attribute("data-item-id") == second_id
+    with page.expect_navigation():
+        page.keyboard.press("2")  # the second class, in the model's order
+    _screenshot(page, "review.png")
+    for item_id, label in ((first_id, predicted), (second_id, "day_frog")):
+        got = page.evaluate("([url, key]) => fetch(url, {headers: {Authorization: 'Bearer ' + key}})"
+                            ".then(r => r.json())",
+                            [f"{url}/api/v1/items/{item_id}/labels", key])
+        assert got["label"] == label and got["events"][-1]["verified"] is True, got
+
     # the models page: the trained version, its metrics and confusion matrix
     page.click("header nav >> text=Models")
     page.wait_for_selector("article.model")

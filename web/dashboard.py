@@ -41,7 +41,7 @@ from mmbatch.contract import TERMINAL_STATES
 from mmbatch.settings import Settings
 from store import jobs, keys
 from store.blobs import BlobNotFound
-from store.registry import default_model, list_models
+from store.registry import default_model, get_model, list_models
 from store.schema import ApiKey, Item, Job
 from web import auth, service
 from web.api import job_response
@@ -282,6 +282,43 @@ def job_page(job_id: str):  # type: ignore[no-untyped-def]
     return render_template("dashboard/job.html", job=view, results=results, failed=failed,
                            failed_shown=FAILED_SHOWN, report=report, next_url=next_url,
                            first_page=after == 0, exports=EXPORTS)
+
+
+REVIEW_PAGE = 12
+
+
+@dashboard.get("/jobs/<job_id>/review")
+def review_page(job_id: str):  # type: ignore[no-untyped-def]
+    """A classify job's least sure predictions nobody has labelled yet, with one-key accept
+    (a) and correct (1-9: the model's classes), j/k to move."""
+    strategy = "diverse" if request.args.get("strategy") == "diverse" else "uncertain"
+    page = service.review_page(_services(), job_id, strategy, REVIEW_PAGE, None)
+    with _services().db.session() as s:
+        job = service.get_job_or_404(s, job_id)
+        view = _job_view(s, job)
+        classes = list(get_model(s, job.model_version_id).classes) \
+            if job.model_version_id is not None else []
+        items = {item.id: (item, result) for item, result in
+                 jobs.results_page_of(s, job, [r["item"] for r in page.items])}
+        rows = [{**_row(job, *items[r["item"]]), "reason": r["reason"]}
+                for r in page.items if r["item"] in items]
+    return render_template("dashboard/review.html", job=view, rows=rows, classes=classes,
+                           strategy=strategy)
+
+
+@dashboard.post("/jobs/<job_id>/items/<int:item_id>/label")
+def label_item(job_id: str, item_id: int):  # type: ignore[no-untyped-def]
+    """Accept or correct one item's label from the review page, then back to it."""
+    with _services().db.session() as s:
+        job = service.get_job_or_404(s, job_id)
+        if not jobs.belongs(s, job, [item_id]):
+            raise ApiError(404, "not_found", f"no item {item_id} in job {job_id}")
+        model = job.model_version_id
+    service.correct_label(_services(), item_id, {"label": request.form.get("label", ""),
+                                                 "model": model})
+    target = request.form.get("next")
+    return redirect(_safe_next(target) if target
+                    else url_for("dashboard.review_page", job_id=job_id), code=303)
 
 
 def _after_arg() -> int:

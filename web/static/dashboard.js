@@ -1,5 +1,5 @@
 // mmbatch dashboard: live job progress (polling the dashboard's JSON), the upload form with an
-// upload progress bar, and cancel buttons. Untrusted text only ever goes in through textContent.
+// upload progress bar, cancel buttons, and the review page's keys. Untrusted text only ever goes in through textContent.
 (function () {
   "use strict";
 
@@ -197,5 +197,31 @@
     if (form) uploadForm(form, refresh);
     var job = document.getElementById("job");
     if (job) jobPage(job);
+    if (document.getElementById("review-items")) reviewKeys();
   });
+
+  // The review page: j/k move between items, a accepts the prediction, 1-9 pick a class.
+  function reviewKeys() {
+    var rows = Array.prototype.slice.call(document.querySelectorAll("#review-items tr.review-row"));
+    if (!rows.length) return;
+    var at = 0;
+    function focus(i) {
+      at = Math.max(0, Math.min(rows.length - 1, i));
+      rows.forEach(function (r, j) { r.classList.toggle("current", j === at); });
+      rows[at].focus();
+    }
+    focus(0);
+    document.addEventListener("keydown", function (ev) {
+      if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+      var tag = (ev.target && ev.target.tagName) || "";
+      if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") return;
+      var row = rows[at];
+      var button = null;
+      if (ev.key === "j") { focus(at + 1); ev.preventDefault(); return; }
+      if (ev.key === "k") { focus(at - 1); ev.preventDefault(); return; }
+      if (ev.key === "a") button = row.querySelector("button.accept");
+      else if (/^[1-9]$/.test(ev.key)) button = row.querySelector('button.correct[data-key="' + ev.key + '"]');
+      if (button) { ev.preventDefault(); button.click(); }
+    });
+  }
 })();
