@@ -152,6 +152,8 @@ def _schemas(settings: Any) -> dict[str, Schema]:
                                     "description": "how the caption was read"}),
         "text_truncated": _nullable({"type": "boolean", "description": "the caption was cut at "
                                                                        "MMBATCH_TEXT_MAX_CHARS"}),
+        "model_version": _nullable({"type": "integer", "description": "the model version "
+                                    "that gave the result (null: features only, or pending)"}),
         "embedding": _nullable({"type": "array", "items": {"type": "number"}}),
     }, required=["item_id", "key", "modalities", "status", "label", "confidence", "top_k",
                  "given_label", "split", "group", "error"])

@@ -114,6 +114,8 @@ def result_payload(item: Item, result: Result | None, with_embeddings: bool = Fa
         # how a caption was read (None without text, or while pending)
         "text_encoding": (result.info or {}).get("text_encoding") if result else None,
         "text_truncated": (result.info or {}).get("text_truncated") if result else None,
+        # the model version that gave the result (None: features only, or pending)
+        "model_version": (result.model_version_id or None) if result else None,
     }
     if with_embeddings:
         vector = None

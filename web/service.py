@@ -248,9 +248,11 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
                                         or not idempotency_key.isprintable()):
         raise ApiError(400, "invalid_idempotency_key",
                        "Idempotency-Key is at most 255 printable characters")
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", 'send a JSON object: {"kind": "train", '
-                                            '"from_jobs": [job ids], …train options}')
+    if not isinstance(body, dict) or "from_jobs" not in body:  # not the JSON request it knows
+        raise ApiError(400, "send_multipart",
+                       "send multipart/form-data: the archive as a file field named 'archive', "
+                       "the kind and options as form fields (JSON is for a train job on earlier "
+                       'jobs\' items: {"kind": "train", "from_jobs": [job ids], …})')
     known = ("kind", "from_jobs", "holdout", "callback_url", *TRAIN_FIELDS)
     for name in body:
         if name not in known:
