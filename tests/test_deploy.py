@@ -50,7 +50,7 @@ def test_compose_file_validates() -> None:
 
     gpu = services["worker-gpu"]
     assert _option(gpu["command"], "--pool") == "solo"
-    assert _option(gpu["command"], "-Q") == "model"
+    assert _option(gpu["command"], "-Q") == "model,train"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert gpu["environment"]["MMBATCH_DEVICE"] == "cuda"
