@@ -191,10 +191,7 @@ def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: 
                                      callback_url=callback_url, **extra))
     click.echo(f"job {job['id']} {job['state']}")
     if wait:
-        job = _wait(client, job["id"])
-        _summary(client, job)
-        if job["state"] != "succeeded":
-            sys.exit(1)
+        _wait_to_end(client, job["id"])
 
 
 @main.command()
@@ -396,12 +393,8 @@ def retrain(from_jobs: tuple[str, ...], holdout: str | None, name: str | None, w
     job = _run(lambda: client.retrain(list(from_jobs), holdout, name=name, **extra))
     click.echo(f"job {job['id']} {job['state']} (train on {len(from_jobs)} job(s)' items)")
     if wait:
-        job = _wait(client, job["id"])
-        _summary(client, job)
-        if job["state"] != "succeeded":
-            sys.exit(1)
-        gate = (_run(lambda: client.model(job["model"]["id"]))["metrics"]
-                .get("promotion") or {})
+        model = _wait_to_end(client, job["id"])["model"]
+        gate = _run(lambda: client.model(model["id"]))["metrics"].get("promotion") or {}
         if gate:
             click.echo(f"promotion gate: {gate['gate']}: {gate.get('why', '')}")
 
@@ -593,6 +586,16 @@ def _run(fn: Any) -> Any:
         where = exc.request.url.split("/api/")[0] if exc.request is not None else "the API"
         raise click.ClickException(f"cannot reach mmbatch at {where}: is `mmbatch up` running? "
                                    "(or give --url, or set MMBATCH_URL)") from None
+
+
+def _wait_to_end(client: Any, job_id: str) -> dict[str, Any]:
+    """Wait for the job with a progress bar, print its summary, and exit 1 unless it
+    succeeded."""
+    job = _wait(client, job_id)
+    _summary(client, job)
+    if job["state"] != "succeeded":
+        sys.exit(1)
+    return job
 
 
 def _wait(client: Any, job_id: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 
 from samples.noise import flip_labels
 from store import keys
-from tests.util import embedded_runtime
+from tests.util import embedded_runtime, run_in_process
 from web.app import create_app
 from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
@@ -38,16 +38,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_dir: Any) -> Any:
     client = app.test_client()
 
     def run(path: Path, kind: str, key: str, **form: str) -> dict[str, Any]:
-        with open(path, "rb") as f:
-            r = client.post("/api/v1/jobs", headers={"Authorization": f"Bearer {key}"},
-                            data={"kind": kind, "archive": (f, path.name), **form})
-        assert r.status_code == 202, r.get_json()
-        job_id = str(r.get_json()["id"])
-        for ids in ingest_job(rt, job_id):
-            if BatchProcessor(rt, job_id, ids).run().next_step == "train":
-                train_job(rt, job_id)
+        headers = {"Authorization": f"Bearer {key}"}
+        job_id = run_in_process(rt, client, path, kind, headers, **form)
         return client.get(f"/api/v1/jobs/{job_id}",  # type: ignore[no-any-return]
-                          headers={"Authorization": f"Bearer {key}"}).get_json()
+                          headers=headers).get_json()
 
     job = run(archive, "train", mine.key, epochs="8")
     assert job["state"] == "succeeded", job

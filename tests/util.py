@@ -49,3 +49,23 @@ def embedded_runtime(data_dir: Path, **env: str) -> Any:
                                   "MMBATCH_BROKER_URL": "memory://", **env})
     upgrade(settings.db_url)
     return Runtime(settings)
+
+
+def run_in_process(rt: Any, client: Any, path: Path, kind: str, headers: dict[str, str],
+                   **form: str) -> str:
+    """Submit ``path`` through the app's test ``client`` and run the job to its end with the
+    worker's own functions on ``rt`` (ingest, batches, training), as a worker would; its id.
+    The app must not enqueue (its producer's ``send_task`` replaced by a no-op)."""
+    from worker.batch import BatchProcessor
+    from worker.ingest import ingest_job
+    from worker.training import train_job
+
+    with open(path, "rb") as f:
+        r = client.post("/api/v1/jobs", headers=headers,
+                        data={"kind": kind, "archive": (f, path.name), **form})
+    assert r.status_code == 202, r.get_json()
+    job_id = str(r.get_json()["id"])
+    for ids in ingest_job(rt, job_id):
+        if BatchProcessor(rt, job_id, ids).run().next_step == "train":
+            train_job(rt, job_id)
+    return job_id

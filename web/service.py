@@ -195,10 +195,7 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
     ingest; (the job's id, True), or (the earlier job's id, False) when the Idempotency-Key
     came with this same request before (422 when it came with another)."""
     tenant = auth.tenant_id()
-    if idempotency_key is not None and (len(idempotency_key) > 255
-                                        or not idempotency_key.isprintable()):
-        raise ApiError(400, "invalid_idempotency_key",
-                       "Idempotency-Key is at most 255 printable characters")
+    _check_key(idempotency_key)
     existing = None
     if idempotency_key is not None:
         with svc.db.session() as s:
@@ -215,17 +212,49 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
     if existing is not None:
         return _same_request(existing, fingerprint), False
     digest = writer.commit()
+    return _create_once(svc, idempotency_key, fingerprint, dict(
+        kind=kind, archive_blob=digest, archive_name=archive_name(upload),
+        archive_bytes=writer.size, model_version_id=model_id, options=options,
+        callback_url=callback))
+
+
+def _callback(svc: Services, raw: str | None) -> str | None:
+    """A job's webhook URL, checked against the network policy; None when not given."""
+    callback = (raw or "").strip() or None
+    if callback is not None:
+        if len(callback) > 2048:
+            raise ApiError(400, "invalid_callback_url", "callback_url is at most 2048 characters")
+        try:
+            check_url(callback, svc.settings.webhook_allow)
+        except DestinationRefused as exc:
+            raise ApiError(400, "invalid_callback_url", str(exc)) from None
+    return callback
+
+
+def _check_key(idempotency_key: str | None) -> None:
+    if idempotency_key is not None and (len(idempotency_key) > 255
+                                        or not idempotency_key.isprintable()):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "Idempotency-Key is at most 255 printable characters")
+
+
+def _create_once(svc: Services, idempotency_key: str | None, fingerprint: str,
+                 job: dict[str, Any]) -> tuple[str, bool]:
+    """Create the job (``jobs.create_job``'s fields), commit, then enqueue its ingest: (its id,
+    True); or, when the Idempotency-Key already made one for this request, (that job's id,
+    False), 422 for another request."""
+    tenant = auth.tenant_id()
     try:
         with svc.db.session() as s:
-            job_id = jobs.create_job(s, kind=kind, archive_blob=digest,
-                                     archive_name=archive_name(upload),
-                                     archive_bytes=writer.size, model_version_id=model_id,
-                                     options=options, tenant_id=tenant,
+            existing = (jobs.find_by_idempotency_key(s, tenant, idempotency_key)
+                        if idempotency_key is not None else None)
+            if existing is not None:
+                return _same_request(existing, fingerprint), False
+            job_id = jobs.create_job(s, **job, tenant_id=tenant,
                                      api_key_id=auth.current().key_id,
-                                     idempotency_key=idempotency_key, callback_url=callback,
+                                     idempotency_key=idempotency_key,
                                      request_fingerprint=fingerprint).id
-    except IntegrityError:
-        # the same Idempotency-Key raced us: answer with the job that won
+    except IntegrityError:  # the same Idempotency-Key raced us: answer with the job that won
         with svc.db.session() as s:
             existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
             if existing is None:
@@ -244,10 +273,7 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
     "from_jobs": [ids], "holdout": "verified", …train options}``): their current labels,
     corrections included, and their cached features. Answers like :func:`submit_job`."""
     tenant = auth.tenant_id()
-    if idempotency_key is not None and (len(idempotency_key) > 255
-                                        or not idempotency_key.isprintable()):
-        raise ApiError(400, "invalid_idempotency_key",
-                       "Idempotency-Key is at most 255 printable characters")
+    _check_key(idempotency_key)
     if not isinstance(body, dict) or "from_jobs" not in body:  # not the JSON request it knows
         raise ApiError(400, "send_multipart",
                        "send multipart/form-data: the archive as a file field named 'archive', "
@@ -272,14 +298,9 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
     if holdout is not None and holdout not in HOLDOUTS:
         raise ApiError(400, "invalid_holdout", f"holdout must be one of {', '.join(HOLDOUTS)}")
     callback = body.get("callback_url")
-    if callback is not None:
-        if not isinstance(callback, str) or len(callback) > 2048:
-            raise ApiError(400, "invalid_callback_url", "callback_url is a URL of at most 2048 "
-                                                        "characters")
-        try:
-            check_url(callback, svc.settings.webhook_allow)
-        except DestinationRefused as exc:
-            raise ApiError(400, "invalid_callback_url", str(exc)) from None
+    if callback is not None and not isinstance(callback, str):
+        raise ApiError(400, "invalid_callback_url", "callback_url is a URL")
+    callback = _callback(svc, callback)
     form = MultiDict({k: ("true" if v is True else "false" if v is False else str(v))
                       for k, v in body.items() if k in TRAIN_FIELDS and v is not None})
     options = _options("train", form)
@@ -296,26 +317,10 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
     if holdout is not None:
         options["holdout"] = holdout
     fingerprint = _fingerprint({"kind": "train", "options": options, "callback_url": callback})
-    try:
-        with svc.db.session() as s:
-            existing = (jobs.find_by_idempotency_key(s, tenant, idempotency_key)
-                        if idempotency_key is not None else None)
-            if existing is not None:
-                return _same_request(existing, fingerprint), False
-            job_id = jobs.create_job(
-                s, kind="train", archive_blob="",
-                archive_name=f"items of {len(options['from_jobs'])} job(s)", archive_bytes=0,
-                model_version_id=None, options=options, tenant_id=tenant,
-                api_key_id=auth.current().key_id, idempotency_key=idempotency_key,
-                callback_url=callback, request_fingerprint=fingerprint).id
-    except IntegrityError:  # the same Idempotency-Key raced us: answer with the job that won
-        with svc.db.session() as s:
-            existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
-            if existing is None:
-                raise
-            return _same_request(existing, fingerprint), False
-    enqueue(svc, job_id, TASK_INGEST, job_id)
-    return job_id, True
+    return _create_once(svc, idempotency_key, fingerprint, dict(
+        kind="train", archive_blob="",
+        archive_name=f"items of {len(options['from_jobs'])} job(s)", archive_bytes=0,
+        model_version_id=None, options=options, callback_url=callback))
 
 
 def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],
@@ -328,14 +333,7 @@ def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],
     if kind not in JOB_KINDS:
         raise ApiError(400, "invalid_kind",
                        f"kind must be one of {', '.join(JOB_KINDS)}; got {kind!r}")
-    callback = (form.get("callback_url") or "").strip() or None
-    if callback is not None:
-        if len(callback) > 2048:
-            raise ApiError(400, "invalid_callback_url", "callback_url is at most 2048 characters")
-        try:
-            check_url(callback, svc.settings.webhook_allow)
-        except DestinationRefused as exc:
-            raise ApiError(400, "invalid_callback_url", str(exc)) from None
+    callback = _callback(svc, form.get("callback_url"))
     upload = files.get("archive")
     writer = _archive(upload, "send the archive as a multipart file field named 'archive'")
     options = _options(kind, form)
