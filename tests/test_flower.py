@@ -1,6 +1,7 @@
-"""Flower against the broker, as docker-compose.yml runs it: ``celery -A worker.celery_app
-flower`` beside a real worker started with task events (-E) on Redis; Flower sees the worker
-and the tasks it ran."""
+"""Flower against the broker, as docker-compose.yml runs it: ``celery -A worker.ingest_app
+flower`` beside a real ingest worker of the same torch-free app, started with task events (-E)
+on Redis; Flower sees the worker and the tasks it ran, and neither process loads torch (both
+run from the web image, which has none)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def test_flower_sees_the_worker_and_its_tasks(redis_url: str, broker_prefix: str
     port = free_port()
     logs = {"worker": tmp_path / "worker.log", "flower": tmp_path / "flower.log"}
     commands = {
-        "worker": worker_command(settings, "ingest", "flowertest") + ["-E"],
-        "flower": [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
+        "worker": worker_command(settings, "ingest", "flowertest",
+                                 app="worker.ingest_app") + ["-E"],
+        "flower": [sys.executable, "-m", "celery", "-A", "worker.ingest_app", "flower",
                    f"--port={port}", "--address=127.0.0.1"],
     }
     procs = {}
@@ -77,6 +79,9 @@ def test_flower_sees_the_worker_and_its_tasks(redis_url: str, broker_prefix: str
             url + "/api/tasks", timeout=10).json().values()}.get(TASK_WEBHOOKS) == "SUCCESS",
             "Flower did not see the task succeed", logs)
         assert tasks
+        for name, proc in procs.items():
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            assert "libtorch" not in maps, f"{name} loaded torch"
     finally:
         for proc in procs.values():
             if proc.poll() is None:
