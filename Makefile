@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test services up bench lint clean
+.PHONY: install demo test services up bench lint clean compose-check
 
 # torch, torchaudio and torchvision are installed together first, pinned, so that no later
 # requirement makes pip swap torch for another build.
@@ -38,6 +38,13 @@ test: install services
 bench: install
 	$(BIN)/python -m bench.pipeline --items 500 --scale 5 $(BENCH_ARGS)
 	$(BIN)/python -m bench.api
+
+# The deployment end to end in Docker, the pre-release check (scripts/compose-check.sh, as root):
+# builds the images, brings docker-compose.yml up, trains and classifies the sample through the
+# API, restarts the model worker mid-job, checks results, /metrics and Flower, tears it down.
+# Needs no virtualenv: it runs on Docker and the system's python3.
+compose-check:
+	scripts/compose-check.sh
 
 clean:
 	rm -rf var .pytest_cache
