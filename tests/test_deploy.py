@@ -92,6 +92,14 @@ def test_compose_file_validates() -> None:
     assert _option(gpu["command"], "-A") == "worker.celery_app"
 
 
+def test_flower_is_published_on_the_loopback_only() -> None:
+    """Flower has no login by default and can shut workers down: by default it answers on the
+    host's loopback only, while the API listens on every address."""
+    services = _config()["services"]
+    assert [_host_ip(port) for port in services["flower"]["ports"]] == ["127.0.0.1"]
+    assert [_host_ip(port) for port in services["web"]["ports"]] == [""]
+
+
 def test_the_cpu_override_swaps_the_gpu_worker_for_a_cpu_one() -> None:
     services = _config("docker/compose.cpu.yml")["services"]
     assert services["worker-gpu"]["scale"] == 0
@@ -158,3 +166,12 @@ def _name(requirement: str) -> str:
     for stop in "[<>=!~; ":
         requirement = requirement.split(stop)[0]
     return requirement.lower()
+
+
+def _host_ip(port: str | dict) -> str:
+    """The host address of a published port as `config` prints it: docker-compose 1.29 writes
+    "ADDRESS:PUBLISHED:TARGET/PROTO" (or a mapping without host_ip), Compose v2 a mapping."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", ""))
+    parts = str(port).split(":")
+    return parts[0] if len(parts) == 3 else ""
