@@ -16,7 +16,9 @@
 #     Flower, as project "mmbatch-check" on ports of its own; waits until each is healthy.
 #  5. scripts/compose_check_api.py: trains on the sample and classifies through the API from the
 #     host, restarts the model worker mid-job, checks every item was processed exactly once,
-#     the results, /metrics and Flower.
+#     the results, /metrics and Flower; then kills the model worker (SIGKILL) mid-job, with the
+#     stale-job sweeper made quick (docker/compose.check-sweep.yml), and checks the job still
+#     completes with every item processed once.
 #  6. Tears the stack down (volumes too); the images and the build cache stay for the next run.
 #
 # Settings (environment): MMBATCH_CHECK_KEEP=1 leaves the stack up; MMBATCH_CHECK_BASE (default
@@ -46,7 +48,7 @@ step() {
   local name=$1; shift
   local t0; t0=$(date +%s.%N)
   "$@"
-  say "$(printf '  ok  %-58s %7s s' "$name" "$(elapsed "$t0")")"
+  say "$(printf '  ok  %-62s %7s s' "$name" "$(elapsed "$t0")")"
 }
 
 # ---- 1. Docker ----
@@ -182,7 +184,7 @@ teardown() {
     else
       local t0; t0=$(date +%s.%N)
       compose down -v --remove-orphans >"$OUT/down.log" 2>&1 || true
-      say "$(printf '  ok  %-58s %7s s' "stack torn down (containers, network, volumes)" "$(elapsed "$t0")")"
+      say "$(printf '  ok  %-62s %7s s' "stack torn down (containers, network, volumes)" "$(elapsed "$t0")")"
     fi
   fi
   if [ "$rc" != 0 ]; then
@@ -201,7 +203,7 @@ step "build mmbatch-web (Dockerfile, target web)" build build-web.log "mmbatch-w
 step "build mmbatch-worker (Dockerfile, target worker)" build build-worker.log "mmbatch-worker:$TAG" . --target worker
 step "build redis and postgres from Debian's packages" eval \
   'build build-redis.log mmbatch-local/redis:7 docker/redis && build build-postgres.log mmbatch-local/postgres:15 docker/postgres'
-step "images: web has no torch, no layer names the CA, user mmbatch" check_images
+step "images: web torch-free, no layer names the CA, user mmbatch" check_images
 
 FILES=(-f docker-compose.yml -f docker/compose.local-services.yml)
 MODEL_WORKER=worker-gpu
@@ -227,19 +229,22 @@ make_key() {
   [ -n "$KEY" ] || fail "mmbatch keys create printed no key"
 }
 make_sample() {
-  rm -rf "$OUT/sample"
+  # sample-kill: other content (another seed), which no feature cache holds, for the kill step
+  rm -rf "$OUT/sample" "$OUT/sample-kill"
   "$DOCKER" run --rm --network none --user "$(id -u):$(id -g)" -e HOME=/tmp \
-    -v "$OUT:/out" "mmbatch-web:$TAG" \
-    mmbatch sample /out/sample --unlabelled "$UNLABELLED" >"$OUT/sample.log" 2>&1 \
-    || fail "mmbatch sample failed (see $OUT/sample.log)"
+    -v "$OUT:/out" "mmbatch-web:$TAG" sh -c \
+    "mmbatch sample /out/sample --unlabelled $UNLABELLED \
+     && mmbatch sample /out/sample-kill --seed 1 --train 8 --unlabelled $UNLABELLED" \
+    >"$OUT/sample.log" 2>&1 || fail "mmbatch sample failed (see $OUT/sample.log)"
 }
 step "an API key (mmbatch keys create in the web container)" make_key
-step "the sample, written by the web image ($UNLABELLED unlabelled items)" make_sample
+step "two samples by the web image ($UNLABELLED unlabelled items each)" make_sample
 
 say "      API checks from the host against http://127.0.0.1:$WEB_PORT"
 python3 scripts/compose_check_api.py --url "http://127.0.0.1:$WEB_PORT" \
   --flower "http://127.0.0.1:$FLOWER_PORT" --key "$KEY" --sample "$OUT/sample" \
   --compose "docker-compose -p $PROJECT ${FILES[*]}" --model-worker "$MODEL_WORKER" \
+  --kill-sample "$OUT/sample-kill" --sweep-override docker/compose.check-sweep.yml \
   || fail "API checks"
 
 say "image sizes:"

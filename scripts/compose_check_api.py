@@ -4,8 +4,9 @@ Standard library only (it runs on the host's python3, not in the project's virtu
 trains on the sample through the API, classifies the unlabelled sample and restarts the model
 worker's container while that job runs, then checks that every item was processed exactly once
 (API, database), the accuracy against the sample's truth, the web's and the worker's
-``/metrics`` and Flower. Each check prints one line with how long it took; the first failure
-ends the run with exit status 1.
+``/metrics`` and Flower. Last, it kills the model worker in the middle of another job and checks
+that the stale-job sweeper sends the batch it lost again, each item still processed once. Each
+check prints one line with how long it took; the first failure ends the run with exit status 1.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 def step(what: str, fn: Callable[[], str | None]) -> None:
     start = time.monotonic()
     detail = fn()
-    print(f"  ok  {what:<58} {time.monotonic() - start:7.1f} s" + (f"  {detail}" if detail else ""),
+    print(f"  ok  {what:<62} {time.monotonic() - start:7.1f} s" + (f"  {detail}" if detail else ""),
           flush=True)
 
 
@@ -144,6 +145,10 @@ def main() -> int:
     ap.add_argument("--sample", required=True, type=Path, help="mmbatch sample's directory")
     ap.add_argument("--compose", required=True, help="the docker-compose command line")
     ap.add_argument("--model-worker", required=True, help="the service on the model queue")
+    ap.add_argument("--kill-sample", required=True, type=Path,
+                    help="another sample's directory (content the workers have not seen)")
+    ap.add_argument("--sweep-override", required=True, type=Path,
+                    help="the compose file that makes the stale-job sweeper quick")
     ap.add_argument("--timeout", type=float, default=900.0, help="per job, seconds")
     args = ap.parse_args()
     api, compose = Api(args.url, args.key), Compose(args.compose)
@@ -176,17 +181,13 @@ def main() -> int:
         state["job_at_restart"] = (at, job["total"])
         return f"restarted {args.model_worker} at {at}/{job['total']} done ({restarted:.1f} s)"
 
-    def completed() -> str:
-        job = state["job"]
+    def once_and_right(job: dict[str, Any], sample: Path) -> str:
+        """The job succeeded with one ok result per item (API and database), accurately."""
         if job["state"] != "succeeded":
             raise CheckFailed(f"classify job {job['id']} ended {job['state']}: {job['error']}")
         if job["done"] != job["total"] or job["failed"]:
             raise CheckFailed(f"classify job counters: {job['done']} done, {job['failed']} "
                               f"failed of {job['total']}")
-        return f"{job['done']}/{job['total']} done, 0 failed"
-
-    def each_item_once() -> str:
-        job = state["job"]
         items = api.results(job["id"])
         keys = [item["key"] for item in items]
         if len(items) != job["total"] or len(set(keys)) != len(keys):
@@ -200,13 +201,41 @@ def main() -> int:
         if rows != f"{job['total']}|{job['total']}":
             raise CheckFailed(f"database: results, distinct items = {rows!r}, "
                               f"expected {job['total']} of each")
-        with open(args.sample / "sample_unlabelled_truth.csv", newline="") as f:
+        with open(sample / "sample_unlabelled_truth.csv", newline="") as f:
             truth = {row["key"]: row["label"] for row in csv.DictReader(f)}
         right = sum(truth.get(item["key"]) == item["label"] for item in items)
         accuracy = right / len(items)
         if accuracy < MIN_ACCURACY:
             raise CheckFailed(f"accuracy {accuracy:.3f} against the truth, below {MIN_ACCURACY}")
         return f"{len(items)} results, one per item (API and database); accuracy {accuracy:.3f}"
+
+    def each_item_once() -> str:
+        return once_and_right(state["job"], args.sample)
+
+    def killed_and_swept() -> str:
+        """SIGKILL, not a warm stop: the batch in hand stays unacknowledged in Redis (sent again
+        only after its one-hour visibility timeout), and the stale-job sweeper must send it.
+        beat and worker-cpu are recreated with a sweeper that acts within seconds."""
+        swept = Compose(f"{args.compose} -f {shlex.quote(str(args.sweep_override))}")
+        swept.run("up", "-d", "--no-deps", "--no-build", "beat", "worker-cpu")
+        job = api.submit(args.kill_sample / "sample_unlabelled.tar.gz",
+                         {"kind": "classify", "model": str(state["model"])})
+        job = api.wait(job["id"], args.timeout, until=lambda j: j["state"] == "running" and
+                       j["done"] + j["failed"] >= RESTART_AT * j["total"])
+        if job["state"] != "running":
+            raise CheckFailed(f"classify job {job['id']} was {job['state']} before the kill")
+        at = job["done"]
+        compose.run("kill", "-s", "SIGKILL", args.model_worker)
+        t0 = time.monotonic()
+        # `docker kill` counts as a manual stop: the restart policy leaves the container down
+        compose.run("start", args.model_worker)
+        job = api.wait(job["id"], args.timeout)
+        took = time.monotonic() - t0
+        detail = once_and_right(job, args.kill_sample)
+        sent = sum(int(n) for n in re.findall(r"sweep stale=\d+ ingest=\d+ batches=(\d+)",
+                                              swept.run("logs", "--no-color", "worker-cpu")))
+        return (f"killed {args.model_worker} at {at}/{job['total']}, done {took:.0f} s later; "
+                f"batches the sweeper sent again: {sent}; {detail}")
 
     def worker_metrics() -> str:
         text = compose.http_inside(args.model_worker, "http://127.0.0.1:9808/metrics")
@@ -254,11 +283,11 @@ def main() -> int:
     try:
         step("train on the sample (POST /api/v1/jobs from the host)", train)
         step("classify the unlabelled sample, model worker restarted", classify_with_restart)
-        step("the classify job succeeded", completed)
-        step("every item processed exactly once", each_item_once)
+        step("the classify job succeeded, every item processed once", each_item_once)
         step("worker /metrics (after its restart)", worker_metrics)
         step("web /metrics", web_metrics)
         step("Flower sees the workers' tasks", flower)
+        step("model worker killed mid-job, its batch sent again", killed_and_swept)
     except CheckFailed as exc:
         print(f"  FAILED  {exc}", file=sys.stderr, flush=True)
         return 1

@@ -126,6 +126,19 @@ def test_the_local_services_override_builds_redis_and_postgres() -> None:
     assert user_facing["postgres"]["image"] == "postgres:15"
 
 
+def test_the_check_sweep_override_only_quickens_the_sweeper() -> None:
+    """scripts/compose-check.sh recreates beat and worker-cpu with it before killing the model
+    worker: their environment gains the sweeper's two settings and keeps everything else."""
+    base = _config("docker/compose.cpu.yml")["services"]
+    swept = _config("docker/compose.cpu.yml", "docker/compose.check-sweep.yml")["services"]
+    assert swept["beat"]["environment"] == {**base["beat"]["environment"],
+                                            "MMBATCH_SWEEP_INTERVAL_SECONDS": "5"}
+    assert swept["worker-cpu"]["environment"] == {**base["worker-cpu"]["environment"],
+                                                  "MMBATCH_STALE_AFTER_SECONDS": "20"}
+    for name in set(base) - {"beat", "worker-cpu"}:
+        assert swept[name] == base[name], name
+
+
 def test_the_base_dependencies_have_no_model_stack() -> None:
     """The web image installs `dependencies` only; the model stack is the `models` extra, which
     `pip install -e '.[test]'` (the Makefile) pulls in through `test`."""
