@@ -149,6 +149,7 @@ def test_the_base_dependencies_have_no_model_stack() -> None:
     base = {_name(dep) for dep in project["dependencies"]}
     extras = project["optional-dependencies"]
     assert not base & MODEL_STACK, base & MODEL_STACK
+    assert not base & {"scikit-learn", "cleanlab"}  # models.label_issues: training only
     assert MODEL_STACK <= {_name(dep) for dep in extras["models"]}
     assert "mmbatch[models]" in extras["test"]
     assert "flower" in base  # Flower runs from the web image
