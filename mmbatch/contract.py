@@ -19,15 +19,17 @@ MODALITIES: tuple[str, ...] = ("image", "text", "audio")
 
 # --- jobs ---------------------------------------------------------------------------------------
 
-JOB_KINDS: tuple[str, ...] = ("embed", "classify", "train")  # what a client may submit
+JOB_KINDS: tuple[str, ...] = ("embed", "classify", "train", "align")  # what a client may submit
 INTERNAL_KINDS: tuple[str, ...] = ("reprocess",)  # what the service creates itself
 ALL_KINDS: tuple[str, ...] = JOB_KINDS + INTERNAL_KINDS
 JOB_STATES: tuple[str, ...] = ("queued", "ingesting", "running", "succeeded", "failed",
                                "cancelled")
 TERMINAL_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 ACTIVE_STATES: tuple[str, ...] = ("queued", "ingesting", "running")
-# A running train job extracts features, then trains.
+# A running train (or align) job extracts features, then trains.
 JOB_STAGES: tuple[str, ...] = ("extracting", "training")
+# Jobs whose batches only extract features, then a training (or evaluating) step follows.
+TRAINING_KINDS: tuple[str, ...] = ("train", "align")
 
 # --- tasks and queues ---------------------------------------------------------------------------
 
@@ -42,6 +44,12 @@ TASK_REPROCESS = "mmbatch.reprocess"
 TASK_SWEEP = "mmbatch.sweep"
 TASK_WEBHOOKS = "mmbatch.webhooks"
 
+# Search (docs/search.md): training an aligner, building a (tenant, aligner) index beside the
+# serving one, and merging the segments that finished batches append.
+TASK_ALIGN = "mmbatch.align"
+TASK_INDEX_BUILD = "mmbatch.index_build"
+TASK_INDEX_MERGE = "mmbatch.index_merge"
+
 TASK_QUEUES: dict[str, str] = {
     TASK_INGEST: INGEST_QUEUE,
     TASK_PROCESS_BATCH: MODEL_QUEUE,
@@ -49,6 +57,9 @@ TASK_QUEUES: dict[str, str] = {
     TASK_REPROCESS: INGEST_QUEUE,
     TASK_SWEEP: INGEST_QUEUE,
     TASK_WEBHOOKS: INGEST_QUEUE,
+    TASK_ALIGN: MODEL_QUEUE,
+    TASK_INDEX_BUILD: MODEL_QUEUE,
+    TASK_INDEX_MERGE: INGEST_QUEUE,  # FAISS and numpy only: no torch
 }
 
 # --- models -------------------------------------------------------------------------------------
@@ -58,6 +69,13 @@ LOSSES: tuple[str, ...] = ("ce", "weighted", "focal")
 # How a train job treats each modality's encoder (docs/models.md).
 ENCODER_MODES: tuple[str, ...] = ("frozen", "finetune", "scratch", "auto")
 DEFAULT_BUDGET_SECONDS = 300.0  # auto's time budget when a train job names none
+# What a model version is: a fusion classifier (train jobs) or an aligner into one shared space
+# for every modality (align jobs). Defaults are per tenant and kind.
+MODEL_KINDS: tuple[str, ...] = ("classifier", "aligner")
+# What a search may ask to match: one modality's vectors, or any.
+SEARCH_MODALITIES: tuple[str, ...] = MODALITIES + ("any",)
+# The train options an align job reads (the others are a classifier's).
+ALIGN_OPTIONS: tuple[str, ...] = ("name", "epochs", "seed")
 
 # --- a train job's options ----------------------------------------------------------------------
 
