@@ -32,6 +32,7 @@ from cli.stack import (
     port_holder,
     previous_up,
     read_record,
+    search_command,
     start_record,
     web_command,
     worker_command,
@@ -154,6 +155,17 @@ def worker(queues: str, name: str) -> None:
     """Run one Celery worker process (solo pool: one model load, one batch at a time)."""
     settings = _settings()
     cmd = worker_command(settings, queues, name)
+    os.execve(cmd[0], cmd, child_env(settings))
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default MMBATCH_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default MMBATCH_SEARCH_PORT, 8001).")
+def searcher(host: str | None, port: int | None) -> None:
+    """Run the search service: encoders and indexes kept warm for the API's searches
+    (docs/search.md). Run several and list them in MMBATCH_SEARCH_URL to scale out."""
+    settings = _settings()
+    cmd = search_command(settings, host, port)
     os.execve(cmd[0], cmd, child_env(settings))
 
 

@@ -60,6 +60,17 @@ def worker_command(settings: Settings, queues: str = ALL_QUEUES,
             "--loglevel", settings.log_level, "--without-gossip", "--without-mingle"]
 
 
+def search_command(settings: Settings, host: str | None = None, port: int | None = None
+                   ) -> list[str]:
+    """The search service (worker.search_service): one process holding the encoders and the
+    indexes, MMBATCH_SEARCH_THREADS request threads."""
+    return [sys.executable, "-m", "gunicorn", "--bind",
+            f"{host or settings.host}:{port or settings.search_port}",
+            "--worker-class", "gthread", "--workers", "1",
+            "--threads", str(settings.search_threads), "--timeout", "600",
+            "--graceful-timeout", "10", "--log-level", "warning", "worker.search_wsgi:app"]
+
+
 def beat_command(settings: Settings) -> list[str]:
     schedule = settings.data_dir.resolve() / "celerybeat-schedule"
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat",
@@ -68,7 +79,8 @@ def beat_command(settings: Settings) -> list[str]:
 
 class Stack:
     """A web process, a worker for batches (and ingest), a worker for training (so a long
-    training never holds the batches' worker), and optionally beat; ``stop()`` ends them all."""
+    training never holds the batches' worker), the search service, and optionally beat;
+    ``stop()`` ends them all."""
 
     def __init__(self, settings: Settings, host: str, port: int,
                  log_dir: Path | None = None, beat: bool = False,
@@ -96,7 +108,8 @@ class Stack:
                                              app=self.worker_app) + self.worker_args,
                     "trainer": worker_command(self.settings, TRAIN_QUEUE, "trainer",
                                               app=self.worker_app) + self.worker_args,
-                    "web": web_command(self.settings, self.host, self.port)}
+                    "web": web_command(self.settings, self.host, self.port),
+                    "search": search_command(self.settings)}
         if self.beat:
             commands["beat"] = beat_command(self.settings)
         return commands

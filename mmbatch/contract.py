@@ -57,8 +57,9 @@ TASK_QUEUES: dict[str, str] = {
     TASK_REPROCESS: INGEST_QUEUE,
     TASK_SWEEP: INGEST_QUEUE,
     TASK_WEBHOOKS: INGEST_QUEUE,
-    TASK_ALIGN: MODEL_QUEUE,
-    TASK_INDEX_BUILD: MODEL_QUEUE,
+    # like training: long, so neither holds the batches' worker
+    TASK_ALIGN: TRAIN_QUEUE,
+    TASK_INDEX_BUILD: TRAIN_QUEUE,
     TASK_INDEX_MERGE: INGEST_QUEUE,  # FAISS and numpy only: no torch
 }
 

@@ -95,6 +95,15 @@ class Settings:
     # Comma-separated hosts or CIDRs webhooks may reach even though they are private/loopback.
     webhook_allow: str = ""
     webhook_max_attempts: int = 8
+    # Search (docs/search.md): where the API finds the search service (comma-separated URLs,
+    # tried in turn; empty: http://MMBATCH_HOST:MMBATCH_SEARCH_PORT, which `mmbatch up` starts),
+    # its request threads, the index size past which a modality's index is HNSW instead of
+    # exact, and how many appended segments make a batch ask for a merge.
+    search_url: str = ""
+    search_port: int = 8001
+    search_threads: int = 4
+    index_exact_limit: int = 50_000
+    index_merge_segments: int = 8
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -149,6 +158,12 @@ class Settings:
         return (self.blob_dir or self.data_dir / "blobs").resolve()
 
     @property
+    def search_urls(self) -> list[str]:
+        """The search service's base URLs (MMBATCH_SEARCH_URL, or the one `mmbatch up` runs)."""
+        urls = [u.strip().rstrip("/") for u in self.search_url.split(",") if u.strip()]
+        return urls or [f"http://{self.host}:{self.search_port}"]
+
+    @property
     def embedded(self) -> bool:
         return not self.database_url and not self.broker_url
 
@@ -200,7 +215,8 @@ _POSITIVE = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes", 
              "text_max_chars", "train_epochs", "default_page_size", "max_page_size",
              "audio_max_seconds", "image_batch_size", "text_batch_size", "audio_batch_size",
              "prefetch_items", "max_archive_members", "max_member_bytes", "max_unpacked_bytes",
-             "decode_timeout_seconds")
+             "decode_timeout_seconds", "search_port", "search_threads", "index_exact_limit",
+             "index_merge_segments")
 _CHOICES = {"precision": ("auto", "fp32", "bf16"), "audio_too_long": ("cut", "fail"),
             "decode_isolation": ("process", "off")}
 

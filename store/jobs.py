@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from mmbatch.contract import ACTIVE_STATES, TERMINAL_STATES
+from mmbatch.contract import ACTIVE_STATES, TERMINAL_STATES, TRAINING_KINDS
 from store import joblog
 from store.schema import (
     JOB_ID_LENGTH,
@@ -77,7 +77,7 @@ def get_job(session: Session, job_id: str, tenant_id: int | None = ANY_TENANT) -
 
 def result_model(job: Job) -> int:
     """The model version a job's results are keyed by (a train job's are its features')."""
-    if job.kind == "train" or job.model_version_id is None:
+    if job.kind in TRAINING_KINDS or job.model_version_id is None:
         return NO_MODEL
     return job.model_version_id
 
@@ -228,6 +228,16 @@ def labelled_items(session: Session, job_id: str) -> list[ItemRow]:
         select(Item)
         .join(Result, (Result.item_id == Item.id) & (Result.model_version_id == NO_MODEL))
         .where(Item.job_id == job_id, Result.status == "ok", Item.label.is_not(None))
+        .order_by(Item.id))
+    return [ItemRow.of(item) for item in rows]
+
+
+def extracted_items(session: Session, job_id: str) -> list[ItemRow]:
+    """An align job's items whose features were extracted (an ok result), in order."""
+    rows = session.scalars(
+        select(Item)
+        .join(Result, (Result.item_id == Item.id) & (Result.model_version_id == NO_MODEL))
+        .where(Item.job_id == job_id, Result.status == "ok")
         .order_by(Item.id))
     return [ItemRow.of(item) for item in rows]
 

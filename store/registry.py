@@ -30,11 +30,12 @@ class ModelRow:
     encoders: dict[str, Any]  # modality -> {"name", "version", "dim", "mode", ...}
     config: dict[str, Any]  # the checkpoint's config, own encoders, temperature, shift
     checkpoint_blob: str
+    kind: str = "classifier"  # mmbatch.contract.MODEL_KINDS
 
     @classmethod
     def of(cls, m: ModelVersion) -> ModelRow:
         return cls(m.id, m.tenant_id, m.name, m.version, list(m.classes), dict(m.encoders or {}),
-                   dict(m.config or {}), m.checkpoint_blob)
+                   dict(m.config or {}), m.checkpoint_blob, m.kind)
 
 
 def _owned(tenant_id: int | None):  # type: ignore[no-untyped-def]
@@ -52,9 +53,12 @@ def get_model(session: Session, model_id: int, tenant_id: int | None = ANY_TENAN
     return model
 
 
-def default_model(session: Session, tenant_id: int | None = None) -> ModelVersion | None:
+def default_model(session: Session, tenant_id: int | None = None, kind: str = "classifier"
+                  ) -> ModelVersion | None:
+    """The tenant's default model of ``kind`` (defaults are per tenant and kind)."""
     return session.scalars(select(ModelVersion)
-                           .where(ModelVersion.is_default.is_(True), _owned(tenant_id))
+                           .where(ModelVersion.is_default.is_(True), _owned(tenant_id),
+                                  ModelVersion.kind == kind)
                            .order_by(ModelVersion.id.desc()).limit(1)).first()
 
 
@@ -66,14 +70,15 @@ def list_models(session: Session, tenant_id: int | None = None) -> list[ModelVer
 def register_model(session: Session, *, name: str, fusion: str, classes: list[str],
                    encoders: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any],
                    checkpoint_blob: str, job_id: str | None,
-                   tenant_id: int | None = None) -> ModelVersion:
-    """Add the next version of ``name``; it becomes the tenant's default when it has none."""
+                   tenant_id: int | None = None, kind: str = "classifier") -> ModelVersion:
+    """Add the next version of ``name``; it becomes the tenant's default of its kind when the
+    tenant has none of that kind."""
     latest = session.scalar(select(func.max(ModelVersion.version))
                             .where(ModelVersion.name == name, _owned(tenant_id)))
     model = ModelVersion(name=name, version=(latest or 0) + 1, fusion=fusion, classes=classes,
                          encoders=encoders, metrics=metrics, config=config,
                          checkpoint_blob=checkpoint_blob, job_id=job_id, tenant_id=tenant_id,
-                         is_default=default_model(session, tenant_id) is None)
+                         kind=kind, is_default=default_model(session, tenant_id, kind) is None)
     session.add(model)
     session.flush()
     return model
@@ -81,9 +86,11 @@ def register_model(session: Session, *, name: str, fusion: str, classes: list[st
 
 def promote(session: Session, model_id: int, tenant_id: int | None = ANY_TENANT
             ) -> ModelVersion:
+    """Make the model its tenant's default of its kind: the defaults of other kinds stay."""
     model = get_model(session, model_id, tenant_id)
     session.execute(update(ModelVersion).where(ModelVersion.id != model_id,
-                                               _owned(model.tenant_id))
+                                               _owned(model.tenant_id),
+                                               ModelVersion.kind == model.kind)
                     .values(is_default=False))
     model.is_default = True
     return model

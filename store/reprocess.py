@@ -24,6 +24,7 @@ from store import jobs, leases
 from store.db import Database
 from store.registry import default_model, get_model
 from store.schema import Item, Job, JobMember, ModelVersion, Result
+from store.search import SEARCHED_KINDS
 from store.upsert import insert_new
 
 log = logging.getLogger(__name__)
@@ -46,34 +47,40 @@ class Plan:
         return self.reason == "started"
 
 
-def tenants_with_models(session: Session) -> list[int | None]:
-    """Every tenant that has a default model (the nightly run reprocesses each)."""
+def tenants_with_models(session: Session, kind: str = "classifier") -> list[int | None]:
+    """Every tenant that has a default model of ``kind`` (the nightly run reprocesses each)."""
     return sorted(set(session.scalars(select(ModelVersion.tenant_id)
-                                      .where(ModelVersion.is_default.is_(True)))),
+                                      .where(ModelVersion.is_default.is_(True),
+                                             ModelVersion.kind == kind))),
                   key=lambda t: -1 if t is None else t)
 
 
 def start_reprocess(db: Database, tenant_id: int | None, model_id: int | None = None, *,
-                    limit: int, max_attempts: int) -> Plan:
+                    limit: int, max_attempts: int, kind: str = "classifier") -> Plan:
     """Create the tenant's reprocess job (queued; its members are planned next, by
-    :func:`plan_members`) when anything is due: a cheap check, fit for a request."""
+    :func:`plan_members`) when anything is due: a cheap check, fit for a request. ``kind``:
+    which of the tenant's default models (when ``model_id`` names none); a classifier's due
+    items are those of classify jobs, an aligner's every searchable item not yet embedded
+    with it. One reprocess job per tenant and model kind runs at a time."""
     owner = uuid.uuid4().hex
-    lease = f"reprocess:{tenant_id}"
+    lease = f"reprocess:{tenant_id}" + ("" if kind == "classifier" else f":{kind}")
     with db.session() as s:
         if not leases.acquire(s, lease, owner, LEASE_SECONDS):
             return Plan(None, tenant_id, 0, "another reprocess is being planned")
     try:
         with db.session() as s:
-            active = s.scalar(select(Job.id).where(Job.kind == "reprocess",
-                                                   Job.state.in_(ACTIVE_STATES),
-                                                   _tenant(Job.tenant_id, tenant_id)))
-            if active:
-                return Plan(active, tenant_id, 0, "a reprocess job is already running")
             model = (get_model(s, model_id, tenant_id) if model_id is not None
-                     else default_model(s, tenant_id))
+                     else default_model(s, tenant_id, kind))
             if model is None:
                 return Plan(None, tenant_id, 0, "no default model")
-            if not _due(s, tenant_id, model.id, max_attempts, 1):
+            active = s.scalar(select(Job.id).join(ModelVersion,
+                                                  ModelVersion.id == Job.model_version_id)
+                              .where(Job.kind == "reprocess", Job.state.in_(ACTIVE_STATES),
+                                     _tenant(Job.tenant_id, tenant_id),
+                                     ModelVersion.kind == model.kind))
+            if active:
+                return Plan(active, tenant_id, 0, "a reprocess job is already running")
+            if not _due(s, tenant_id, model.id, max_attempts, 1, _kinds(model.kind)):
                 return Plan(None, tenant_id, 0, "nothing to reprocess")
             job = jobs.create_job(s, kind="reprocess", archive_blob="", archive_name="",
                                   archive_bytes=0, model_version_id=model.id,
@@ -93,8 +100,10 @@ def plan_members(db: Database, job_id: str, max_attempts: int) -> int:
         if job.state != "queued":
             return job.total  # planned already: a redelivered message
         assert job.model_version_id is not None
+        model = s.get(ModelVersion, job.model_version_id)
         due = _due(s, job.tenant_id, job.model_version_id, max_attempts,
-                   int((job.options or {}).get("limit") or 1))
+                   int((job.options or {}).get("limit") or 1),
+                   _kinds(model.kind if model is not None else "classifier"))
         for start in range(0, len(due), CHUNK):
             chunk = due[start:start + CHUNK]
             insert_new(s, JobMember.__table__, [{"job_id": job.id, "item_id": i} for i in chunk],
@@ -115,14 +124,19 @@ def _tenant(column, tenant_id: int | None):  # type: ignore[no-untyped-def]
     return column.is_(None) if tenant_id is None else column == tenant_id
 
 
+def _kinds(model_kind: str) -> tuple[str, ...]:
+    """The job kinds whose items a model of ``model_kind`` reprocesses."""
+    return SEARCHED_KINDS if model_kind == "aligner" else ("classify",)
+
+
 def _due(s: Session, tenant_id: int | None, model_id: int, max_attempts: int,
-         limit: int) -> list[int]:
+         limit: int, kinds: tuple[str, ...]) -> list[int]:
     ok = exists().where(Result.item_id == Item.id, Result.model_version_id == model_id,
                         Result.status == "ok")
     failed_out = exists().where(Result.item_id == Item.id, Result.model_version_id == model_id,
                                 Result.status == "failed", Item.attempts >= max_attempts)
     stmt = (select(Item.id).join(Job, Job.id == Item.job_id)
-            .where(_tenant(Job.tenant_id, tenant_id), Job.kind == "classify",
+            .where(_tenant(Job.tenant_id, tenant_id), Job.kind.in_(kinds),
                    Job.state.in_(("succeeded", "failed")), ~ok, ~failed_out)
             .order_by(Item.id).limit(limit))
     return list(s.scalars(stmt))

@@ -196,6 +196,9 @@ class ModelVersion(Base):
     is_default: Mapped[bool] = mapped_column(Boolean, default=False)
     job_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # mmbatch.contract.MODEL_KINDS: a fusion classifier or an aligner; defaults are per kind.
+    kind: Mapped[str] = mapped_column(String(16), default="classifier",
+                                      server_default="classifier")
 
     __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
 
@@ -272,5 +275,44 @@ class LabelIssue(Base):
     quality: Mapped[float] = mapped_column(Float)
 
 
+class SearchIndex(Base):
+    """The vector index of one (tenant, aligner version) (docs/search.md): a base in blob
+    storage plus the segments finished batches appended since. ``active``: the index that
+    answers the tenant's searches without a model (one per tenant, switched atomically once a
+    new default aligner's index is ready)."""
+
+    __tablename__ = "search_indexes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id",
+                                                             ondelete="CASCADE"), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="building")  # building|ready|failed
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    base_blob: Mapped[str | None] = mapped_column(String(64))
+    base_rows: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    onupdate=utcnow)
+
+
+class IndexSegment(Base):
+    """Aligned vectors a finished batch appended to an index (a blob), until a merge folds
+    them into the base."""
+
+    __tablename__ = "index_segments"
+    __table_args__ = (UniqueConstraint("index_id", "blob"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    index_id: Mapped[int] = mapped_column(ForeignKey("search_indexes.id", ondelete="CASCADE"))
+    blob: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer)
+    merged: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 Index("ix_items_job_id_id", Item.job_id, Item.id)
+Index("ix_index_segments_index_id_merged", IndexSegment.index_id, IndexSegment.merged)
 Index("ix_jobs_tenant_id_created_at", Job.tenant_id, Job.created_at)

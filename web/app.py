@@ -13,6 +13,8 @@ from web.auth import RateLimiter
 from web.labels_api import labels_api
 from web.models_api import models_api
 from web.openapi import openapi
+from web.search_api import search_api
+from web.search_client import SearchClient
 from web.queue import producer
 from web.service import Services
 from web.uploads import StreamingRequest, discard_uploads
@@ -27,7 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["mmbatch"] = Services(
         settings, Database(settings.db_url), open_blob_store(settings), producer(settings),
         RateLimiter(settings.rate_limit_per_minute, settings.broker_url or None,
-                    settings.broker_prefix))
+                    settings.broker_prefix), SearchClient(settings.search_urls))
     errors.register(app)
     app.teardown_request(discard_uploads)
     metrics.init_app(app)  # /metrics
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api)
     app.register_blueprint(models_api)
     app.register_blueprint(labels_api)
+    app.register_blueprint(search_api)
     app.register_blueprint(openapi)  # /api/v1/openapi.json, no API key
     dashboard.init_app(app, settings)
     return app

@@ -458,6 +458,5 @@ def confusion(model_id: int):  # type: ignore[no-untyped-def]
 
 @dashboard.post("/models/<int:model_id>/promote")
 def promote_model(model_id: int):  # type: ignore[no-untyped-def]
-    with _services().db.session() as s:
-        service.promote_model(s, model_id)
+    service.promote_model(_services(), model_id)
     return redirect(url_for("dashboard.models_page"), code=303)

@@ -34,10 +34,10 @@ def get_model_version(model_id: int):  # type: ignore[no-untyped-def]
 
 @models_api.post("/api/v1/models/<int:model_id>/promote")
 def promote_model(model_id: int):  # type: ignore[no-untyped-def]
-    """Make this version the tenant's default model (one its promotion gate kept a candidate
-    records that the gate was overridden)."""
-    with _services().db.session() as s:
-        return jsonify(model_payload(service.promote_model(s, model_id), full=True))
+    """Make this version the tenant's default model of its kind (one its promotion gate kept a
+    candidate records that the gate was overridden)."""
+    model = service.promote_model(_services(), model_id)
+    return jsonify(model_payload(model, full=True))
 
 
 @models_api.get("/api/v1/models/<int:model_id>/confusion.png")

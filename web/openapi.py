@@ -15,7 +15,16 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
-from mmbatch.contract import ALL_KINDS, JOB_KINDS, JOB_STAGES, JOB_STATES, MODALITIES, TrainOptions
+from mmbatch.contract import (
+    ALL_KINDS,
+    JOB_KINDS,
+    JOB_STAGES,
+    JOB_STATES,
+    MODALITIES,
+    MODEL_KINDS,
+    SEARCH_MODALITIES,
+    TrainOptions,
+)
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 VERSION = "1"
@@ -32,7 +41,8 @@ ERROR_CODES = {
     409: "the resource is not in a state that allows this",
     413: "the request body exceeds MMBATCH_MAX_UPLOAD_BYTES (`request_entity_too_large`)",
     415: "the upload is not a zip, tar or tar.gz archive (`invalid_archive`)",
-    422: "an Idempotency-Key already used for another request (`idempotency_key_reused`)",
+    422: "an Idempotency-Key already used for another request (`idempotency_key_reused`), or "
+         "an item's image that cannot be read (`unreadable_image`)",
     429: "more requests a minute than this key may make (`rate_limited`); see Retry-After",
     503: "the database, blob storage or the job queue is unavailable "
          "(`database_unavailable`, `storage_unavailable`, `broker_unavailable`)",
@@ -169,6 +179,9 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "metrics": {"type": "object",
                     "description": "the list shows scalar metrics only; one model all of them"},
         "is_default": {"type": "boolean"},
+        "kind": {"type": "string", "enum": list(MODEL_KINDS),
+                 "description": "a fusion classifier (train jobs) or an aligner (align jobs); "
+                                "defaults are per tenant and kind"},
         "job_id": _nullable({"type": "string"}),
         "created_at": date_time,
     })
@@ -230,6 +243,7 @@ def _schemas(settings: Any) -> dict[str, Schema]:
             "shift": _nullable({"type": "object", "description": "how far the job's features "
                                 "are from the model's training data (report.shift)"}),
         }),
+        **_search_schemas(model_ref),
         "NothingToReprocess": _obj({"status": {"type": "string",
                                                "enum": ["nothing to reprocess"]},
                                     "reason": {"type": "string"}}),
@@ -270,8 +284,123 @@ def _schemas(settings: Any) -> dict[str, Schema]:
     }
 
 
+def _search_schemas(model_ref: Schema) -> dict[str, Schema]:
+    """Search's payloads (web.search, web.serializers.item_payload)."""
+    links = _obj({"item": {"type": "string"}, "job": {"type": "string"},
+                  "thumbnail": _nullable({"type": "string"}), "similar": {"type": "string"}})
+    recall = _obj({"r@1": {"type": "number", "minimum": 0, "maximum": 1},
+                   "r@5": {"type": "number", "minimum": 0, "maximum": 1},
+                   "r@10": {"type": "number", "minimum": 0, "maximum": 1},
+                   "median_rank": {"type": "number", "minimum": 1},
+                   "queries": {"type": "integer", "minimum": 0}})
+    return {
+        "SearchResult": _obj({
+            "item": {"type": "integer", "minimum": 1},
+            "job": {"type": "string"},
+            "key": {"type": "string"},
+            "modality": {"type": "string", "enum": list(MODALITIES),
+                         "description": "the item's modality that matched best"},
+            "score": {"type": "number", "minimum": -1.01, "maximum": 1.01,
+                      "description": "cosine similarity in the aligned space"},
+            "label": _nullable({"type": "string", "description": "the item's current label: "
+                                "given, else predicted"}),
+            "links": links}),
+        "SearchPage": _obj({
+            "results": {"type": "array", "items": _ref("SearchResult"), "maxItems": 100},
+            "next_cursor": _nullable({"type": "string"}),
+            "model": model_ref}),
+        "Item": _obj({
+            "id": {"type": "integer", "minimum": 1},
+            "job": {"type": "string"},
+            "key": {"type": "string"},
+            "modalities": {"type": "array", "uniqueItems": True,
+                           "items": {"type": "string", "enum": list(MODALITIES)}},
+            "label": _nullable({"type": "string"}),
+            "given_label": _nullable({"type": "string"}),
+            "split": _nullable({"type": "string"}),
+            "group": _nullable({"type": "string"}),
+            "links": _obj({"self": {"type": "string"}, "job": {"type": "string"},
+                           "thumbnail": _nullable({"type": "string"}),
+                           "similar": {"type": "string"}})}),
+        "RetrievalEvaluation": _obj({
+            "job": {"type": "string"},
+            "state": {"type": "string", "enum": list(JOB_STATES)},
+            "model": model_ref,
+            "retrieval": _nullable({"type": "object", "additionalProperties": recall,
+                                    "description": "per direction (`text->image`, …): "
+                                                   "recall@1/5/10 and median rank; null "
+                                                   "until the job finishes"})}),
+    }
+
+
+def _search_query(settings: Any) -> dict[str, Schema]:
+    """The fields of a search, as JSON properties (a multipart form takes the same)."""
+    return {
+        "text": {"type": "string", "maxLength": 2000, "description": "what to look for"},
+        "k": {"type": "integer", "minimum": 1, "maximum": 100,
+              "description": "items per page (default 10)"},
+        "model": {"type": "integer", "minimum": 1,
+                  "description": "an aligner's id (default: the one serving the tenant)"},
+        "modality": {"type": "string", "enum": list(SEARCH_MODALITIES),
+                     "description": "match only this modality of the items (default any)"},
+        "jobs": {"type": "array", "maxItems": 1000,
+                 "items": {"type": "string", "maxLength": 32},
+                 "description": "only items of these jobs"},
+        "labels": {"type": "array", "maxItems": 1000,
+                   "items": {"type": "string", "maxLength": 255},
+                   "description": "only items whose current label is one of these"},
+        "min_score": {"type": "number", "minimum": -1, "maximum": 1},
+        "cursor": {"type": "string", "description": "the previous page's `next_cursor`"},
+    }
+
+
+def _search_paths(settings: Any) -> dict[str, Any]:
+    page = _json(_ref("SearchPage"), "the best items first, one hit per item")
+    query = _search_query(settings)
+    form = {**{k: v for k, v in query.items() if k not in ("jobs", "labels")},
+            "jobs": {"type": "string", "description": "job ids, comma-separated"},
+            "labels": {"type": "string", "description": "labels, comma-separated"},
+            "file": {"type": "string", "format": "binary",
+                     "description": "an image, audio or text file to search by (its kind by "
+                                    "its name's extension)"}}
+    item = [_p("ItemId")]
+    similar_params = item + [
+        {"name": k, "in": "query", "required": False, "schema": v}
+        for k, v in query.items() if k not in ("text", "jobs", "labels")] + [
+        {"name": k, "in": "query", "required": False, "schema": {"type": "string"},
+         "description": f"{k}, comma-separated"} for k in ("jobs", "labels")]
+    return {
+        "/api/v1/search": {"post": {
+            "operationId": "search", "tags": ["search"],
+            "summary": "Search this tenant's items by text (JSON) or by example (multipart "
+                       "`file`)",
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"type": "object", "properties": query}},
+                "multipart/form-data": {"schema": {"type": "object", "properties": form},
+                                        "encoding": {"file": {
+                                            "contentType": "application/octet-stream"}}}}},
+            "responses": {"200": page, **_errors(400, 404, 409, 413)}}},
+        "/api/v1/items/{item_id}": {"get": {
+            "operationId": "getItem", "tags": ["search"], "parameters": item,
+            "responses": {"200": _json(_ref("Item"), "the item"), **_errors(404)}}},
+        "/api/v1/items/{item_id}/thumbnail": {"get": {
+            "operationId": "getItemThumbnail", "tags": ["search"], "parameters": item,
+            "responses": {"200": {"description": "the item's image, at most 160 pixels a side",
+                                  "content": {"image/jpeg": {"schema": {
+                                      "type": "string", "format": "binary"}}}},
+                          **_errors(404, 422)}}},
+        "/api/v1/items/{item_id}/similar": {"get": {
+            "operationId": "similarItems", "tags": ["search"], "parameters": similar_params,
+            "summary": "Items like this one",
+            "responses": {"200": page, **_errors(400, 404, 409)}}},
+    }
+
+
 def _params(settings: Any) -> dict[str, Schema]:
     return {
+        "ItemId": {"name": "item_id", "in": "path", "required": True,
+                   "description": "an item id; another tenant's answers 404",
+                   "schema": {"type": "integer", "minimum": 0}},
         "JobId": {"name": "job_id", "in": "path", "required": True,
                   "description": "a job id (32 hex digits); another tenant's answers 404",
                   "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
@@ -428,7 +557,9 @@ def _paths(settings: Any) -> dict[str, Any]:
         "/api/v1/jobs/{job_id}/evaluation": {"get": {
             "operationId": "getEvaluation", "tags": ["models"], "parameters": [_p("JobId")],
             "summary": "Scores of a classify job against its archive's labels",
-            "responses": {"200": _json(_ref("Evaluation"), "the scores"),
+            "responses": {"200": _json({"oneOf": [_ref("Evaluation"),
+                                                   _ref("RetrievalEvaluation")]},
+                                       "the scores (a classifier's, or an aligner's recall)"),
                           **_errors(404, 409)}}},
         "/api/v1/reprocess": {"post": {
             "operationId": "reprocess", "tags": ["jobs"],
@@ -507,12 +638,14 @@ def _paths(settings: Any) -> dict[str, Any]:
                           **_errors(404)}}},
         "/api/v1/models/{model_id}/evaluate": {"post": {
             "operationId": "evaluateModel", "tags": ["models"], "parameters": [_p("ModelId")],
-            "summary": "Classify a labelled archive with this model (a classify job)",
+            "summary": "Evaluate this model on a labelled archive (a classify job), or an "
+                       "aligner on a paired archive (an align job)",
             "requestBody": _multipart({"type": "object", "required": ["archive"],
                                        "properties": {"archive": archive}}),
             "responses": {"202": _json(_ref("Job"), "the classify job; `links.evaluation` "
                                                     "scores it", location),
                           **_errors(400, 404, 413, 415)}}},
+        **_search_paths(settings),
     }
 
 
@@ -527,7 +660,8 @@ def document(settings: Any) -> dict[str, Any]:
                                 " with a 4xx status (503 while a dependency is down)."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [{"name": "jobs"}, {"name": "models"}, {"name": "labels"}, {"name": "health"},
+        "tags": [{"name": "jobs"}, {"name": "models"}, {"name": "labels"}, {"name": "search"},
+                 {"name": "health"},
                  {"name": "meta"}],
         "paths": _paths(settings),
         "components": {

@@ -126,6 +126,27 @@ def result_payload(item: Item, result: Result | None, with_embeddings: bool = Fa
     return out
 
 
+def item_payload(item: Item, label: str | None) -> dict[str, Any]:
+    """An item on its own (``GET /api/v1/items/<id>``): its key, job, modalities, its current
+    label (given, else predicted), and links."""
+    media = item.media or {}
+    return {
+        "id": item.id,
+        "job": item.job_id,
+        "key": item.key,
+        "modalities": [m for m in MODALITIES if m in media],
+        "label": label,
+        "given_label": item.label,
+        "split": item.split,
+        "group": item.group,
+        "links": {"self": url_for("search_api.get_item", item_id=item.id),
+                  "job": url_for("api.get_job", job_id=item.job_id),
+                  "thumbnail": url_for("search_api.item_thumbnail", item_id=item.id)
+                  if "image" in media else None,
+                  "similar": url_for("search_api.similar_items", item_id=item.id)},
+    }
+
+
 def model_payload(m: ModelVersion, full: bool = False) -> dict[str, Any]:
     """A model version; the list shows scalar metrics only (``full``: all of them)."""
     metrics = dict(m.metrics or {})
@@ -140,6 +161,7 @@ def model_payload(m: ModelVersion, full: bool = False) -> dict[str, Any]:
         "encoders": m.encoders,
         "metrics": metrics,
         "is_default": m.is_default,
+        "kind": m.kind,
         "job_id": m.job_id,
         "created_at": iso(m.created_at),
     }

@@ -25,7 +25,9 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from media.archive import sniff_archive
 from mmbatch.contract import (
+    ALIGN_OPTIONS,
     JOB_KINDS,
+    TASK_INDEX_BUILD,
     TASK_INGEST,
     TASK_REPROCESS,
     TASK_WEBHOOKS,
@@ -37,12 +39,14 @@ from mmbatch.review import k_centre, margin
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
 from store import jobs, labels, reprocess
+from store import search as search_store
 from store.blobs import Blobs
 from store.db import Database
 from store.registry import ModelNotFound, default_model, get_model, promote
 from store.schema import Item, Job, LabelEvent, ModelVersion
 from web import auth
 from web.errors import ApiError
+from web.search_client import SearchClient
 from web.uploads import archive_name, writer_of
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ class Services:
     blobs: Blobs
     celery: Celery
     limiter: auth.RateLimiter
+    search: SearchClient | None = None  # the search service (web.search_client)
 
 
 def get_job_or_404(s: Session, job_id: str) -> Job:
@@ -74,16 +79,6 @@ def get_model_or_404(s: Session, model_id: int) -> ModelVersion:
         return get_model(s, model_id, auth.tenant_id())
     except ModelNotFound:
         raise ApiError(404, "not_found", f"no model version {model_id}") from None
-
-
-def promote_model(s: Session, model_id: int) -> ModelVersion:
-    """Make a model version the tenant's default; one its promotion gate kept a candidate
-    records that a person overrode the gate."""
-    model = get_model_or_404(s, model_id)
-    gate = (model.metrics or {}).get("promotion")
-    if isinstance(gate, dict) and gate.get("gate") != "passed" and not model.is_default:
-        model.metrics = {**model.metrics, "promotion": {**gate, "promoted_by_hand": True}}
-    return promote(s, model_id, auth.tenant_id())
 
 
 def get_item_or_404(s: Session, item_id: int) -> tuple[Item, Job]:
@@ -400,14 +395,16 @@ def _key_reused(existing: Job) -> ApiError:
 
 def evaluate_model(svc: Services, model_id: int, upload: FileStorage | None) -> str:
     """Classify a labelled archive with a model: a classify job marked ``evaluate``, whose
-    evaluation (:func:`evaluation`) is computed from its results when asked for."""
+    evaluation (:func:`evaluation`) is computed from its results when asked for. An aligner
+    is evaluated on a paired archive instead: an align job marked ``evaluate`` that scores
+    recall per direction once the archive's features are extracted."""
     with svc.db.session() as s:
-        get_model_or_404(s, model_id)
+        kind = "align" if get_model_or_404(s, model_id).kind == "aligner" else "classify"
     writer = _archive(upload, "send the labelled archive as a multipart file field named "
                               "'archive'")
     digest = writer.commit()
     with svc.db.session() as s:
-        job_id = jobs.create_job(s, kind="classify", archive_blob=digest,
+        job_id = jobs.create_job(s, kind=kind, archive_blob=digest,
                                  archive_name=archive_name(upload), archive_bytes=writer.size,
                                  model_version_id=model_id, options={"evaluate": True},
                                  tenant_id=auth.tenant_id(), api_key_id=auth.current().key_id).id
@@ -457,11 +454,34 @@ def start_reprocess(svc: Services, model: Any, limit: Any) -> tuple[str | None, 
     return plan.job_id, plan.reason
 
 
+def promote_model(svc: Services, model_id: int) -> ModelVersion:
+    """Make a model version the tenant's default of its kind, for the API and the dashboard.
+    One its promotion gate kept a candidate records that a person overrode the gate. An
+    aligner's index answers the tenant's searches from then on if it is ready; otherwise it is
+    built (beside the serving one, which answers until the switch), enqueued after the commit."""
+    with svc.db.session() as s:
+        model = get_model_or_404(s, model_id)
+        gate = (model.metrics or {}).get("promotion")
+        if isinstance(gate, dict) and gate.get("gate") != "passed" and not model.is_default:
+            model.metrics = {**model.metrics, "promotion": {**gate, "promoted_by_hand": True}}
+        model = promote(s, model_id, auth.tenant_id())
+        build = model.kind == "aligner" and not search_store.activate_default(s, model_id)
+    if build:
+        svc.celery.send_task(TASK_INDEX_BUILD, args=[model_id])
+    return model
+
+
 def evaluation(svc: Services, job_id: str) -> dict[str, Any]:
     """Scores of a classify job against the labels its archive gave (any classify job over a
-    labelled archive, not only those made by :func:`evaluate_model`)."""
+    labelled archive, not only those made by :func:`evaluate_model`); an aligner's evaluation
+    job's recall per direction."""
     with svc.db.session() as s:
         job = get_job_or_404(s, job_id)
+        if job.kind == "align" and (job.options or {}).get("evaluate"):
+            model = get_model(s, job.model_version_id or 0)
+            return {"job": job.id, "state": job.state,
+                    "model": {"id": model.id, "name": model.name, "version": model.version},
+                    "retrieval": (job.report or {}).get("retrieval")}
         if job.kind != "classify" or job.model_version_id is None:
             raise ApiError(409, "not_a_classify_job", "only a classify job can be evaluated")
         model = get_model(s, job.model_version_id)
@@ -516,25 +536,36 @@ def _archive(upload: FileStorage | None, missing: str) -> Any:
 
 
 def _options(kind: str, form: MultiDict[str, str]) -> dict[str, Any]:
-    """A train job's options, parsed and checked (400 ``invalid_<field>``); none for others."""
-    if kind != "train":
+    """A train (or align) job's options, parsed and checked (400 ``invalid_<field>``); none
+    for others. An align job reads only ``ALIGN_OPTIONS`` of them."""
+    if kind not in ("train", "align"):
         return {}
     try:
-        return TrainOptions.parse(form).to_dict()
+        options = TrainOptions.parse(form).to_dict()
     except OptionError as exc:
         raise ApiError(400, f"invalid_{exc.field}", str(exc)) from None
+    if kind == "align":
+        for name in options:
+            if name not in ALIGN_OPTIONS:
+                raise ApiError(400, f"invalid_{name}", f"{name} applies to train jobs only; "
+                               f"an align job takes {', '.join(ALIGN_OPTIONS)}")
+    return options
 
 
 def _resolve_model(s: Session, kind: str, requested: str | None) -> int | None:
-    if kind == "train":
+    if kind in ("train", "align"):
         if requested:
-            raise ApiError(400, "invalid_model", "a train job makes a model; do not name one")
+            raise ApiError(400, "invalid_model", f"a {kind} job makes a model; do not name one")
         return None
     if requested:
         try:
-            return get_model(s, int(requested), auth.tenant_id()).id
+            model = get_model(s, int(requested), auth.tenant_id())
         except (ValueError, ModelNotFound):
             raise ApiError(400, "unknown_model", f"no model version with id {requested!r}")
+        if kind == "classify" and model.kind != "classifier":
+            raise ApiError(400, "not_a_classifier", f"model {model.id} is an {model.kind}: "
+                           "embed with it (kind=embed) to index items for search")
+        return model.id
     model = default_model(s, auth.tenant_id())
     if model is None and kind == "classify":
         raise ApiError(409, "no_model",

@@ -15,13 +15,14 @@ from celery.schedules import crontab
 from celery.signals import worker_process_init
 from kombu.transport import sqlalchemy as sqlite_transport
 
-from mmbatch.contract import TASK_REPROCESS, TASK_SWEEP, TASK_WEBHOOKS
+from mmbatch.contract import TASK_INDEX_MERGE, TASK_REPROCESS, TASK_SWEEP, TASK_WEBHOOKS
 from mmbatch.settings import Settings
 from worker.metrics_server import install as install_metrics
 
 INGEST_TASK_MODULES = ("worker.ingest_tasks",)  # torch-free: the ingest queue, beat, Flower
 TASK_MODULES = (*INGEST_TASK_MODULES, "worker.model_tasks")
 WEBHOOK_INTERVAL_SECONDS = 5.0
+INDEX_MERGE_INTERVAL_SECONDS = 300.0  # segments a batch did not ask to merge wait at most this
 # How often an idle worker looks for messages in the SQLite broker. kombu's default, 1 s, is paid
 # at every hop of a job (ingest, the reprocess planner): a second of a short job's time. kombu's
 # SQLAlchemy transport hands every transport option to create_engine, so the interval cannot go

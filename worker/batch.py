@@ -17,25 +17,28 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from media.decode import read_text
-from mmbatch.contract import MODALITIES
+from mmbatch.contract import MODALITIES, TRAINING_KINDS
+from models.align import embed_items, item_vector
 from models.explain import explain
 from models.registry import SPECS
 from models.spec import Encoder
 from models.training import predict, stack_features
 from store import features as feature_cache
 from store import jobs
+from store import search as search_store
 from store.registry import ModelRow, get_model
 from store.schema import NO_MODEL
 from worker.encoding import MediaRef, encode_media
 from worker.model_cache import ModelCache, models_of
 from worker.runtime import Runtime
 from worker.shift import record_job_shift
+from worker.vector_index import segment_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,9 @@ class BatchReport:
     new_done: int = 0
     new_failed: int = 0
     completed: bool = False  # this batch brought done + failed to total
-    next_step: str | None = None  # "train" when this batch finished a train job's extraction
+    next_step: str | None = None  # "train"/"align": this batch finished a job's extraction
     resend: list[list[int]] = field(default_factory=list)  # a redelivered batch, split
+    merge_index: int | None = None  # an index whose appended segments are due for a merge
 
 
 @dataclass
@@ -64,6 +68,7 @@ class BatchProcessor:
         self.job_id = job_id
         self.item_ids = list(item_ids)
         self.models: ModelCache = models_of(rt)
+        self.aligned: list[dict[str, np.ndarray]] = []  # an aligner batch's vectors, by ok item
 
     def run(self) -> BatchReport:
         started = time.perf_counter()
@@ -78,9 +83,12 @@ class BatchProcessor:
             return fail_batch(self.rt, self.job_id, [it.id for it in batch.items], mismatch)
         features, errors = self.encode(batch)
         outcomes = self.outcomes(batch, features, errors)
+        segment = self.segment(batch, outcomes)
         with self.rt.db.session() as s:
             report = commit(s, self.job_id, batch.kind, outcomes,
                             batch.model.id if batch.model else NO_MODEL)
+            if segment is not None and batch.model is not None:
+                report = self.append(s, batch.model, *segment, report)
         self.rt.metrics.items(batch.kind, report.new_done, report.new_failed)
         self.rt.metrics.batch(batch.kind, time.perf_counter() - started)
         if report.completed and batch.model is not None:
@@ -121,7 +129,7 @@ class BatchProcessor:
                          len(ids))
                 return None
             model = None
-            if job.model_version_id is not None and job.kind != "train":
+            if job.model_version_id is not None and job.kind not in TRAINING_KINDS:
                 model = ModelRow.of(get_model(s, job.model_version_id))
             return Batch(job.kind, jobs.batch_items(s, job, ids), model)
 
@@ -199,7 +207,7 @@ class BatchProcessor:
         if not ok:
             return outcomes
         info = {it.id: self.text_info(it) for it in ok if "text" in it.media}
-        if batch.kind == "train":
+        if batch.kind in TRAINING_KINDS:
             return outcomes + [jobs.ItemOutcome(it.id, label=it.label, info=info.get(it.id))
                                for it in ok]
         feats = [features[it.id] for it in ok]
@@ -208,6 +216,11 @@ class BatchProcessor:
                                                 info=info.get(it.id))
                                for it, f in zip(ok, feats)]
         model = batch.model
+        if model.kind == "aligner":
+            self.aligned = embed_items(self.models.aligner(model), feats)
+            return outcomes + [jobs.ItemOutcome(it.id, embedding=item_vector(v),
+                                                info=info.get(it.id))
+                               for it, v in zip(ok, self.aligned, strict=True)]
         probs, fused, notes = classify(self.models, model, feats, explained=True)
         top_k = self.rt.settings.top_k
         for it, p, f, note in zip(ok, probs, fused, notes):
@@ -225,6 +238,36 @@ class BatchProcessor:
         f = item.media["text"]
         text = read_text(self.rt.blobs.read(f.blob), f.name, self.rt.settings.text_max_chars)
         return {"text_encoding": text.encoding, "text_truncated": text.truncated}
+
+    def segment(self, batch: Batch, outcomes: Sequence[jobs.ItemOutcome]
+                ) -> tuple[str, int] | None:
+        """An aligner's batch: its items' aligned vectors per modality as a segment blob
+        (written before the results commit; the same vectors make the same blob, so a batch
+        delivered twice appends nothing twice), and how many vectors it holds."""
+        if batch.model is None or batch.model.kind != "aligner" or not self.aligned:
+            return None
+        ok = [o.item_id for o in outcomes if o.error is None]
+        per: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        for item_id, vectors in zip(ok, self.aligned, strict=True):
+            for m, v in vectors.items():
+                per.setdefault(m, ([], []))
+                per[m][0].append(item_id)
+                per[m][1].append(v)
+        if not per:
+            return None
+        arrays = {m: (np.array(ids, dtype=np.int64), np.stack(vs)) for m, (ids, vs) in per.items()}
+        rows = sum(len(ids) for ids, _ in arrays.values())
+        return self.rt.blobs.put_bytes(segment_bytes(arrays)), rows
+
+    def append(self, s: Any, model: ModelRow, blob: str, rows: int, report: BatchReport
+               ) -> BatchReport:
+        """Append the segment to the aligner's index, in the results' transaction; ask for a
+        merge once enough segments wait."""
+        index_id = search_store.ensure_index(s, model.id, model.tenant_id)
+        search_store.add_segment(s, index_id, blob, rows)
+        if len(search_store.unmerged(s, index_id)) >= self.rt.settings.index_merge_segments:
+            return replace(report, merge_index=index_id)
+        return report
 
     def record_shift(self, model: ModelRow) -> None:
         """The finished job's shift report (worker.shift); the job itself has succeeded
@@ -273,9 +316,9 @@ def commit(s: Any, job_id: str, kind: str, outcomes: Sequence[jobs.ItemOutcome],
                                    replace_failed=kind == "reprocess")
     next_step = None
     if written.completed:
-        if kind == "train":
+        if kind in TRAINING_KINDS:
             if jobs.enter_stage(s, job_id, "extracting", "training"):
-                next_step = "train"
+                next_step = kind
         else:
             jobs.finish_job(s, job_id)
     return BatchReport(written.new_done, written.new_failed, written.completed, next_step)

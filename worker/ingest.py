@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from media.archive import ArchiveError, LabelRow, Limits, walk
+from mmbatch.contract import TRAINING_KINDS
 from store import jobs
 from store.blobs import BlobNotFound
 from store.labels import labelled_copies
@@ -71,7 +72,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         total = jobs.add_items(s, job_id, rows)
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
                                 report=found.report(), started_at=jobs.utcnow(),
-                                stage="extracting" if kind == "train" else None,
+                                stage="extracting" if kind in TRAINING_KINDS else None,
                                 warnings=warnings)
         ids = jobs.item_ids(s, job_id) if moved else []
     if moved:

@@ -8,6 +8,7 @@ import logging
 from celery import shared_task
 
 from mmbatch.contract import (
+    TASK_INDEX_MERGE,
     TASK_INGEST,
     TASK_PROCESS_BATCH,
     TASK_REPROCESS,
@@ -15,6 +16,7 @@ from mmbatch.contract import (
     TASK_WEBHOOKS,
 )
 from store import jobs
+from worker.index_merge import merge_all, merge_index
 from worker.ingest import ingest_job
 from worker.reprocess import reprocess_tenants, run_reprocess
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
@@ -69,3 +71,14 @@ def sweep(self) -> None:  # type: ignore[no-untyped-def]
 @shared_task(name=TASK_WEBHOOKS, bind=True)
 def webhooks(self) -> int:  # type: ignore[no-untyped-def]
     return deliver_due(runtime_for(self.app))
+
+
+@shared_task(name=TASK_INDEX_MERGE, bind=True, max_retries=MAX_RETRIES)
+def index_merge(self, index_id: int | None = None) -> int:  # type: ignore[no-untyped-def]
+    """Merge one index's appended segments (None: every index that has some)."""
+    rt = runtime_for(self.app)
+    try:
+        return merge_all(rt) if index_id is None else merge_index(rt, index_id)
+    except TRANSIENT as exc:
+        retry(self, exc)
+        return 0

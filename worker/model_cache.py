@@ -21,6 +21,7 @@ import torch
 from media import decode
 from media.sandbox import DecodeSandbox
 from mmbatch.settings import Settings
+from models.align import Aligner, load_aligner
 from models.checkpoint import load_checkpoint
 from models.device import pick_device
 from models.fusion import FusionClassifier
@@ -45,6 +46,7 @@ class ModelCache:
         self._lock = threading.Lock()
         self._encoders: dict[str, Encoder] = {}
         self._classifiers: dict[int, FusionClassifier] = {}
+        self._aligners: dict[int, Aligner] = {}
         # weights blob -> a model's own encoder, least recently used first
         self._own: OrderedDict[str, Encoder] = OrderedDict()
         self._own_lock = threading.Lock()
@@ -153,6 +155,15 @@ class ModelCache:
                 net = load_checkpoint(self.blobs.read(model.checkpoint_blob), model.config)
                 self._classifiers[model.id] = net.to(device).eval()
             return self._classifiers[model.id]
+
+    def aligner(self, model: ModelRow) -> Aligner:
+        """An aligner model version's heads (models.align), loaded once per process; on the
+        CPU: they are a few small matrices over cached features."""
+        with self._lock:
+            if model.id not in self._aligners:
+                net = load_aligner(self.blobs.read(model.checkpoint_blob), model.config)
+                self._aligners[model.id] = net.eval()
+            return self._aligners[model.id]
 
     def mismatch(self, model: ModelRow) -> str | None:
         """Why this worker's encoders cannot feed a model trained on other encoder versions, if

@@ -11,9 +11,19 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import Reject
 
-from mmbatch.contract import TASK_PROCESS_BATCH, TASK_TRAIN, TASK_WEBHOOKS
+from mmbatch.contract import (
+    TASK_ALIGN,
+    TASK_INDEX_BUILD,
+    TASK_INDEX_MERGE,
+    TASK_PROCESS_BATCH,
+    TASK_TRAIN,
+    TASK_WEBHOOKS,
+)
 from store import jobs
+from store import search as search_store
+from worker.align import align_job
 from worker.batch import BatchProcessor, BatchReport, fail_batch
+from worker.index_build import build_index
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
 from worker.runtime import runtime_for
 from worker.training import TrainingInterrupted, train_job
@@ -40,8 +50,12 @@ def _follow_up(task: Any, job_id: str, report: BatchReport) -> None:
     """Send what a batch's report asks for: its halves, the training, the webhooks."""
     for part in report.resend:
         task.app.send_task(TASK_PROCESS_BATCH, args=[job_id, part])
+    if report.merge_index is not None:
+        task.app.send_task(TASK_INDEX_MERGE, args=[report.merge_index])
     if report.next_step == "train":
         task.app.send_task(TASK_TRAIN, args=[job_id])
+    elif report.next_step == "align":
+        task.app.send_task(TASK_ALIGN, args=[job_id])
     elif report.completed:
         task.app.send_task(TASK_WEBHOOKS)
 
@@ -64,3 +78,42 @@ def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
         raise
     finally:
         self.app.send_task(TASK_WEBHOOKS)
+
+
+@shared_task(name=TASK_ALIGN, bind=True, max_retries=MAX_RETRIES)
+def align(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Train an aligner for an align job (or score one, for an evaluation), then build the new
+    aligner's index."""
+    rt = runtime_for(self.app)
+    model_id = None
+    try:
+        model_id = align_job(rt, job_id)
+    except TrainingInterrupted as exc:  # the worker is stopping: back to the broker
+        log.info("alignment_requeued job=%s", job_id)
+        raise Reject(str(exc), requeue=True) from exc
+    except TRANSIENT as exc:
+        retry(self, exc)
+    except Exception as exc:
+        with rt.db.session() as s:
+            jobs.fail_job(s, job_id, f"alignment failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        self.app.send_task(TASK_WEBHOOKS)
+    if model_id is not None:
+        self.app.send_task(TASK_INDEX_BUILD, args=[model_id])
+
+
+@shared_task(name=TASK_INDEX_BUILD, bind=True, max_retries=MAX_RETRIES)
+def index_build(self, model_id: int) -> None:  # type: ignore[no-untyped-def]
+    """Build an aligner's index beside the serving one and switch when it is the default."""
+    rt = runtime_for(self.app)
+    try:
+        build_index(rt, model_id)
+    except TRANSIENT as exc:
+        retry(self, exc)
+    except Exception as exc:
+        with rt.db.session() as s:
+            index = search_store.index_of(s, model_id)
+            if index is not None:
+                search_store.fail_index(s, index.id, f"{type(exc).__name__}: {exc}")
+        raise

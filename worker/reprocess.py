@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from mmbatch.contract import TASK_PROCESS_BATCH
+from mmbatch.contract import MODEL_KINDS, TASK_PROCESS_BATCH
 from store import jobs
+from store.registry import get_model
 from store.reprocess import Plan, plan_members, start_reprocess, tenants_with_models
 from worker.runtime import Runtime
 
@@ -22,15 +23,19 @@ def reprocess_tenants(rt: Runtime, send_task: Callable[..., Any],
                       tenants: list[int | None] | None, model_id: int | None = None,
                       limit: int | None = None) -> list[Plan]:
     """Start a reprocess job for each of ``tenants`` (None: every tenant with a default model)
-    and run those that started; what starting did, per tenant."""
+    and each kind of default model (a classifier, an aligner; only ``model_id``'s when it is
+    given), and run those that started; what starting did, per tenant and kind."""
     settings = rt.settings
-    if tenants is None:
-        with rt.db.session() as s:
-            tenants = tenants_with_models(s)
+    work: list[tuple[int | None, str]] = []
+    with rt.db.session() as s:
+        kinds = [get_model(s, model_id).kind] if model_id is not None else list(MODEL_KINDS)
+        for kind in kinds:
+            for tenant in (tenants if tenants is not None else tenants_with_models(s, kind)):
+                work.append((tenant, kind))
     plans = []
-    for tenant in tenants:
+    for tenant, kind in work:
         plan = start_reprocess(rt.db, tenant, model_id, limit=limit or settings.reprocess_limit,
-                               max_attempts=settings.reprocess_max_attempts)
+                               max_attempts=settings.reprocess_max_attempts, kind=kind)
         log.info("reprocess tenant=%s job=%s reason=%s", tenant, plan.job_id, plan.reason)
         if plan.started and plan.job_id:
             plan = replace(plan, items=run_reprocess(rt, send_task, plan.job_id))

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmbatch.contract import TASK_INGEST, TASK_PROCESS_BATCH, TASK_TRAIN, TASK_WEBHOOKS
+from mmbatch.contract import (
+    TASK_ALIGN,
+    TASK_INGEST,
+    TASK_PROCESS_BATCH,
+    TASK_TRAIN,
+    TASK_WEBHOOKS,
+    TRAINING_KINDS,
+)
 from store import jobs
 from store.schema import utcnow
 from worker.runtime import Runtime
@@ -23,6 +30,7 @@ class Revival:
     ingest: list[str] = field(default_factory=list)                  # job ids
     batches: list[tuple[str, list[int]]] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
+    align: list[str] = field(default_factory=list)  # align jobs whose training step was lost
     finished: list[str] = field(default_factory=list)
 
 
@@ -39,14 +47,15 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
             if state in ("queued", "ingesting"):
                 out.ingest.append(job_id)
                 continue
-            if kind == "train" and stage == "training":
-                out.train.append(job_id)
+            if kind in TRAINING_KINDS and stage == "training":
+                (out.align if kind == "align" else out.train).append(job_id)
                 continue
             pending = jobs.item_ids(s, job_id, pending_only=True)
             if not pending:
                 # every item has its result but the finishing step was lost
-                if kind == "train" and jobs.enter_stage(s, job_id, "extracting", "training"):
-                    out.train.append(job_id)
+                if kind in TRAINING_KINDS and jobs.enter_stage(s, job_id, "extracting",
+                                                               "training"):
+                    (out.align if kind == "align" else out.train).append(job_id)
                 elif jobs.finish_job(s, job_id):
                     out.finished.append(job_id)
                 continue
@@ -66,5 +75,7 @@ def resend(revival: Revival, send_task: Callable[..., Any]) -> None:
         send_task(TASK_PROCESS_BATCH, args=[job_id, ids])
     for job_id in revival.train:
         send_task(TASK_TRAIN, args=[job_id])
+    for job_id in revival.align:
+        send_task(TASK_ALIGN, args=[job_id])
     if revival.finished:
         send_task(TASK_WEBHOOKS)

@@ -180,7 +180,7 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
         if job.state != "running" or job.stage != "training":
             raise TrainingStopped(job.state)
         mv = register_model(s, name=name, fusion=plan.fusion.strategy, classes=classes,
-                            encoders=registry, metrics=_jsonable(metrics), config=config,
+                            encoders=registry, metrics=jsonable(metrics), config=config,
                             checkpoint_blob=blob, job_id=job_id, tenant_id=job.tenant_id)
         job.model_version_id = mv.id
         s.flush()
@@ -328,6 +328,13 @@ class Pulse:
             self.first = (time.monotonic(), progress.epoch)
         self.beat()
 
+    def epoch(self, epoch: int) -> None:
+        """After an epoch of an alignment (models.align reports only the epoch's number)."""
+        self.progress.update(phase="training", epoch=epoch)
+        if self.first is None or epoch < self.first[1]:  # a new loop (the next candidate)
+            self.first = (time.monotonic(), epoch)
+        self.beat()
+
     def decoded(self, rows: int) -> None:
         """After ``rows`` items were decoded again for the encoder modes."""
         self.progress.update(phase="decoding", rows=rows)
@@ -357,11 +364,11 @@ def _present(data: FeatureSet | None) -> dict[str, np.ndarray]:
     return {m: x[data.mask[:, i]].numpy() for i, (m, x) in enumerate(data.features.items())}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, float) and not np.isfinite(value):
