@@ -356,7 +356,7 @@ def ranks(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 def recall_of(r: np.ndarray) -> dict[str, float]:
     out = {f"r@{k}": round(float((r <= k).mean()), 4) for k in RECALL_AT}
     out["median_rank"] = float(np.median(r))
-    out["queries"] = int(len(r))
+    out["queries"] = len(r)
     return out
 
 

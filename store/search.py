@@ -10,8 +10,9 @@ misses a vector (it may see one twice, and de-duplicates).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import and_, exists, func, or_, select, update

@@ -13,9 +13,9 @@ from web.auth import RateLimiter
 from web.labels_api import labels_api
 from web.models_api import models_api
 from web.openapi import openapi
+from web.queue import producer
 from web.search_api import search_api
 from web.search_client import SearchClient
-from web.queue import producer
 from web.service import Services
 from web.uploads import StreamingRequest, discard_uploads
 

@@ -27,10 +27,12 @@ from store.schema import JOB_ID_LENGTH, MAX_ID, ModelVersion
 from web import auth
 from web.errors import ApiError
 from web.service import Services
+from web.uploads import read_upload
 
 MAX_K = 100
 MAX_FILTER_VALUES = 1000
 MAX_TEXT = 2000
+MAX_FILE_BYTES = 32 * 1024**2  # an example to search by: an image, a clip or a text
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,10 @@ def parse(body: Any, upload: FileStorage | None = None, item: int | None = None
         raise ApiError(400, "invalid_body", "send a JSON object, or a multipart form")
     file = None
     if upload is not None:
-        data = upload.read()
+        data = read_upload(upload, MAX_FILE_BYTES)
+        if data is None:
+            raise ApiError(413, "file_too_large",
+                           f"an example file is at most {MAX_FILE_BYTES // 1024**2} MiB")
         if not data:
             raise ApiError(400, "empty_query", "the uploaded file is empty")
         file = (data, upload.filename or "")
@@ -134,9 +139,9 @@ def _cursor(raw: Any) -> int:
     """The offset a cursor carries (its fingerprint is checked once the aligner is known)."""
     if raw in (None, ""):
         return 0
+    if not isinstance(raw, str):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
     try:
-        if not isinstance(raw, str):
-            raise ValueError(raw)
         decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         prefix, offset, _ = decoded.split(":", 2)
         if prefix != "s" or not 0 < int(offset) < 10_000:
@@ -192,7 +197,7 @@ def search(svc: Services, req: SearchRequest, raw_cursor: Any = None) -> dict[st
         if req.jobs is not None:
             unknown = set(req.jobs) - search_store.owned_jobs(s, tenant, req.jobs)
             if unknown:
-                raise ApiError(400, "unknown_job", f"no job {sorted(unknown)[0]}")
+                raise ApiError(400, "unknown_job", f"no job {min(unknown)}")
         if req.item is not None and search_store.item_of(s, tenant, req.item) is None:
             raise ApiError(404, "not_found", f"no item {req.item}")
         model_ref = {"id": model.id, "name": model.name, "version": model.version}

@@ -31,6 +31,19 @@ def writer_of(storage: object) -> BlobWriter | None:
     return stream if isinstance(stream, BlobWriter) else None
 
 
+def read_upload(storage: object, limit: int) -> bytes | None:
+    """The bytes of a small uploaded file (a search's example), or None when it holds more
+    than ``limit`` bytes. The part was streamed into a spooled blob writer, not memory."""
+    writer = writer_of(storage)
+    if writer is None:
+        data = storage.read(limit + 1)  # type: ignore[attr-defined]
+        return None if len(data) > limit else bytes(data)
+    writer.flush()
+    if writer.size > limit:
+        return None
+    return writer.path.read_bytes()
+
+
 def archive_name(storage: object) -> str:
     """The uploaded file's name as a job records it: control characters (NUL among them, which
     PostgreSQL refuses in text) dropped, at most 255 characters, ``archive`` when none is left."""

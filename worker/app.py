@@ -31,7 +31,8 @@ SQLITE_POLL_SECONDS = 0.1
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """Nightly reprocessing at MMBATCH_REPROCESS_CRON (UTC), the stale-job sweeper, webhooks."""
+    """Nightly reprocessing at MMBATCH_REPROCESS_CRON (UTC), the stale-job sweeper, webhooks,
+    and the merge of search-index segments that no batch asked to merge."""
     fields = settings.reprocess_cron.split()
     if len(fields) != 5:
         raise ValueError(f"MMBATCH_REPROCESS_CRON must have 5 fields, got {settings.reprocess_cron!r}")
@@ -47,6 +48,9 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
                              "options": {"expires": float(settings.sweep_interval_seconds)}},
         "deliver-webhooks": {"task": TASK_WEBHOOKS, "schedule": WEBHOOK_INTERVAL_SECONDS,
                              "options": {"expires": 60.0}},
+        "merge-index-segments": {"task": TASK_INDEX_MERGE,
+                                 "schedule": INDEX_MERGE_INTERVAL_SECONDS,
+                                 "options": {"expires": INDEX_MERGE_INTERVAL_SECONDS}},
     }
 
 
