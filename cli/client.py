@@ -173,6 +173,27 @@ class Client:
             return self._call("POST", f"/api/v1/models/{model_id}/evaluate",
                               files={"archive": (Path(archive).name, f)})
 
+    def search(self, text: str | None = None, file: Path | None = None, k: int = 10,
+               **options: Any) -> dict[str, Any]:
+        """``POST /api/v1/search``: by text (JSON), or by an example file (multipart). Options:
+        model, modality, jobs, labels, min_score, cursor."""
+        body = {key: v for key, v in options.items() if v is not None}
+        body["k"] = k
+        if file is None:
+            return self._call("POST", "/api/v1/search", json={**body, "text": text})
+        if text:
+            raise ValueError("search by text or by a file, not both")
+        form = {key: ",".join(v) if isinstance(v, (list, tuple)) else str(v)
+                for key, v in body.items()}
+        with open(file, "rb") as f:
+            return self._call("POST", "/api/v1/search", data=form,
+                              files={"file": (Path(file).name, f)})
+
+    def similar(self, item_id: int, k: int = 10, **options: Any) -> dict[str, Any]:
+        """``GET /api/v1/items/<id>/similar``: the items like one of yours."""
+        params = {key: v for key, v in options.items() if v is not None}
+        return self._call("GET", f"/api/v1/items/{item_id}/similar", params={**params, "k": k})
+
     def evaluation(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}/evaluation")
 

@@ -1,0 +1,231 @@
+"""Search end to end with real processes: the API server, a Celery worker, the search service,
+the embedded broker and database (what ``mmbatch up`` runs).
+
+An align job on a small paired archive trains an aligner and builds its index; an embed job
+with the aligner appends a segment. Then: search by text, by an image file, items like one,
+filters that keep few items (inside the search: k results), another tenant that sees nothing
+of it, the 400s and the 409 a client meets, and search surviving a search-service restart.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from cli.client import ApiError, Client
+from cli.stack import Stack
+from mmbatch.settings import Settings
+from samples.paired import write_paired
+from store.db import Database
+from store.registry import register_model
+from store.schema import Item, Job
+from tests.conftest import make_key
+from tests.paired_features import read_archive
+from tests.util import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+N_TRAIN = 72  # three photo rolls: a tiny archive, the training-free aligner
+N_EXTRA = 24  # one roll, embedded with the aligner afterwards (an appended segment)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    data_dir = tmp_path_factory.mktemp("search")
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir), "MMBATCH_BATCH_SIZE": "24",
+                                  "MMBATCH_SEARCH_PORT": str(free_port())})
+    key_a = make_key(settings.db_url, "search-a", "tenant-a")
+    key_b = make_key(settings.db_url, "search-b", "tenant-b")
+    paired = write_paired(data_dir / "paired", n_train=N_TRAIN, n_gallery=N_EXTRA, seed=11)
+    stack = Stack(settings, "127.0.0.1", free_port(), log_dir=data_dir / "logs")
+    stack.start(wait=240)
+    a, b = Client(stack.url, api_key=key_a), Client(stack.url, api_key=key_b)
+    try:
+        # before any aligner: 409
+        with pytest.raises(ApiError) as none_yet:
+            a.search("a red boat")
+        assert (none_yet.value.status, none_yet.value.code) == (409, "no_aligner")
+        job = a.wait(a.submit(paired.train, "align", name="paired")["id"], timeout=600)
+        assert job["state"] == "succeeded", job
+        aligner = job["model"]["id"]
+        _wait_searchable(a)
+        extra = a.wait(a.submit(paired.gallery, "embed", model=aligner)["id"], timeout=600)
+        assert extra["state"] == "succeeded" and extra["failed"] == 0, extra
+        yield {"a": a, "b": b, "settings": settings, "stack": stack, "paired": paired,
+               "aligner": aligner, "train_job": job["id"], "extra_job": extra["id"],
+               "items": _items(settings)}
+    finally:
+        stack.stop()
+
+
+def _wait_searchable(client: Client, wait: float = 120) -> None:
+    """Until the new aligner's index answers (409 index_not_ready while it is built)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            client.search("a boat", k=1)
+            return
+        except ApiError as exc:
+            if exc.code not in ("index_not_ready", "search_unavailable") \
+                    or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def _items(settings: Settings) -> dict[str, dict[str, Any]]:
+    """key -> {"id", "job", "label"} of every item."""
+    db = Database(settings.db_url)
+    try:
+        with db.session() as s:
+            return {key: {"id": i, "job": j, "label": label} for i, key, j, label in
+                    s.execute(select(Item.id, Item.key, Item.job_id, Item.label))}
+    finally:
+        db.dispose()
+
+
+def _captions(path: Path) -> dict[str, str]:
+    return {r["key"]: r["caption"] for r in csv.DictReader(io.StringIO(path.read_text()))}
+
+
+def test_the_aligner_says_which_method_it_used(world: dict[str, Any]) -> None:
+    model = world["a"].model(world["aligner"])
+    assert model["kind"] == "aligner" and model["is_default"]
+    metrics = model["metrics"]
+    assert metrics["method"] == "anchors"  # under 200 training pairs
+    assert metrics["groups"]["shared"] == 0
+    assert {"text->image", "image->text"} <= set(metrics["validation"])
+
+
+def test_search_by_text(world: dict[str, Any]) -> None:
+    a, items = world["a"], world["items"]
+    captions = _captions(world["paired"].captions)
+    train_keys = [k for k in sorted(captions) if items[k]["job"] == world["train_job"]]
+    found = 0
+    for key in train_keys[:12]:
+        page = a.search(captions[key], k=10, modality="image")
+        results = page["results"]
+        assert len(results) == 10 and len({r["item"] for r in results}) == 10
+        assert all(r["modality"] == "image" for r in results)
+        scores = [r["score"] for r in results]
+        assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
+        assert page["model"]["id"] == world["aligner"]
+        first = results[0]
+        assert set(first) == {"item", "job", "key", "modality", "score", "label", "links"}
+        assert first["links"]["thumbnail"].endswith(f"/items/{first['item']}/thumbnail")
+        found += items[key]["id"] in {r["item"] for r in results}
+    # chance: 10 of 96 items in the top 10, about 1 of these 12 queries
+    assert found >= 6, found
+    # the next page continues after the first, without repeats
+    page = a.search(captions[train_keys[0]], k=5)
+    more = a.search(captions[train_keys[0]], k=5, cursor=page["next_cursor"])
+    assert not {r["item"] for r in page["results"]} & {r["item"] for r in more["results"]}
+    assert more["results"][0]["score"] <= page["results"][-1]["score"] + 1e-6
+
+
+def test_search_by_image_file_finds_that_picture(world: dict[str, Any], tmp_path: Path) -> None:
+    a, items = world["a"], world["items"]
+    archive, _ = read_archive(world["paired"].gallery)  # an appended segment's item
+    key = sorted(archive)[3]
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(archive[key]["image"])
+    results = a.search(file=photo, k=5)["results"]
+    assert results[0]["item"] == items[key]["id"] and results[0]["modality"] == "image"
+    assert results[0]["score"] > 0.99
+    assert results[0]["job"] == world["extra_job"]
+    # the thumbnail link works
+    thumb = a.http.get(a.base + results[0]["links"]["thumbnail"])
+    assert thumb.status_code == 200 and thumb.headers["Content-Type"] == "image/jpeg"
+
+
+def test_similar_items(world: dict[str, Any]) -> None:
+    a, items = world["a"], world["items"]
+    some = sorted(items.values(), key=lambda r: r["id"])[5]
+    results = world["a"].similar(some["id"], k=7)["results"]
+    assert len(results) == 7 and some["id"] not in {r["item"] for r in results}
+    with pytest.raises(ApiError) as missing:
+        a.similar(10**9)
+    assert missing.value.status == 404
+
+
+def test_filters_apply_inside_the_search(world: dict[str, Any]) -> None:
+    a, items = world["a"], world["items"]
+    label = "kite"
+    kites = {r["id"] for r in items.values() if r["label"] == label}
+    assert 2 <= len(kites) <= 20  # a filter that keeps few of the 96 items
+    results = a.search("a red boat on the sea", k=len(kites) + 5, labels=[label])["results"]
+    assert {r["item"] for r in results} == kites  # all of them, and only them
+    assert all(r["label"] == label for r in results)
+    extra = {r["id"] for r in items.values() if r["job"] == world["extra_job"]}
+    results = a.search("a house in the snow", k=10, jobs=[world["extra_job"]])["results"]
+    assert len(results) == 10 and {r["item"] for r in results} <= extra
+    assert a.search("a house", k=5, min_score=0.999)["results"] == []
+
+
+def test_another_tenant_sees_nothing(world: dict[str, Any]) -> None:
+    b, items = world["b"], world["items"]
+    item = next(iter(items.values()))["id"]
+    for call, status, code in (
+            (lambda: b.search("a red boat"), 409, "no_aligner"),
+            (lambda: b.search("a red boat", model=world["aligner"]), 400, "unknown_model"),
+            (lambda: b.similar(item), 404, "not_found"),
+            (lambda: b.search("a boat", jobs=[world["train_job"]]), 409, "no_aligner")):
+        with pytest.raises(ApiError) as err:
+            call()
+        assert (err.value.status, err.value.code) == (status, code)
+    assert b.http.get(f"{b.base}/api/v1/items/{item}").status_code == 404
+
+
+def test_bad_queries_are_400s(world: dict[str, Any], tmp_path: Path) -> None:
+    a, settings = world["a"], world["settings"]
+    db = Database(settings.db_url)
+    try:
+        with db.session() as s:  # a classifier of the same tenant (its weights are not read)
+            tenant = s.scalar(select(Job.tenant_id).where(Job.id == world["train_job"]))
+            classifier = register_model(s, name="clf", fusion="concat", classes=["a", "b"],
+                                        encoders={}, metrics={}, config={},
+                                        checkpoint_blob="0" * 64, job_id=None,
+                                        tenant_id=tenant).id
+    finally:
+        db.dispose()
+    garbage = tmp_path / "broken.jpg"
+    garbage.write_bytes(b"not a picture at all" * 10)
+    cases = [(lambda: a.search("   "), "empty_query"),
+             (lambda: a.search("a boat", model=classifier), "not_an_aligner"),
+             (lambda: a.search("a boat", k=0), "invalid_k"),
+             (lambda: a.search("a boat", modality="smell"), "invalid_modality"),
+             (lambda: a.search("a boat", cursor="nonsense"), "invalid_cursor"),
+             (lambda: a.search("a boat", jobs=["no-such-job"]), "unknown_job"),
+             (lambda: a.search(file=garbage), "undecodable_file")]
+    for call, code in cases:
+        with pytest.raises(ApiError) as err:
+            call()
+        assert (err.value.status, err.value.code) == (400, code)
+
+
+def test_search_survives_a_search_service_restart(world: dict[str, Any]) -> None:
+    a, stack = world["a"], world["stack"]
+    before = a.search("a yellow kite in the desert", k=5)["results"]
+    proc = stack.procs["search"]
+    proc.terminate()
+    proc.wait(30)
+    with pytest.raises(ApiError) as down:
+        a.search("a yellow kite in the desert", k=5)
+    assert (down.value.status, down.value.code) == (503, "search_unavailable")
+    stack.spawn("search")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            after = a.search("a yellow kite in the desert", k=5)["results"]
+            break
+        except ApiError as exc:
+            if exc.code != "search_unavailable" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert [r["item"] for r in after] == [r["item"] for r in before]
