@@ -38,7 +38,7 @@ from cli.stack import (
     worker_command,
     write_record,
 )
-from mmbatch.contract import TASK_REPROCESS, TrainOptions
+from mmbatch.contract import SEARCH_MODALITIES, TASK_REPROCESS, TrainOptions
 from mmbatch.settings import Settings
 from samples.sample import write_sample
 from store import keys as key_store
@@ -489,7 +489,10 @@ def evaluate(model_id: int, archive: Path, url: str | None) -> None:
         raise click.ClickException(f"job {job['id']} {job['state']}: {job.get('error')}")
     scores = _run(lambda: client.evaluation(job["id"]))
     click.echo(json.dumps(scores, indent=2))
-    if scores["accuracy"] is not None:
+    for direction, r in (scores.get("retrieval") or {}).items():  # an aligner's evaluation
+        click.echo(f"{direction}: R@1 {r['r@1']:.3f}  R@5 {r['r@5']:.3f}  R@10 {r['r@10']:.3f}  "
+                   f"median rank {r['median_rank']:g}  ({r['queries']} queries)")
+    if scores.get("accuracy") is not None:
         click.echo(f"accuracy {_score(scores['accuracy'])}  macro F1 "
                    f"{_score(scores['macro_f1'])}  ECE {_score(scores['ece'])}  "
                    f"({scores['classified']} of {scores['items']} labelled items classified)")
@@ -499,6 +502,51 @@ def evaluate(model_id: int, archive: Path, url: str | None) -> None:
 
 def _score(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--k", type=click.IntRange(1, 100), default=10, show_default=True)
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Search by example: an image, audio or text file.")
+@click.option("--similar", "item", type=int, default=None, help="Items like this item id.")
+@click.option("--job", "jobs", multiple=True, help="Only items of this job (repeatable).")
+@click.option("--label", "labels", multiple=True, help="Only items with this label (repeatable).")
+@click.option("--modality", type=click.Choice(SEARCH_MODALITIES), default="any",
+              show_default=True, help="Match only this modality's vectors.")
+@click.option("--model", type=int, default=None, help="Aligner id (default: the tenant's).")
+@click.option("--min-score", type=float, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's answer as JSON.")
+@click.option("--url", default=None)
+def search(text: str | None, k: int, file: Path | None, item: int | None, jobs: tuple[str, ...],
+           labels: tuple[str, ...], modality: str, model: int | None, min_score: float | None,
+           as_json: bool, url: str | None) -> None:
+    """Search your items by TEXT, by an example --file, or --similar to an item; prints the
+    best first (docs/search.md)."""
+    if sum(x is not None for x in (text, file, item)) != 1:
+        raise click.UsageError("give one of TEXT, --file or --similar")
+    client = _client(url)
+    options: dict[str, Any] = {"model": model, "min_score": min_score,
+                               "modality": modality if modality != "any" else None,
+                               "jobs": list(jobs) or None, "labels": list(labels) or None}
+    if item is not None:
+        options = {key: ",".join(v) if isinstance(v, list) else v for key, v in options.items()}
+        page = _run(lambda: client.similar(item, k=k, **options))
+    else:
+        page = _run(lambda: client.search(text, file=file, k=k, **options))
+    if as_json:
+        click.echo(json.dumps(page, indent=2))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    m = page["model"]
+    console.print(f"aligner {m['name']} v{m['version']} (id {m['id']})")
+    table = Table("#", "score", "modality", "key", "label", "item", "job")
+    for rank, r in enumerate(page["results"], 1):
+        table.add_row(str(rank), f"{r['score']:.3f}", r["modality"], r["key"], r["label"] or "",
+                      str(r["item"]), r["job"])
+    console.print(table)
+    if not page["results"]:
+        console.print("no results")
 
 
 def _key_value(item: str) -> tuple[str, str]:

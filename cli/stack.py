@@ -10,6 +10,7 @@ to start beside a live one, and refuses a port something else holds, saying what
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -77,6 +78,21 @@ def beat_command(settings: Settings) -> list[str]:
             "--schedule", str(schedule), "--loglevel", settings.log_level]
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 class Stack:
     """A web process, a worker for batches (and ingest), a worker for training (so a long
     training never holds the batches' worker), the search service, and optionally beat;
@@ -86,6 +102,10 @@ class Stack:
                  log_dir: Path | None = None, beat: bool = False,
                  worker_args: list[str] | None = None,
                  worker_app: str = "worker.celery_app") -> None:
+        if not settings.search_url and not _port_free(settings.host, settings.search_port):
+            # the search service's usual port is taken (another stack on this machine): the
+            # children learn the one it got through the settings they are started with
+            settings = dataclasses.replace(settings, search_port=_free_port(settings.host))
         self.settings, self.host, self.port = settings, host, port
         self.log_dir = log_dir
         self.beat = beat

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         assert extra["state"] == "succeeded" and extra["failed"] == 0, extra
         yield {"a": a, "b": b, "settings": settings, "stack": stack, "paired": paired,
                "aligner": aligner, "train_job": job["id"], "extra_job": extra["id"],
-               "items": _items(settings)}
+               "items": _items(settings), "keys": {"a": key_a, "b": key_b}}
     finally:
         stack.stop()
 
@@ -207,6 +211,30 @@ def test_bad_queries_are_400s(world: dict[str, Any], tmp_path: Path) -> None:
         with pytest.raises(ApiError) as err:
             call()
         assert (err.value.status, err.value.code) == (400, code)
+
+
+def test_the_search_command_prints_a_table(world: dict[str, Any], tmp_path: Path) -> None:
+    a, items = world["a"], world["items"]
+    archive, _ = read_archive(world["paired"].gallery)
+    key = sorted(archive)[7]
+    photo = tmp_path / "query.jpg"
+    photo.write_bytes(archive[key]["image"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMBATCH_")}
+    env.update(MMBATCH_API_KEY=world["keys"]["a"], MMBATCH_URL=a.base)
+    run = subprocess.run([sys.executable, "-m", "cli.main", "search", "--file", str(photo),
+                          "--k", "3"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if key in line]
+    assert len(lines) == 1 and str(items[key]["id"]) in lines[0]
+    run = subprocess.run([sys.executable, "-m", "cli.main", "search", "a boat", "--k", "2",
+                          "--json", "--label", "kite"], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert [r["label"] for r in json.loads(run.stdout)["results"]] == ["kite", "kite"]
+    run = subprocess.run([sys.executable, "-m", "cli.main", "search", "a boat"],
+                         env={**env, "MMBATCH_API_KEY": world["keys"]["b"]},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0 and "no_aligner" in run.stderr
 
 
 def test_search_survives_a_search_service_restart(world: dict[str, Any]) -> None:
