@@ -38,7 +38,7 @@ from cli.stack import (
     worker_command,
     write_record,
 )
-from mmbatch.contract import SEARCH_MODALITIES, TASK_REPROCESS, TrainOptions
+from mmbatch.contract import JOB_KINDS, SEARCH_MODALITIES, TASK_REPROCESS, TrainOptions
 from mmbatch.settings import Settings
 from samples.sample import write_sample
 from store import keys as key_store
@@ -181,9 +181,9 @@ def web(host: str | None, port: int | None) -> None:
 
 @main.command()
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--kind", type=click.Choice(["embed", "classify", "train"]), required=True)
+@click.option("--kind", type=click.Choice(JOB_KINDS), required=True)
 @click.option("--model", type=int, default=None, help="Model version id (default: the default).")
-@click.option("--name", default=None, help="Name of the model a train job makes.")
+@click.option("--name", default=None, help="Name of the model a train or align job makes.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the job, with a progress bar.")
 @click.option("--idempotency-key", default=None, help="Submitting again with it returns the same job.")
 @click.option("--callback-url", default=None, help="POSTed (signed) when the job ends.")
