@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -257,3 +258,51 @@ def test_search_survives_a_search_service_restart(world: dict[str, Any]) -> None
                 raise
             time.sleep(0.5)
     assert [r["item"] for r in after] == [r["item"] for r in before]
+    # the Celery worker is not on the query path: search answers while it is down
+    worker = stack.procs["worker"]
+    worker.terminate()
+    worker.wait(60)
+    assert [r["item"] for r in a.search("a yellow kite in the desert", k=5)["results"]] == \
+        [r["item"] for r in before]
+    stack.spawn("worker")
+
+
+def test_a_model_change_switches_the_index_with_no_gap(world: dict[str, Any]) -> None:
+    """A second aligner, promoted: searches that name no model answer from the old index until
+    the switch and from the new one after it, never from none (no 409, always k results)."""
+    a, first = world["a"], world["aligner"]
+    answers: list[tuple[int, int]] = []  # (aligner, results) of every search meanwhile
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def keep_searching() -> None:
+        while not stop.is_set():
+            try:
+                page = a.search("an orange balloon over the snow", k=10)
+                answers.append((page["model"]["id"], len(page["results"])))
+            except ApiError as exc:
+                errors.append(str(exc))
+
+    searcher = threading.Thread(target=keep_searching, daemon=True)
+    searcher.start()
+    try:
+        job = a.wait(a.submit(world["paired"].train, "align", name="paired-two", seed=5)["id"],
+                     timeout=600)
+        assert job["state"] == "succeeded", job
+        second = job["model"]["id"]
+        assert not a.model(second)["is_default"]  # the tenant had a default aligner
+        assert a.promote(second)["is_default"]
+        deadline = time.monotonic() + 120
+        while not answers or answers[-1][0] != second:
+            assert time.monotonic() < deadline, answers[-5:]
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        searcher.join(30)
+    assert errors == []
+    assert all(n == 10 for _, n in answers)
+    models = [m for m, _ in answers]
+    switched = models.index(second)
+    assert set(models[:switched]) == {first} and set(models[switched:]) == {second}
+    # the old aligner's index still answers when named
+    assert a.search("a boat", k=3, model=first)["model"]["id"] == first
