@@ -193,10 +193,11 @@ def test_bad_queries_are_400s(world: dict[str, Any], tmp_path: Path) -> None:
     try:
         with db.session() as s:  # a classifier of the same tenant (its weights are not read)
             tenant = s.scalar(select(Job.tenant_id).where(Job.id == world["train_job"]))
-            classifier = register_model(s, name="clf", fusion="concat", classes=["a", "b"],
-                                        encoders={}, metrics={}, config={},
-                                        checkpoint_blob="0" * 64, job_id=None,
-                                        tenant_id=tenant).id
+            row = register_model(s, name="clf", fusion="concat", classes=["a", "b"],
+                                 encoders={}, metrics={}, config={}, checkpoint_blob="0" * 64,
+                                 job_id=None, tenant_id=tenant)
+            row.is_default = False  # it has no weights: no job may pick it up
+            classifier = row.id
     finally:
         db.dispose()
     garbage = tmp_path / "broken.jpg"
@@ -265,6 +266,38 @@ def test_search_survives_a_search_service_restart(world: dict[str, Any]) -> None
     assert [r["item"] for r in a.search("a yellow kite in the desert", k=5)["results"]] == \
         [r["item"] for r in before]
     stack.spawn("worker")
+
+
+def test_reprocess_indexes_items_not_yet_embedded_with_the_aligner(
+        world: dict[str, Any], tmp_path: Path) -> None:
+    """Items embedded without the aligner (a plain embed job) become searchable once a
+    reprocess with the aligner (what the nightly run does for the default) has embedded them."""
+    a = world["a"]
+    more = write_paired(tmp_path / "more", n_train=8, n_gallery=1, seed=23)
+    plain = a.wait(a.submit(more.train, "embed")["id"], timeout=300)
+    assert plain["state"] == "succeeded" and plain["model"] is None, plain
+    archive, _ = read_archive(more.train)
+    key = sorted(archive)[2]
+    photo = tmp_path / "unindexed.jpg"
+    photo.write_bytes(archive[key]["image"])
+    db = Database(world["settings"].db_url)
+    try:
+        with db.session() as s:
+            plain_items = set(s.scalars(select(Item.id).where(Item.job_id == plain["id"])))
+    finally:
+        db.dispose()
+    assert len(plain_items) == 8
+    assert not {r["item"] for r in a.search(file=photo, k=5)["results"]} & plain_items
+    a.reprocess(model=world["aligner"])
+    deadline = time.monotonic() + 180
+    while True:
+        found = [r for r in a.search(file=photo, k=1)["results"] if r["item"] in plain_items]
+        if found:
+            break
+        assert time.monotonic() < deadline, a.jobs(kind="reprocess")
+        time.sleep(1)
+    assert found[0]["job"] == plain["id"] and found[0]["score"] > 0.99
+    assert len(a.search("a boat", k=20, jobs=[plain["id"]])["results"]) == 8
 
 
 def test_a_model_change_switches_the_index_with_no_gap(world: dict[str, Any]) -> None:
