@@ -30,7 +30,7 @@ from mmbatch.settings import Settings
 from samples.paired import write_paired
 from store.db import Database
 from store.registry import register_model
-from store.schema import Item, Job
+from store.schema import IndexSegment, Item, Job, SearchIndex
 from tests.conftest import make_key
 from tests.paired_features import read_archive
 from tests.util import free_port
@@ -44,8 +44,10 @@ N_EXTRA = 24  # one roll, embedded with the aligner afterwards (an appended segm
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     data_dir = tmp_path_factory.mktemp("search")
+    # a merge after every appended segment, so that the searches below read merged bases too
     settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir), "MMBATCH_BATCH_SIZE": "24",
-                                  "MMBATCH_SEARCH_PORT": str(free_port())})
+                                  "MMBATCH_SEARCH_PORT": str(free_port()),
+                                  "MMBATCH_INDEX_MERGE_SEGMENTS": "1"})
     key_a = make_key(settings.db_url, "search-a", "tenant-a")
     key_b = make_key(settings.db_url, "search-b", "tenant-b")
     paired = write_paired(data_dir / "paired", n_train=N_TRAIN, n_gallery=N_EXTRA, seed=11)
@@ -213,6 +215,37 @@ def test_bad_queries_are_400s(world: dict[str, Any], tmp_path: Path) -> None:
         with pytest.raises(ApiError) as err:
             call()
         assert (err.value.status, err.value.code) == (400, code)
+
+
+def test_appended_segments_are_merged_into_the_base(world: dict[str, Any]) -> None:
+    db = Database(world["settings"].db_url)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            with db.session() as s:
+                merged = list(s.execute(select(IndexSegment.merged, IndexSegment.rows)))
+                base_rows = s.scalar(select(SearchIndex.base_rows).where(
+                    SearchIndex.model_version_id == world["aligner"]))
+            if merged and all(m for m, _ in merged):
+                break
+            assert time.monotonic() < deadline, merged
+            time.sleep(0.5)
+    finally:
+        db.dispose()
+    # the base holds the align job's items and the appended ones, each with 2 or 3 modalities
+    assert base_rows >= 2 * (N_TRAIN + N_EXTRA)
+
+
+def test_evaluate_an_aligner_on_a_paired_archive(world: dict[str, Any]) -> None:
+    a = world["a"]
+    job = a.wait(a.evaluate(world["aligner"], world["paired"].gallery)["id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    scores = a.evaluation(job["id"])
+    retrieval = scores["retrieval"]
+    assert retrieval["text->image"]["queries"] == N_EXTRA
+    assert 0 <= retrieval["text->image"]["r@1"] <= retrieval["text->image"]["r@10"] <= 1
+    evaluations = a.model(world["aligner"])["metrics"]["evaluations"]
+    assert evaluations[-1]["job"] == job["id"]
 
 
 def test_the_search_command_prints_a_table(world: dict[str, Any], tmp_path: Path) -> None:
