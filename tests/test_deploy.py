@@ -51,17 +51,20 @@ def _config(*overrides: str) -> dict:
 def test_compose_file_validates() -> None:
     services = _config()["services"]
     assert {"redis", "postgres", "migrate", "web", "worker-gpu", "worker-cpu", "beat",
-            "flower"} <= set(services)
+            "flower", "search"} <= set(services)
+    # the API finds the search service by its service name
+    assert services["web"]["environment"]["MMBATCH_SEARCH_URL"] == "http://search:8001"
+    assert _option(services["search"]["command"], "--port") == "8001"
     for name in ("web", "worker-gpu", "worker-cpu", "beat", "flower", "migrate"):
         env = services[name]["environment"]
         assert env["MMBATCH_BROKER_URL"].startswith("redis://"), name
         assert env["MMBATCH_DATABASE_URL"].startswith("postgresql+psycopg://"), name
-    for name in ("web", "worker-gpu", "worker-cpu", "beat"):
+    for name in ("web", "worker-gpu", "worker-cpu", "beat", "search"):
         assert any(str(v).startswith("blobs:/data") for v in services[name]["volumes"]), name
-    for name in ("web", "worker-gpu", "worker-cpu", "beat"):
+    for name in ("web", "worker-gpu", "worker-cpu", "beat", "search"):
         assert services[name]["depends_on"]["migrate"]["condition"] == \
             "service_completed_successfully", name
-    for name in ("redis", "postgres", "web", "worker-gpu", "worker-cpu", "flower"):
+    for name in ("redis", "postgres", "web", "worker-gpu", "worker-cpu", "flower", "search"):
         assert services[name]["healthcheck"]["test"], name
 
     gpu = services["worker-gpu"]
