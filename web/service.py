@@ -366,11 +366,14 @@ def _check_request(mimetype: str, form: MultiDict[str, str],
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ApiError(400, "unknown_field", f"unknown field {name!r}{hint}; fields: "
                                                  f"{', '.join(JOB_FIELDS + TRAIN_FIELDS)}")
-    given = [name for name in TRAIN_FIELDS if (form.get(name) or "").strip()]
-    if given and form.get("kind") != "train":
+    kind = form.get("kind")
+    given = [name for name in TRAIN_FIELDS if (form.get(name) or "").strip()
+             and not (kind == "align" and name in ALIGN_OPTIONS)]
+    if given and kind != "train":
+        also = f" (an align job takes {', '.join(ALIGN_OPTIONS)})" if kind == "align" else ""
         raise ApiError(400, "train_only_option",
                        f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to "
-                       f"train jobs only, not to a {form.get('kind') or 'job without a kind'}")
+                       f"train jobs only{also}, not to a {kind or 'job without a kind'}")
 
 
 def _fingerprint(request: dict[str, Any]) -> str:
