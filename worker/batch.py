@@ -83,7 +83,8 @@ class BatchProcessor:
             return fail_batch(self.rt, self.job_id, [it.id for it in batch.items], mismatch)
         features, errors = self.encode(batch)
         outcomes = self.outcomes(batch, features, errors)
-        segment = self.segment(batch, outcomes)
+        segment = (self.segment(batch, outcomes)
+                   if batch.model is not None and batch.model.kind == "aligner" else None)
         with self.rt.db.session() as s:
             report = commit(s, self.job_id, batch.kind, outcomes,
                             batch.model.id if batch.model else NO_MODEL)
