@@ -1,15 +1,15 @@
 """Search: model versions get a kind (classifier or aligner, defaults per tenant and kind), and
 the vector indexes of (tenant, aligner) with the segments batches append to them.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-05
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
