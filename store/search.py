@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from store.schema import (
     IndexSegment,
     Item,
     Job,
+    LabelEvent,
     ModelVersion,
     Result,
     SearchIndex,
@@ -193,6 +194,18 @@ def embedding_of(s: Session, item_id: int, model_id: int) -> bytes | None:
 
 # --- filters and pages of hits --------------------------------------------------------------
 
+def _corrected_label() -> Any:
+    """The item's latest label event's label (a person's correction), as a scalar subquery."""
+    return (select(LabelEvent.new_label).where(LabelEvent.item_id == Item.id)
+            .order_by(LabelEvent.id.desc()).limit(1).correlate(Item).scalar_subquery())
+
+
+def _current_label() -> Any:
+    """The item's current label: corrected, else given, else predicted (store.labels says the
+    same of the first two)."""
+    return func.coalesce(_corrected_label(), Item.label, _predicted_label())
+
+
 def _predicted_label() -> Any:
     """The item's newest predicted label (a classifier's ok result), as a scalar subquery."""
     return (select(Result.label).where(Result.item_id == Item.id, Result.status == "ok",
@@ -210,8 +223,7 @@ def filtered_item_ids(s: Session, tenant_id: int | None, job_ids: Sequence[str] 
         stmt = stmt.where(Item.job_id.in_(list(job_ids)))
     if labels is not None:
         wanted = list(labels)
-        stmt = stmt.where(or_(Item.label.in_(wanted),
-                              and_(Item.label.is_(None), _predicted_label().in_(wanted))))
+        stmt = stmt.where(_current_label().in_(wanted))
     return np.fromiter(s.scalars(stmt.order_by(Item.id)), dtype=np.int64)
 
 
@@ -223,7 +235,7 @@ def owned_jobs(s: Session, tenant_id: int | None, job_ids: Sequence[str]) -> set
 def hit_rows(s: Session, tenant_id: int | None, item_ids: Sequence[int]
              ) -> dict[int, tuple[Item, str | None]]:
     """The tenant's items among ``item_ids`` with their current label."""
-    rows = s.execute(select(Item, func.coalesce(Item.label, _predicted_label()))
+    rows = s.execute(select(Item, _current_label())
                      .join(Job, Job.id == Item.job_id)
                      .where(Item.id.in_(list(item_ids)), _tenant(Job.tenant_id, tenant_id)))
     return {item.id: (item, label) for item, label in rows}

@@ -175,6 +175,19 @@ def test_filters_apply_inside_the_search(world: dict[str, Any]) -> None:
     assert a.search("a house", k=5, min_score=0.999)["results"] == []
 
 
+def test_a_corrected_label_is_the_one_search_shows_and_filters_by(
+        world: dict[str, Any]) -> None:
+    a, items = world["a"], world["items"]
+    some = sorted(items.values(), key=lambda r: r["id"])[10]
+    new = "lighthouse"  # no item had this label
+    r = a.http.post(f"{a.base}/api/v1/items/{some['id']}/label", json={"label": new})
+    assert r.status_code == 201, r.text
+    results = a.search("a boat", k=5, labels=[new])["results"]
+    assert [(x["item"], x["label"]) for x in results] == [(some["id"], new)]
+    assert some["id"] not in {x["item"] for x in
+                              a.search("a boat", k=100, labels=[some["label"]])["results"]}
+
+
 def test_another_tenant_sees_nothing(world: dict[str, Any]) -> None:
     b, items = world["b"], world["items"]
     item = next(iter(items.values()))["id"]

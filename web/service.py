@@ -174,7 +174,9 @@ def _model_shown(s: Session, job: Job, requested: Any) -> ModelVersion | None:
             raise ApiError(400, "unknown_model", f"no model version with id {requested!r}"
                            ) from None
     if job.model_version_id is not None:
-        return get_model(s, job.model_version_id)
+        model = get_model(s, job.model_version_id)
+        if model.kind == "classifier":  # an aligner (align and embed jobs) has no classes
+            return model
     return default_model(s, auth.tenant_id())
 
 
