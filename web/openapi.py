@@ -398,9 +398,6 @@ def _search_paths(settings: Any) -> dict[str, Any]:
 
 def _params(settings: Any) -> dict[str, Schema]:
     return {
-        "ItemId": {"name": "item_id", "in": "path", "required": True,
-                   "description": "an item id; another tenant's answers 404",
-                   "schema": {"type": "integer", "minimum": 0}},
         "JobId": {"name": "job_id", "in": "path", "required": True,
                   "description": "a job id (32 hex digits); another tenant's answers 404",
                   "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
