@@ -103,10 +103,13 @@ class Searcher:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def warm(self) -> None:
-        """Load every encoder and every tenant's active index now, not on the first query."""
-        for m in MODALITIES:
-            self.models.encoder(m)
+        """Load every tenant's active index now, not on the first query, and the encoders once
+        there is an index to query (a deployment, or a test stack, with no aligner does not pay
+        for three encoders in one more process)."""
         self.refresh()
+        if self._indexes:
+            for m in MODALITIES:
+                self.models.encoder(m)
 
     def start(self) -> None:
         """Warm up and keep the indexes fresh in a background thread."""
@@ -120,7 +123,7 @@ class Searcher:
             log.exception("search_warm_failed")
         while not self._stop.wait(REFRESH_SECONDS):
             try:
-                self.refresh()
+                self.warm()
             except Exception:
                 log.exception("search_refresh_failed")
 
