@@ -1,5 +1,6 @@
 """No pickle anywhere: JSON task messages, safetensors checkpoints, torch.load only on the
-packaged ImageNet weights and then with weights_only."""
+packaged ImageNet weights and then with weights_only, numpy.load (search index files) only with
+allow_pickle=False."""
 
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ def test_no_module_imports_pickle_and_torch_load_is_weights_only() -> None:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports pickle")
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == "load" and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id in ("np", "numpy")):
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} numpy.load")
+                    and node.func.value.id in ("np", "numpy")
+                    and not any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant)
+                                and k.value.value is False for k in node.keywords)):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} numpy.load without "
+                                 "allow_pickle=False")
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == "load" and isinstance(node.func.value, ast.Name)
                     and node.func.value.id == "torch"):
