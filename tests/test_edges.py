@@ -131,7 +131,7 @@ def test_a_failed_job_keeps_its_report_and_names_the_real_reason(rt: Runtime, ap
     ingest_job(rt, job["id"])
     polled = api.get(f"/api/v1/jobs/{job['id']}").get_json()
     assert polled["state"] == "failed"
-    assert "unsafe" in polled["error"] and "no image, text or audio" not in polled["error"]
+    assert "all of its 2 files were skipped (2 unsafe path" in polled["error"], polled["error"]
     report = api.get(f"/api/v1/jobs/{job['id']}/report").get_json()["report"]
     assert report["skipped_count"] == 2
     assert {s["reason"] for s in report["skipped"]} == {"unsafe path"}
