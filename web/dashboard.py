@@ -48,7 +48,7 @@ from web.api import job_response
 from web.errors import ApiError
 from web.exports import export as stream_export
 from web.serializers import job_payload, model_payload, result_payload
-from web.thumbnails import ThumbnailError, Thumbnails
+from web.thumbnails import Thumbnails, thumbnail_response
 
 dashboard = Blueprint("dashboard", __name__, url_prefix="/ui", template_folder="templates",
                       static_folder="static", static_url_path="/static")
@@ -385,15 +385,7 @@ def _item_media(job_id: str, item_id: int, modality: str) -> dict[str, Any]:
 @dashboard.get("/jobs/<job_id>/items/<int:item_id>/thumb.jpg")
 def thumbnail(job_id: str, item_id: int):  # type: ignore[no-untyped-def]
     entry = _item_media(job_id, item_id, "image")
-    try:
-        path = current_app.extensions["mmbatch_thumbnails"].get(entry["blob"])
-    except BlobNotFound:
-        raise ApiError(404, "not_found", f"the image of item {item_id} is no longer stored")
-    except ThumbnailError as exc:
-        raise ApiError(422, "unreadable_image", str(exc))
-    response = send_file(path, mimetype="image/jpeg", conditional=True, etag=entry["blob"])
-    response.headers["Cache-Control"] = "private, max-age=86400"
-    return response
+    return thumbnail_response(entry, item_id)
 
 
 @dashboard.get("/jobs/<job_id>/items/<int:item_id>/<any(audio, text):modality>")

@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request, send_file
+from flask import Blueprint, current_app, jsonify, request
 
-from store.blobs import BlobNotFound
 from web import auth, search
 from web.errors import ApiError
 from web.serializers import item_payload
 from web.service import Services
-from web.thumbnails import ThumbnailError
+from web.thumbnails import thumbnail_response
 
 search_api = Blueprint("search_api", __name__)
 search_api.before_request(auth.authenticate)
@@ -68,12 +67,4 @@ def item_thumbnail(item_id: int):  # type: ignore[no-untyped-def]
         entry = (item.media or {}).get("image")
     if not entry:
         raise ApiError(404, "not_found", f"item {item_id} has no image")
-    try:
-        path = current_app.extensions["mmbatch_thumbnails"].get(entry["blob"])
-    except BlobNotFound:
-        raise ApiError(404, "not_found", f"the image of item {item_id} is no longer stored")
-    except ThumbnailError as exc:
-        raise ApiError(422, "unreadable_image", str(exc))
-    response = send_file(path, mimetype="image/jpeg", conditional=True, etag=entry["blob"])
-    response.headers["Cache-Control"] = "private, max-age=86400"
-    return response
+    return thumbnail_response(entry, item_id)

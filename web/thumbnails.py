@@ -16,9 +16,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+from flask import Response, current_app, send_file
+
 from media.decode import MediaError
 from media.sandbox import DecodeSandbox
 from store.blobs import BlobNotFound, Blobs, check_digest
+from web.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +103,18 @@ class Thumbnails:
 
 
 __all__ = ["BlobNotFound", "ThumbnailError", "Thumbnails"]
+
+
+def thumbnail_response(entry: dict[str, str], item_id: int) -> Response:
+    """The thumbnail of an item's image (``entry``: its media record) as the dashboard and the
+    API serve it: cached by the browser a day, 404 when the blob is gone, 422 when it does not
+    decode."""
+    try:
+        path = current_app.extensions["mmbatch_thumbnails"].get(entry["blob"])
+    except BlobNotFound:
+        raise ApiError(404, "not_found", f"the image of item {item_id} is no longer stored")
+    except ThumbnailError as exc:
+        raise ApiError(422, "unreadable_image", str(exc)) from None
+    response = send_file(path, mimetype="image/jpeg", conditional=True, etag=entry["blob"])
+    response.headers["Cache-Control"] = "private, max-age=86400"
+    return response
