@@ -6,6 +6,7 @@ error), then re-raised, so no job is left running."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
@@ -25,7 +26,7 @@ from worker.align import align_job
 from worker.batch import BatchProcessor, BatchReport, fail_batch
 from worker.index_build import build_index
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
-from worker.runtime import runtime_for
+from worker.runtime import Runtime, runtime_for
 from worker.training import TrainingInterrupted, train_job
 
 log = logging.getLogger(__name__)
@@ -62,45 +63,38 @@ def _follow_up(task: Any, job_id: str, report: BatchReport) -> None:
 
 @shared_task(name=TASK_TRAIN, bind=True, max_retries=MAX_RETRIES)
 def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
-    rt = runtime_for(self.app)
-    try:
-        train_job(rt, job_id)
-    except TrainingInterrupted as exc:
-        # The worker is stopping: back to the broker (kombu's SQLAlchemy transport would
-        # otherwise keep the message only in this process's memory until it dies).
-        log.info("training_requeued job=%s", job_id)
-        raise Reject(str(exc), requeue=True) from exc
-    except TRANSIENT as exc:
-        retry(self, exc)
-    except Exception as exc:
-        with rt.db.session() as s:
-            jobs.fail_job(s, job_id, f"training failed: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        self.app.send_task(TASK_WEBHOOKS)
+    _training_task(self, job_id, train_job, "training")
 
 
 @shared_task(name=TASK_ALIGN, bind=True, max_retries=MAX_RETRIES)
 def align(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     """Train an aligner for an align job (or score one, for an evaluation), then build the new
     aligner's index."""
-    rt = runtime_for(self.app)
-    model_id = None
-    try:
-        model_id = align_job(rt, job_id)
-    except TrainingInterrupted as exc:  # the worker is stopping: back to the broker
-        log.info("alignment_requeued job=%s", job_id)
-        raise Reject(str(exc), requeue=True) from exc
-    except TRANSIENT as exc:
-        retry(self, exc)
-    except Exception as exc:
-        with rt.db.session() as s:
-            jobs.fail_job(s, job_id, f"alignment failed: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        self.app.send_task(TASK_WEBHOOKS)
+    model_id = _training_task(self, job_id, align_job, "alignment")
     if model_id is not None:
         self.app.send_task(TASK_INDEX_BUILD, args=[model_id])
+
+
+def _training_task(task: Any, job_id: str, run: Callable[[Runtime, str], int | None],
+                   what: str) -> int | None:
+    """Run a job's training stage (``run``) in a task: back to the broker when the worker is
+    stopping (kombu's SQLAlchemy transport would otherwise keep the message only in this
+    process's memory until it dies), retried on a transient error, the job failed on any
+    other; webhooks sent in every case. The id of the model it registered, or None."""
+    rt = runtime_for(task.app)
+    try:
+        return run(rt, job_id)
+    except TrainingInterrupted as exc:
+        log.info("%s_requeued job=%s", what, job_id)
+        raise Reject(str(exc), requeue=True) from exc
+    except TRANSIENT as exc:
+        retry(task, exc)
+    except Exception as exc:
+        with rt.db.session() as s:
+            jobs.fail_job(s, job_id, f"{what} failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        task.app.send_task(TASK_WEBHOOKS)
 
 
 @shared_task(name=TASK_INDEX_BUILD, bind=True, max_retries=MAX_RETRIES)
