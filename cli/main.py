@@ -115,15 +115,19 @@ def up(host: str | None, port: int | None) -> None:
     stack = Stack(settings, host, port, beat=True)
     # SIGTERM ends `up` like Ctrl-C does: through the finally below, which stops the children.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    stack.start()
-    start_record(settings, stack)
-    click.echo(f"mmbatch serving {stack.url}  (data in {settings.data_dir.resolve()}; "
-               "Ctrl-C stops)")
-    if unclean:
-        _revive(settings)
     try:
+        stack.spawn_all()
+        # recorded before the web server answers: whoever sees it healthy finds where it serves
+        start_record(settings, stack)
+        stack.wait_healthy()
+        click.echo(f"mmbatch serving {stack.url}  (data in {settings.data_dir.resolve()}; "
+                   "Ctrl-C stops)")
+        if unclean:
+            _revive(settings)
         code = stack.wait()
         click.echo(f"a child process exited with {code}; stopping", err=True)
+    except RuntimeError as exc:  # a child died or the web server never answered
+        raise click.ClickException(f"{exc} (the logs above say why)") from exc
     except KeyboardInterrupt:
         pass
     finally:

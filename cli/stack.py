@@ -118,10 +118,13 @@ class Stack:
         return f"http://{self.host}:{self.port}"
 
     def start(self, wait: float = 120.0) -> "Stack":
+        self.spawn_all()
+        self.wait_healthy(wait)
+        return self
+
+    def spawn_all(self) -> None:
         for name in self.commands():
             self.spawn(name)
-        self._wait_healthy(wait)
-        return self
 
     def commands(self) -> dict[str, list[str]]:
         commands = {"worker": worker_command(self.settings, f"{INGEST_QUEUE},{MODEL_QUEUE}",
@@ -141,13 +144,21 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            self.commands()[name], env=child_env(self.settings),
+            self.commands()[name], env=child_env(self._settings_of(name)),
             cwd=Path(__file__).resolve().parent.parent, stdout=out,
             stderr=subprocess.STDOUT if out else None, start_new_session=True,
             preexec_fn=_die_with_parent)
         return self.procs[name]
 
-    def _wait_healthy(self, wait: float) -> None:
+    def _settings_of(self, name: str) -> Settings:
+        """The settings a child starts with: the trainer, a second worker process on this
+        machine, serves its metrics on the worker's metrics port + 1."""
+        if name == "trainer" and self.settings.worker_metrics_port:
+            return dataclasses.replace(self.settings,
+                                       worker_metrics_port=self.settings.worker_metrics_port + 1)
+        return self.settings
+
+    def wait_healthy(self, wait: float = 120.0) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
