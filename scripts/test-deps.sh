@@ -2,7 +2,7 @@
 # System tools the test suite uses beyond the virtual environment, installed from Debian's
 # packages when missing and we are root (idempotent):
 # - a Compose implementation, to validate docker-compose.yml;
-# - Chromium, which tests/test_dashboard_browser.py drives through Playwright
+# - Chromium, which the browser tests (tests/browser.py) drive through Playwright
 #   (executable_path=/usr/bin/chromium; Playwright's own browser download is never used).
 set -u
 missing=()

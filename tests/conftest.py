@@ -20,11 +20,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mmbatch.settings import Settings  # noqa: E402
+from tests.browser import browser_context  # noqa: F401,E402  # headless Chromium
 from tests.s3 import s3_endpoint, s3_settings  # noqa: F401  # moto S3 server, a bucket
+from tests.util import IN_CI  # noqa: E402  # (also imported from here by tests)
 
 PG_ADMIN = os.environ.get("MMBATCH_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MMBATCH_TEST_REDIS", "redis://127.0.0.1:6379")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def _port_open(host: str, port: int) -> bool:

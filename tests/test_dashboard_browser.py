@@ -7,17 +7,13 @@ opens the classify job and checks that the results table shows decoded thumbnail
 confidences and contribution bars, then opens the models page. Screenshots go to
 ``tests/artifacts/dashboard/`` (``docs/img/`` holds two of them for the README).
 
-Chromium comes from ``scripts/test-deps.sh`` (Debian's ``chromium``) and Playwright from the
-``test`` extra; Playwright's own browser download is never used. Without them the test skips,
-except under ``CI=true``, where that is a failure.
+Chromium and Playwright: ``tests/browser.py`` (the ``browser_context`` fixture).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,47 +21,13 @@ import pytest
 
 from cli.stack import Stack
 from mmbatch.settings import Settings
-from tests.conftest import IN_CI, make_key
+from tests.conftest import make_key
 from tests.util import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-CHROMIUM = os.environ.get("MMBATCH_TEST_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "dashboard"
 JOB_WAIT_MS = 600_000
-
-
-def _need(condition: bool, message: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(message + " (CI=true: run scripts/test-deps.sh and install the test extra)")
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    _need(Path(CHROMIUM).exists(), f"Chromium is not installed at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need(False, "the playwright package is not installed")
-        raise
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    try:
-        with sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
-                viewport={"width": 1360, "height": 860})
-            context.set_default_timeout(30_000)
-            try:
-                yield context
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from tests.util import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "dashboard"
 N_TRAIN = 72  # three photo rolls: a tiny archive, the training-free aligner
 N_EXTRA = 24  # one roll, embedded with the aligner afterwards (an appended segment)
 
@@ -129,6 +130,11 @@ def test_search_by_text(world: dict[str, Any]) -> None:
         found += items[key]["id"] in {r["item"] for r in results}
     # chance: 10 of 96 items in the top 10, about 1 of these 12 queries
     assert found >= 6, found
+    # where the time went, by stage
+    timed = a.http.post(a.base + "/api/v1/search", json={"text": "a red boat", "k": 3})
+    stages = dict(part.strip().split(";dur=") for part in timed.headers["Server-Timing"].split(","))
+    assert set(stages) == {"resolve", "service", "encode", "index", "rows"}, stages
+    assert float(stages["encode"]) + float(stages["index"]) <= float(stages["service"]) + 0.2
     # the next page continues after the first, without repeats
     page = a.search(captions[train_keys[0]], k=5)
     more = a.search(captions[train_keys[0]], k=5, cursor=page["next_cursor"])
@@ -159,6 +165,61 @@ def test_similar_items(world: dict[str, Any]) -> None:
     with pytest.raises(ApiError) as missing:
         a.similar(10**9)
     assert missing.value.status == 404
+
+
+def test_the_dashboard_searches_by_text_by_example_and_for_items_like_one(
+        world: dict[str, Any], browser_context: Any, tmp_path: Path) -> None:
+    """The search page in Chromium shows what the API finds, in its order: by text, the next
+    page, items like a hit, by an uploaded picture; a missing item is said on the page."""
+    a, items, url = world["a"], world["items"], world["stack"].url
+    by_id = {v["id"]: k for k, v in items.items()}
+    page = browser_context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/ui/login")
+    page.fill("#api-key", world["keys"]["a"])
+    page.click("#sign-in")
+    page.click("header nav >> text=Search")
+    page.wait_for_selector("#search-q")
+
+    def shown() -> list[str]:
+        page.wait_for_selector("#hits")
+        return page.locator("#hits article.hit").evaluate_all(
+            "els => els.map(e => e.dataset.key)")
+
+    captions = _captions(world["paired"].captions)
+    caption = captions[sorted(captions)[0]]
+    page.fill("#search-q", caption)
+    page.click("#search-go")
+    first = shown()
+    assert first == [r["key"] for r in a.search(caption, k=24)["results"]]
+    page.wait_for_function("() => [...document.querySelectorAll('#hits img')].every("
+                           "i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("#hits img").count() == len(first)  # every paired item has a picture
+    page.click("#search-more")
+    second = shown()
+    assert len(second) == 24 and not set(first) & set(second)
+
+    page.locator("#hits article.hit a.similar").first.click()
+    like = shown()
+    origin = int(page.url.split("item=")[1].split("&")[0])
+    assert by_id[origin] not in like
+    assert like == [r["key"] for r in a.similar(origin, k=24)["results"]]
+
+    archive, _ = read_archive(world["paired"].gallery)
+    key = sorted(archive)[3]
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(archive[key]["image"])
+    page.set_input_files("#search-file", str(photo))
+    page.click("#search-file-go")
+    assert shown()[0] == key
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
+
+    missing = page.goto(url + "/ui/search?item=999999999")
+    assert missing is not None and missing.status == 404
+    assert "no item 999999999" in page.inner_text("#search-error")
+    assert not errors, errors
 
 
 def test_filters_apply_inside_the_search(world: dict[str, Any]) -> None:

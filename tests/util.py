@@ -4,10 +4,14 @@ an embedded worker runtime."""
 from __future__ import annotations
 
 import io
+import os
 import socket
 import tarfile
 from pathlib import Path
 from typing import Any
+
+# CI=true: a missing service or browser is a failure, not a skip
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def tar_bytes(files: dict[str, bytes]) -> bytes:

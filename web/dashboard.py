@@ -37,13 +37,14 @@ from flask import (
 )
 from werkzeug.datastructures import MultiDict
 
-from mmbatch.contract import TERMINAL_STATES
+from mmbatch.contract import SEARCH_MODALITIES, TERMINAL_STATES
 from mmbatch.settings import Settings
 from store import jobs, keys
+from store import search as search_store
 from store.blobs import BlobNotFound
 from store.registry import default_model, get_model, list_models
 from store.schema import ApiKey, Item, Job
-from web import auth, service
+from web import auth, search, service
 from web.api import job_response
 from web.errors import ApiError
 from web.exports import export as stream_export
@@ -304,6 +305,62 @@ def review_page(job_id: str):  # type: ignore[no-untyped-def]
                 for r in page.items if r["item"] in items]
     return render_template("dashboard/review.html", job=view, rows=rows, classes=classes,
                            strategy=strategy)
+
+
+SEARCH_PAGE = 24
+
+
+@dashboard.route("/search", methods=["GET", "POST"])
+def search_page():  # type: ignore[no-untyped-def]
+    """Search the tenant's archive: by text (GET ``q``), by an example file (POST, multipart
+    ``file``), or for items like one (GET ``item``); ``modality`` and ``label`` narrow it.
+    The same checks and search as ``POST /api/v1/search`` (``web.search``); what a user got
+    wrong, or a search that cannot run yet, is said on the page with the API's status."""
+    form = request.form if request.method == "POST" else request.args
+    upload = request.files.get("file") if request.method == "POST" else None
+    if upload is not None and not upload.filename:
+        upload = None
+    asked = {"q": (form.get("q") or "").strip(), "modality": form.get("modality") or "any",
+             "label": (form.get("label") or "").strip(), "item": form.get("item") or ""}
+    view = {"asked": asked, "modalities": SEARCH_MODALITIES, "rows": [], "error": None,
+            "next_url": None, "searched": False, "by_file": upload is not None}
+    if not (asked["q"] or asked["item"] or upload is not None):
+        return render_template("dashboard/search.html", **view)
+    body = {"text": asked["q"] or None, "modality": asked["modality"], "k": SEARCH_PAGE,
+            "labels": [asked["label"]] if asked["label"] else None,
+            "cursor": form.get("cursor") or None}
+    try:
+        item = None
+        if asked["item"]:
+            item = int(asked["item"]) if asked["item"].isdigit() else 0
+            with _services().db.session() as s:
+                search.item_or_404(s, item)
+        answer = search.search(_services(), search.parse(body, upload, item=item),
+                               body["cursor"])
+    except ApiError as exc:
+        return render_template("dashboard/search.html", **{**view, "error": exc.message,
+                                                             "searched": True}), exc.status
+    ids = [r["item"] for r in answer["results"]]
+    with _services().db.session() as s:
+        found = search_store.hit_rows(s, auth.tenant_id(), ids)
+    rows = []
+    for hit in answer["results"]:
+        item_row, _ = found[hit["item"]]
+        media = item_row.media or {}
+        rows.append({**hit,
+                     "thumb": url_for("dashboard.thumbnail", job_id=hit["job"],
+                                      item_id=hit["item"]) if "image" in media else None,
+                     "audio": url_for("dashboard.media", job_id=hit["job"], item_id=hit["item"],
+                                      modality="audio") if "audio" in media else None,
+                     "caption": _caption(media.get("text")),
+                     "job_page": url_for("dashboard.job_page", job_id=hit["job"]),
+                     "similar": url_for("dashboard.search_page", item=hit["item"],
+                                        modality=asked["modality"])})
+    if answer["next_cursor"] and upload is None:  # a file is not sent again for a next page
+        view["next_url"] = url_for("dashboard.search_page", cursor=answer["next_cursor"],
+                                   **{k: v for k, v in asked.items() if v})
+    return render_template("dashboard/search.html", **{**view, "rows": rows, "searched": True,
+                                                         "model": answer["model"]})
 
 
 @dashboard.post("/jobs/<job_id>/items/<int:item_id>/label")

@@ -13,10 +13,11 @@ import base64
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from flask import url_for
+from flask import g, url_for
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage
 
@@ -187,8 +188,10 @@ def resolve_aligner(s: Session, requested: int | None) -> ModelVersion:
 
 
 def search(svc: Services, req: SearchRequest, raw_cursor: Any = None) -> dict[str, Any]:
-    """A page of hits, best first: ``{"results", "next_cursor", "model"}``."""
+    """A page of hits, best first: ``{"results", "next_cursor", "model"}``. Where the time
+    went is left in ``g.server_timing`` (milliseconds by stage), for a Server-Timing header."""
     tenant = auth.tenant_id()
+    started = time.perf_counter()
     with svc.db.session() as s:
         model = resolve_aligner(s, req.model)
         fingerprint = req.fingerprint(model.id)
@@ -206,13 +209,19 @@ def search(svc: Services, req: SearchRequest, raw_cursor: Any = None) -> dict[st
             "jobs": list(req.jobs) if req.jobs is not None else None,
             "labels": list(req.labels) if req.labels is not None else None,
             "min_score": req.min_score}
+    asked = time.perf_counter()
     answer = svc.search.search(body, req.file)  # type: ignore[union-attr]
+    answered = time.perf_counter()
     hits = answer["hits"]
     with svc.db.session() as s:
         rows = search_store.hit_rows(s, tenant, [h["item"] for h in hits])
         results = [hit_payload(rows[h["item"]][0], rows[h["item"]][1], h)
                    for h in hits if h["item"] in rows]
     more = answer.get("more")
+    spent = answer.get("seconds") or {}
+    g.server_timing = {"resolve": asked - started, "service": answered - asked,
+                       "encode": spent.get("encode", 0.0), "index": spent.get("search", 0.0),
+                       "rows": time.perf_counter() - answered}
     return {"results": results,
             "next_cursor": _encode_cursor(req.offset + req.k, fingerprint) if more else None,
             "model": model_ref}

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from web import auth, search
 from web.errors import ApiError
@@ -14,6 +14,18 @@ from web.thumbnails import thumbnail_response
 
 search_api = Blueprint("search_api", __name__)
 search_api.before_request(auth.authenticate)
+
+
+@search_api.after_request
+def server_timing(response: Response) -> Response:
+    """Where a search's time went (``Server-Timing``, milliseconds): the API's checks and
+    lookups (resolve), the search service's round trip (service; of which encode and index
+    are the query's encoding and the vector search), and reading the hits' rows (rows)."""
+    spent = g.pop("server_timing", None)
+    if spent:
+        response.headers["Server-Timing"] = ", ".join(
+            f"{name};dur={seconds * 1000:.1f}" for name, seconds in spent.items())
+    return response
 
 
 def _services() -> Services:
