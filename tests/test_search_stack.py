@@ -169,8 +169,9 @@ def test_similar_items(world: dict[str, Any]) -> None:
 
 def test_the_dashboard_searches_by_text_by_example_and_for_items_like_one(
         world: dict[str, Any], browser_context: Any, tmp_path: Path) -> None:
-    """The search page in Chromium shows what the API finds, in its order: by text, the next
-    page, items like a hit, by an uploaded picture; a missing item is said on the page."""
+    """The search page in Chromium shows what the API finds, in its order: by text from the box
+    on every page, the next page, items like a hit, by an uploaded picture; a missing item is
+    said on the page. The models page shows the aligner's recall."""
     a, items, url = world["a"], world["items"], world["stack"].url
     by_id = {v["id"]: k for k, v in items.items()}
     page = browser_context.new_page()
@@ -179,8 +180,10 @@ def test_the_dashboard_searches_by_text_by_example_and_for_items_like_one(
     page.goto(url + "/ui/login")
     page.fill("#api-key", world["keys"]["a"])
     page.click("#sign-in")
-    page.click("header nav >> text=Search")
-    page.wait_for_selector("#search-q")
+    # the aligner's validation recall on the models page
+    page.click("header nav >> text=Models")
+    recall = page.inner_text(f'article.model[data-model-id="{world["aligner"]}"] table.recall')
+    assert "text->image" in recall and "image->text" in recall, recall
 
     def shown() -> list[str]:
         page.wait_for_selector("#hits")
@@ -189,9 +192,10 @@ def test_the_dashboard_searches_by_text_by_example_and_for_items_like_one(
 
     captions = _captions(world["paired"].captions)
     caption = captions[sorted(captions)[0]]
-    page.fill("#search-q", caption)
-    page.click("#search-go")
+    page.fill("#nav-search", caption)  # the box on every page
+    page.press("#nav-search", "Enter")
     first = shown()
+    assert page.input_value("#search-q") == caption.strip()
     assert first == [r["key"] for r in a.search(caption, k=24)["results"]]
     page.wait_for_function("() => [...document.querySelectorAll('#hits img')].every("
                            "i => i.complete && i.naturalWidth > 0)")

@@ -490,8 +490,12 @@ def models_page():  # type: ignore[no-untyped-def]
             payload = model_payload(m)
             metrics = m.metrics or {}
             payload["has_confusion"] = bool(metrics.get("confusion_png"))
+            # scalars in the table; an aligner's recall per direction in its own table
             payload["metrics"] = {k: v for k, v in payload["metrics"].items()
-                                  if k != "confusion_png"}
+                                  if k != "confusion_png" and not isinstance(v, (dict, list))}
+            validation = metrics.get("validation")
+            payload["recall"] = [{"direction": d, **r} for d, r in sorted(validation.items())
+                                 if isinstance(r, dict)] if isinstance(validation, dict) else []
             models.append(payload)
     return render_template("dashboard/models.html", models=list(reversed(models)))
 
