@@ -8,6 +8,9 @@ In-process: the app from its factory over a real SQLite database and the worker'
 
 from __future__ import annotations
 
+import csv
+import io
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +277,61 @@ def test_retraining_from_jobs_uses_corrections_and_holds_out_what_people_verifie
     if gate["gate"] == "failed":  # promoting it anyway says so
         r = client.post(f"/api/v1/models/{model['id']}/promote", headers=headers).get_json()
         assert r["is_default"] and r["metrics"]["promotion"]["promoted_by_hand"] is True
+    client.post(f"/api/v1/models/{trained['model']}/promote", headers=headers)  # as it was
+
+
+def _retrain(trained: Any, from_jobs: list[str], name: str) -> dict[str, Any]:
+    """A train job from ``from_jobs`` with the verified holdout, run to its model."""
+    client, headers, rt = trained["client"], trained["mine"], trained["rt"]
+    r = client.post("/api/v1/jobs", json={"kind": "train", "from_jobs": from_jobs,
+                                          "holdout": "verified", "epochs": 8, "name": name},
+                    headers=headers)
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["id"]
+    for ids in ingest_job(rt, job_id):
+        if BatchProcessor(rt, job_id, ids).run().next_step == "train":
+            train_job(rt, job_id)
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).get_json()
+    assert job["state"] == "succeeded", job
+    return client.get(f"/api/v1/models/{job['model']['id']}",  # type: ignore[no-any-return]
+                      headers=headers).get_json()
+
+
+def test_the_promotion_gate_keeps_a_worse_version_a_candidate_and_promotes_a_better_one(
+        trained: Any, sample_dir: Any, tmp_path: Path) -> None:
+    client, headers = trained["client"], trained["mine"]
+    classify_id = trained["classified"]["id"]
+    truth = dict(csv.reader(io.StringIO(sample_dir.truth.read_text())))
+    for item in list(_items(trained, classify_id, headers).values())[:16]:  # the holdout
+        r = client.post(f"/api/v1/items/{item['item_id']}/label",
+                        json={"label": truth[item["key"]]}, headers=headers)
+        assert r.status_code == 201, r.get_json()
+    # every label of the train archive moved to the next class: a version trained on it is
+    # consistently wrong, far worse on the holdout than the default
+    with tarfile.open(sample_dir.train) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("labels.csv"))
+        given = {r["key"]: r["label"] for r in csv.DictReader(
+            io.StringIO(tf.extractfile(member).read().decode()))}  # type: ignore[union-attr]
+    classes = sorted(set(given.values()))
+    shifted = tmp_path / "shifted.tar.gz"
+    flip_labels(sample_dir.train, shifted, 0.0,
+                fix={k: classes[(classes.index(v) + 1) % len(classes)] for k, v in given.items()})
+    source = run_in_process(trained["rt"], client, shifted, "train", headers, epochs="4")
+    worse = _retrain(trained, [source, classify_id], "gate-worse")
+    gate = worse["metrics"]["promotion"]
+    assert gate["gate"] == "failed" and gate["against"] == trained["model"], gate
+    assert gate["macro_f1"] < gate["default_macro_f1"]
+    assert not worse["is_default"] and "candidate" in gate["why"]
+    default = client.get("/api/v1/models", headers=headers).get_json()
+    assert [m["id"] for m in default["models"] if m["is_default"]] == [trained["model"]]
+    # promoted by hand anyway: it says so; then a version trained on the right labels beats it
+    # on the same holdout and becomes the default by itself
+    r = client.post(f"/api/v1/models/{worse['id']}/promote", headers=headers).get_json()
+    assert r["is_default"] and r["metrics"]["promotion"]["promoted_by_hand"] is True
+    better = _retrain(trained, [trained["job"]["id"], classify_id], "gate-better")
+    gate = better["metrics"]["promotion"]
+    assert gate["gate"] == "passed" and gate["against"] == worse["id"], gate
+    assert gate["macro_f1"] > gate["default_macro_f1"] and better["is_default"]
     client.post(f"/api/v1/models/{trained['model']}/promote", headers=headers)  # as it was
 
 
