@@ -90,7 +90,11 @@ def current_labels(session: Session, item_ids: list[int]) -> dict[int, str | Non
 
 def record_label(session: Session, item: Item, label: str, *, api_key_id: int | None,
                  model_version_id: int | None, verified: bool = True) -> LabelEvent:
-    """Append an event that sets ``item``'s label to ``label``."""
+    """Append an event that sets ``item``'s label to ``label``. The item's row is locked first,
+    so that two people correcting one item at once are recorded one after the other, each
+    event's old label the one before it (PostgreSQL; SQLite's transactions already take the
+    writer lock when they begin)."""
+    session.execute(select(Item.id).where(Item.id == item.id).with_for_update())
     event = LabelEvent(item_id=item.id, api_key_id=api_key_id,
                        old_label=current_labels(session, [item.id])[item.id],
                        new_label=label, model_version_id=model_version_id, verified=verified)

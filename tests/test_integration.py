@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +27,8 @@ from cli.client import Client
 from cli.stack import Stack
 from mmbatch.settings import Settings
 from store.db import Database
-from store.schema import Result
+from store.keys import hash_key
+from store.schema import ApiKey, Result, Tenant
 from tests.conftest import make_key
 from tests.util import free_port
 
@@ -153,6 +155,47 @@ def test_train_then_classify(deployment: tuple[Client, Settings], sample_dir: An
         assert 0 < len(r["top_k"]) <= 4 and r["modalities"]
     with_emb = next(client.results(job["id"], embeddings=True))
     assert len(with_emb["embedding"]) > 0
+    _two_reviewers_correct_one_item(client, settings, rows[0]["item_id"], model["classes"])
+
+
+def _two_reviewers_correct_one_item(client: Client, settings: Settings, item: int,
+                                    classes: list[str], rounds: int = 6) -> None:
+    """Two people of one tenant (two keys) correct one item at the same moment, again and
+    again: every event is kept, each event's old label is the one before it (no lost update),
+    and the item's label is the latest event's."""
+    mine = client.http.headers["Authorization"].removeprefix("Bearer ")
+    db = Database(settings.db_url)
+    try:
+        with db.session() as s:
+            tenant = s.scalar(select(Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                              .where(ApiKey.key_hash == hash_key(mine)))
+    finally:
+        db.dispose()
+    other = Client(client.base, api_key=make_key(settings.db_url, "second reviewer", tenant))
+    start = threading.Barrier(2)
+    answers: list[dict[str, Any]] = []
+
+    def review(who: Client, label: str) -> None:
+        for _ in range(rounds):
+            start.wait(timeout=60)
+            r = who.http.post(f"{who.base}/api/v1/items/{item}/label", json={"label": label},
+                              timeout=60)
+            answers.append({"status": r.status_code, **r.json()})
+
+    threads = [threading.Thread(target=review, args=(who, label))
+               for who, label in ((client, classes[0]), (other, classes[1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [a["status"] for a in answers] == [201] * 2 * rounds, answers
+    history = client.http.get(f"{client.base}/api/v1/items/{item}/labels", timeout=30).json()
+    events = history["events"]
+    assert len(events) == 2 * rounds and {e["new_label"] for e in events} == set(classes[:2])
+    assert len({e["key_id"] for e in events}) == 2  # both reviewers' events
+    for before, after in zip(events, events[1:]):
+        assert after["old_label"] == before["new_label"], events
+    assert history["label"] == events[-1]["new_label"]
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
