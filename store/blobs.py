@@ -138,6 +138,19 @@ class Blobs(abc.ABC):
             shutil.copyfileobj(src, w, CHUNK)  # type: ignore[misc]
         return w.committed  # type: ignore[return-value]
 
+    def adopt(self, path: Path) -> str:
+        """Make the finished file ``path`` (in ``spool_dir``, or on its file system) a blob,
+        reading it once to hash it; the file is moved into place or removed. The blob's name."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        try:
+            self._install(path, digest.hexdigest())
+        finally:
+            path.unlink(missing_ok=True)
+        return digest.hexdigest()
+
     def read(self, digest: str) -> bytes:
         with self.open(digest) as f:
             return f.read()

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -97,7 +98,7 @@ class Job(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     archive_blob: Mapped[str] = mapped_column(String(64))
     archive_name: Mapped[str] = mapped_column(String(255), default="")
-    archive_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # up to 4 GiB and more
     total: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -316,3 +317,24 @@ class IndexSegment(Base):
 Index("ix_items_job_id_id", Item.job_id, Item.id)
 Index("ix_index_segments_index_id_merged", IndexSegment.index_id, IndexSegment.merged)
 Index("ix_jobs_tenant_id_created_at", Job.tenant_id, Job.created_at)
+
+
+class Upload(Base):
+    """A resumable upload (the tus protocol, ``web.resumable``): an archive arriving in pieces.
+    Its bytes so far are a file in the web machine's upload directory, whose size is the
+    offset; a job is made from it once it is whole (``job_id``, ``archive_blob``), and one that
+    nobody finishes is removed after MMBATCH_UPLOAD_EXPIRE_HOURS."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True,
+                                    default=lambda: uuid.uuid4().hex)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                           index=True)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    name: Mapped[str] = mapped_column(String(255))
+    length: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    archive_blob: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32))

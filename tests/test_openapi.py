@@ -160,6 +160,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, pg_url_module: str, redis_url
 # pytest gets one test per operation; the live server is checked to serve this very document.
 DOCUMENT = document(Settings())
 schema = schemathesis.openapi.from_dict(DOCUMENT)
+# a resumable upload's PATCH body: raw bytes
+schemathesis.openapi.media_type("application/offset+octet-stream", st.binary(max_size=4096))
 SEEDED: dict[str, Any] = {}  # ids the live fixture made, read when examples are drawn
 
 
@@ -344,7 +346,7 @@ def test_every_form_field_the_code_reads_is_documented(app: Any) -> None:
     form = _document(app)["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]["properties"]
     options = {f.name for f in dataclasses.fields(TrainOptions)}
-    assert set(form) == {"archive", "kind", "model", "callback_url", *options}
+    assert set(form) == {"archive", "upload", "kind", "model", "callback_url", *options}
     assert {"name", "epochs", "seed", "strategy", "mode", "budget"} <= options
     balanced = {k: v for k, v in form["balanced"].items() if k != "description"}
     assert balanced == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"

@@ -14,6 +14,7 @@ from web.labels_api import labels_api
 from web.models_api import models_api
 from web.openapi import openapi
 from web.queue import producer
+from web.resumable import uploads_api
 from web.search_api import search_api
 from web.search_client import SearchClient
 from web.service import Services
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(models_api)
     app.register_blueprint(labels_api)
     app.register_blueprint(search_api)
+    app.register_blueprint(uploads_api)
     app.register_blueprint(openapi)  # /api/v1/openapi.json, no API key
     dashboard.init_app(app, settings)
     return app

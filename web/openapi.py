@@ -39,7 +39,10 @@ ERROR_CODES = {
     401: "no API key, or an unknown or revoked one (`unauthorized`)",
     404: "no such resource for this tenant (`not_found`)",
     409: "the resource is not in a state that allows this",
-    413: "the request body exceeds MMBATCH_MAX_UPLOAD_BYTES (`request_entity_too_large`)",
+    412: "a resumable upload request without `Tus-Resumable: 1.0.0` "
+         "(`unsupported_tus_version`)",
+    413: "the request body exceeds MMBATCH_MAX_UPLOAD_BYTES (`request_entity_too_large`), or "
+         "a resumable upload's length (`upload_too_long`)",
     415: "the upload is not a zip, tar or tar.gz archive (`invalid_archive`)",
     422: "an Idempotency-Key already used for another request (`idempotency_key_reused`), or "
          "an item's image that cannot be read (`unreadable_image`)",
@@ -79,6 +82,9 @@ def _error(status: int) -> Schema:
     if status == 401:
         headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string"},
                                        "description": "`Bearer realm=\"mmbatch\"`"}
+    if status == 412:
+        headers["Tus-Version"] = {"required": True, "schema": {"type": "string"},
+                                  "description": "the tus versions this server speaks"}
     if status == 429:
         headers["Retry-After"] = {"required": True,
                                   "schema": {"type": "integer", "minimum": 1},
@@ -434,6 +440,68 @@ def _multipart(schema: Schema) -> Schema:
         "schema": schema, "encoding": {"archive": {"contentType": "application/octet-stream"}}}}}
 
 
+def _upload_paths(settings: Any) -> dict[str, Any]:
+    """The resumable uploads (tus 1.0.0: core, creation, termination, expiration)."""
+    tus = {"name": "Tus-Resumable", "in": "header", "required": True,
+           "schema": {"type": "string", "enum": ["1.0.0"]},
+           "description": "the tus protocol version"}
+    upload_id = {"name": "upload_id", "in": "path", "required": True,
+                 "schema": {"type": "string", "maxLength": 64}}
+
+    def header(description: str, schema: Schema | None = None) -> Schema:
+        return {"required": True, "description": description,
+                "schema": schema or {"type": "string"}}
+
+    offset = {"Upload-Offset": header("bytes arrived so far",
+                                      {"type": "integer", "minimum": 0}),
+              "Upload-Expires": header("when an unfinished upload is removed (HTTP date)"),
+              "Tus-Resumable": header("1.0.0")}
+    return {
+        "/api/v1/uploads": {"post": {
+            "operationId": "createUpload", "tags": ["jobs"],
+            "summary": "Start a resumable upload of an archive (tus creation)",
+            "parameters": [tus,
+                           {"name": "Upload-Length", "in": "header", "required": True,
+                            "schema": {"type": "integer", "minimum": 1},
+                            "description": "the archive's size in bytes (at most "
+                                           "MMBATCH_MAX_UPLOAD_BYTES: 413 otherwise)"},
+                           {"name": "Upload-Metadata", "in": "header", "required": False,
+                            "schema": {"type": "string"},
+                            "description": "`filename <base64 of the name>`"}],
+            "responses": {"201": {"description": "made; PATCH its Location",
+                                  "headers": {"Location": header("the upload's URL"),
+                                              "Upload-Expires": offset["Upload-Expires"],
+                                              "Tus-Resumable": offset["Tus-Resumable"]}},
+                          **_errors(400, 412, 413)}}},
+        "/api/v1/uploads/{upload_id}": {
+            "head": {
+                "operationId": "getUploadOffset", "tags": ["jobs"],
+                "summary": "How much of the upload has arrived",
+                "parameters": [upload_id, tus],
+                "responses": {"200": {"description": "the offset to go on from",
+                                      "headers": {**offset, "Upload-Length": header(
+                                          "the archive's size", {"type": "integer"})}},
+                              **_errors(404, 412)}},
+            "patch": {
+                "operationId": "appendUpload", "tags": ["jobs"],
+                "summary": "Append bytes at Upload-Offset (kept even when the connection "
+                           "breaks)",
+                "parameters": [upload_id, tus,
+                               {"name": "Upload-Offset", "in": "header", "required": True,
+                                "schema": {"type": "integer", "minimum": 0}}],
+                "requestBody": {"required": True, "content": {
+                    "application/offset+octet-stream": {"schema": {
+                        "type": "string", "format": "binary"}}}},
+                "responses": {"204": {"description": "appended", "headers": offset},
+                              **_errors(400, 404, 409, 412, 413, 415)}},
+            "delete": {
+                "operationId": "deleteUpload", "tags": ["jobs"],
+                "summary": "Abandon the upload (tus termination)",
+                "parameters": [upload_id, tus],
+                "responses": {"204": {"description": "gone"}, **_errors(404, 412)}}},
+    }
+
+
 def _paths(settings: Any) -> dict[str, Any]:
     location = {"Location": {"required": True, "schema": {"type": "string"},
                              "description": "the job's URL"}}
@@ -442,10 +510,15 @@ def _paths(settings: Any) -> dict[str, Any]:
                "description": "a .zip, .tar or .tar.gz archive (recognised by its bytes)"}
     new_job = {
         "type": "object",
-        "required": ["kind", "archive"],
+        "required": ["kind"],
+        "description": "the archive as the file `archive`, or a finished resumable upload "
+                       "named by `upload`",
         "properties": {
             "kind": {"type": "string", "enum": list(JOB_KINDS)},
             "archive": archive,
+            "upload": {"type": "string", "maxLength": 64,
+                       "description": "the id of a whole resumable upload "
+                                      "(`POST /api/v1/uploads`), instead of `archive`"},
             "model": {"type": "integer", "minimum": 1,
                       "description": "embed/classify: a model version id (default: the "
                                      "default model); train: not allowed"},
@@ -643,6 +716,7 @@ def _paths(settings: Any) -> dict[str, Any]:
                                                     "scores it", location),
                           **_errors(400, 404, 413, 415)}}},
         **_search_paths(settings),
+        **_upload_paths(settings),
     }
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from mmbatch.netpolicy import DestinationRefused, check_url
 from mmbatch.review import k_centre, margin
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
-from store import jobs, labels, reprocess
+from store import jobs, labels, reprocess, uploads
 from store import search as search_store
 from store.blobs import Blobs
 from store.db import Database
@@ -181,16 +182,29 @@ def _model_shown(s: Session, job: Job, requested: Any) -> ModelVersion | None:
 
 
 # The fields of a job request besides its archive and a train job's options.
-JOB_FIELDS = ("kind", "model", "callback_url")
+JOB_FIELDS = ("kind", "model", "callback_url", "upload")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
+
+
+@dataclass(frozen=True)
+class Archive:
+    """The archive a job request brings: a multipart part not stored yet (``commit`` stores it)
+    or a whole resumable upload (``upload``, already a blob)."""
+
+    digest: str
+    name: str
+    size: int
+    commit: Callable[[], str]
+    upload: str | None = None
 
 
 def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
                files: MultiDict[str, FileStorage], idempotency_key: str | None
                ) -> tuple[str, bool]:
-    """Create a job from a request's form and uploaded archive, commit it, then enqueue its
-    ingest; (the job's id, True), or (the earlier job's id, False) when the Idempotency-Key
-    came with this same request before (422 when it came with another)."""
+    """Create a job from a request's form and its archive (uploaded with it, or a finished
+    resumable upload the form names), commit it, then enqueue its ingest; (the job's id, True),
+    or (the earlier job's id, False) when the Idempotency-Key came with this same request
+    before (422 when it came with another)."""
     tenant = auth.tenant_id()
     _check_key(idempotency_key)
     existing = None
@@ -198,21 +212,60 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
         with svc.db.session() as s:
             existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key)
     try:
-        kind, upload, writer, options, model_id, callback = _job_request(svc, mimetype, form,
-                                                                         files)
+        kind, archive, options, model_id, callback = _job_request(svc, mimetype, form, files)
     except ApiError:
         if existing is not None:  # the key's own request was valid: this is another one
             raise _key_reused(existing) from None
         raise
     fingerprint = _fingerprint({"kind": kind, "options": options, "model": model_id,
-                                "callback_url": callback, "archive": writer.digest})
+                                "callback_url": callback, "archive": archive.digest})
     if existing is not None:
         return _same_request(existing, fingerprint), False
-    digest = writer.commit()
-    return _create_once(svc, idempotency_key, fingerprint, dict(
-        kind=kind, archive_blob=digest, archive_name=archive_name(upload),
-        archive_bytes=writer.size, model_version_id=model_id, options=options,
+    if archive.upload is not None:
+        with svc.db.session() as s:
+            made = uploads.get_upload(s, archive.upload, tenant)
+            if made is not None and made.job_id is not None:
+                raise ApiError(409, "upload_used", f"upload {archive.upload} already made job "
+                                                   f"{made.job_id}")
+    job_id, created = _create_once(svc, idempotency_key, fingerprint, dict(
+        kind=kind, archive_blob=archive.commit(), archive_name=archive.name,
+        archive_bytes=archive.size, model_version_id=model_id, options=options,
         callback_url=callback))
+    if archive.upload is not None and created:
+        with svc.db.session() as s:
+            uploads.record_job(s, archive.upload, job_id)
+    return job_id, created
+
+
+def _finished_upload(svc: Services, upload_id: str) -> Archive:
+    """A whole resumable upload as a job's archive: moved into blob storage the first time
+    (hashed once), its blob the next (a retry of the same request)."""
+    tenant = auth.tenant_id()
+    with svc.db.session() as s:
+        row = uploads.get_upload(s, upload_id.strip(), tenant)
+        if row is None:
+            raise ApiError(400, "unknown_upload", f"no upload {upload_id!r} (or it expired): "
+                                                  "make one with POST /api/v1/uploads")
+        upload_id, name, length, digest = row.id, row.name, row.length, row.archive_blob
+    if digest is None:
+        path = uploads.part_path(svc.blobs.spool_dir, upload_id)
+        try:
+            arrived = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except FileNotFoundError:
+            raise ApiError(409, "upload_busy", f"upload {upload_id} is being made into a job "
+                                               "by another request") from None
+        if arrived < length:
+            raise ApiError(409, "upload_incomplete", f"{arrived} of the upload's {length} bytes "
+                                                     "have arrived: send the rest first")
+        if sniff_archive(head) is None:
+            raise ApiError(415, "invalid_archive",
+                           "the upload is not a zip, tar or tar.gz archive")
+        digest = svc.blobs.adopt(path)
+        with svc.db.session() as s:
+            uploads.record_archive(s, upload_id, digest)
+    return Archive(digest, name, length, lambda: digest, upload_id)
 
 
 def _callback(svc: Services, raw: str | None) -> str | None:
@@ -322,22 +375,29 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
 
 def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],
                  files: MultiDict[str, FileStorage]
-                 ) -> tuple[str, FileStorage, Any, dict[str, Any], int | None, str | None]:
-    """A job request checked: (kind, the upload, its blob writer, options, model id, callback
-    URL); ApiError for the first thing wrong."""
+                 ) -> tuple[str, Archive, dict[str, Any], int | None, str | None]:
+    """A job request checked: (kind, its archive, options, model id, callback URL); ApiError
+    for the first thing wrong."""
     _check_request(mimetype, form, files)
     kind = form.get("kind", "")
     if kind not in JOB_KINDS:
         raise ApiError(400, "invalid_kind",
                        f"kind must be one of {', '.join(JOB_KINDS)}; got {kind!r}")
     callback = _callback(svc, form.get("callback_url"))
-    upload = files.get("archive")
-    writer = _archive(upload, "send the archive as a multipart file field named 'archive'")
+    if form.get("upload"):
+        if files.get("archive") is not None:
+            raise ApiError(400, "one_archive", "send the archive as a file or name a finished "
+                                               "upload, not both")
+        archive = _finished_upload(svc, form["upload"])
+    else:
+        upload = files.get("archive")
+        writer = _archive(upload, "send the archive as a multipart file field named 'archive' "
+                                  "(or name a finished resumable upload in the field 'upload')")
+        archive = Archive(writer.digest, archive_name(upload), writer.size, writer.commit)
     options = _options(kind, form)
     with svc.db.session() as s:
         model_id = _resolve_model(s, kind, form.get("model"))
-    assert upload is not None
-    return kind, upload, writer, options, model_id, callback
+    return kind, archive, options, model_id, callback
 
 
 def _check_request(mimetype: str, form: MultiDict[str, str],

@@ -45,8 +45,12 @@ def read_upload(storage: object, limit: int) -> bytes | None:
 
 
 def archive_name(storage: object) -> str:
-    """The uploaded file's name as a job records it: control characters (NUL among them, which
+    """The uploaded file's name as a job records it (``clean_name``)."""
+    return clean_name(getattr(storage, "filename", None))
+
+
+def clean_name(raw: str | None) -> str:
+    """An archive's name as a job records it: control characters (NUL among them, which
     PostgreSQL refuses in text) dropped, at most 255 characters, ``archive`` when none is left."""
-    raw = getattr(storage, "filename", None) or ""
-    name = "".join(c for c in raw if c.isprintable())
+    name = "".join(c for c in raw or "" if c.isprintable())
     return (name or "archive")[:255]
