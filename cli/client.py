@@ -10,6 +10,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import requests
 
+from cli.resumable import UploadState, forget, upload
+
 
 class ApiError(RuntimeError):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -95,6 +97,25 @@ class Client:
             body = MultipartFile(data, "archive", Path(archive).name, f)
             headers["Content-Type"] = body.content_type
             return self._call("POST", "/api/v1/jobs", data=body, headers=headers)
+
+    def submit_resumable(self, archive: Path, kind: str, state: UploadState,
+                         model: int | None = None, idempotency_key: str | None = None,
+                         progress: Callable[[int, int], None] | None = None,
+                         **options: Any) -> dict[str, Any]:
+        """Upload ``archive`` resumably (tus, ``cli.resumable``; an earlier try of the same file
+        goes on where it stopped), then make the job from it. Without an Idempotency-Key the
+        upload's own id serves as one, so that a retry after a lost answer finds the job."""
+        endpoint = f"{self.base}/api/v1/uploads"
+        url = upload(self.http, endpoint, archive, state, progress=progress)
+        upload_id = url.rstrip("/").rsplit("/", 1)[1]
+        data = {"kind": kind, "upload": upload_id,
+                **{k: str(v) for k, v in options.items() if v is not None}}
+        if model is not None:
+            data["model"] = str(model)
+        key = idempotency_key or f"upload-{upload_id}"
+        job = self._call("POST", "/api/v1/jobs", data=data, headers={"Idempotency-Key": key})
+        forget(state, archive, endpoint)
+        return job  # type: ignore[no-any-return]
 
     def retrain(self, from_jobs: list[str], holdout: str | None = None,
                 idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:

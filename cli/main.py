@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -14,17 +15,27 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 import requests
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from cli.client import ApiError, Client
 from cli.keyfile import client_key, ensure_first_key, key_path
+from cli.resumable import UploadFailed, UploadState
 from cli.stack import (
     ALL_QUEUES,
     Stack,
@@ -196,15 +207,26 @@ def web(host: str | None, port: int | None) -> None:
               help="A train option (repeatable; docs/models.md): "
                    + ", ".join(f.name for f in dataclasses.fields(TrainOptions)
                                if f.name != "name") + ".")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Upload in resumable chunks (tus), going on after a broken connection or "
+                   "from where an earlier run of the same command stopped; --no-resume sends "
+                   "the archive in one request.")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
            idempotency_key: str | None, callback_url: str | None, url: str | None,
-           settings_: tuple[str, ...]) -> None:
+           settings_: tuple[str, ...], resume: bool) -> None:
     """Upload ARCHIVE as a new job."""
     client = _client(url)
     extra = dict(_key_value(item) for item in settings_)
-    job = _run(lambda: client.submit(archive, kind, model=model, name=name,
-                                     idempotency_key=idempotency_key,
-                                     callback_url=callback_url, **extra))
+    if resume:
+        state = UploadState(_settings().data_dir / "uploads.json")
+        with _upload_bar(archive) as progress:
+            job = _run(lambda: client.submit_resumable(
+                archive, kind, state, model=model, name=name, idempotency_key=idempotency_key,
+                callback_url=callback_url, progress=progress, **extra))
+    else:
+        job = _run(lambda: client.submit(archive, kind, model=model, name=name,
+                                         idempotency_key=idempotency_key,
+                                         callback_url=callback_url, **extra))
     click.echo(f"job {job['id']} {job['state']}")
     if wait:
         _wait_to_end(client, job["id"])
@@ -631,11 +653,21 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def _upload_bar(archive: Path) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on standard error for an upload: bytes, speed, time left."""
+    columns = (TextColumn("upload {task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(archive.name, total=archive.stat().st_size)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def _run(fn: Any) -> Any:
     """Call the API; its errors, and a server that does not answer, as one line each."""
     try:
         return fn()
-    except ApiError as exc:
+    except (ApiError, UploadFailed) as exc:
         if exc.status == 401:
             settings = _settings()
             source = ("MMBATCH_API_KEY" if os.environ.get("MMBATCH_API_KEY")

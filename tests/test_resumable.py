@@ -1,7 +1,9 @@
 """Resumable uploads (tus 1.0.0) under /api/v1/uploads, and a job made from a finished one.
 
 The app over a real SQLite database, its queue replaced by a recorder; a connection cut in the
-middle of a PATCH is made with a raw socket against a real HTTP server (werkzeug's, threaded).
+middle of a PATCH is made with a raw socket against a real HTTP server (werkzeug's, threaded),
+a link that keeps breaking with a TCP proxy that cuts every connection after 1.5 MB; the
+command line resumes an upload an earlier run left, and tuspy (tus's Python client) uploads too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from click.testing import CliRunner
+from tusclient.client import TusClient
 from werkzeug.serving import make_server
+
+from cli import client as cli_client
+from cli import main as cli_main
+from cli.client import Client
+from cli.resumable import UploadState, upload
 
 from mmbatch.settings import Settings
 from store import uploads
@@ -217,3 +227,135 @@ def test_a_connection_cut_mid_body_keeps_what_arrived(app: Any, server: str) -> 
     r = client.post("/api/v1/jobs", data={"kind": "embed", "upload": upload})
     assert r.status_code == 202
     assert r.get_json()["archive"]["bytes"] == len(ARCHIVE)
+
+
+class CuttingProxy:
+    """A TCP proxy in front of ``upstream`` that cuts every connection once ``budget`` bytes
+    went towards the server: a link that keeps breaking mid-request."""
+
+    def __init__(self, upstream: str, budget: int) -> None:
+        self.upstream, self.budget = upstream, budget
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            host, port = self.upstream.split(":")
+            server = socket.create_connection((host, int(port)))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limited: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if limited and sent + len(data) > self.budget:
+                    dst.sendall(data[:self.budget - sent])
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+BIG = tar_bytes({f"clip{i}.txt": bytes(range(256)) * 2048 for i in range(12)})  # ~6 MiB
+
+
+def test_a_link_that_keeps_breaking_still_delivers_every_byte(app: Any, server: str,
+                                                              tmp_path: Path) -> None:
+    client = app[0]
+    archive = tmp_path / "big.tar"
+    archive.write_bytes(BIG)
+    proxy = CuttingProxy(server, budget=1_500_000)
+    http = requests.Session()
+    http.headers["Authorization"] = client.environ_base["HTTP_AUTHORIZATION"]
+    state = UploadState(tmp_path / "uploads.json")
+    seen: list[int] = []
+    try:
+        url = upload(http, f"http://{proxy.address}/api/v1/uploads", archive, state,
+                     progress=lambda done, total: seen.append(done), backoff=0.01,
+                     chunk=4 * 1024**2)
+    finally:
+        proxy.close()
+    assert proxy.cuts >= 3  # the link broke again and again
+    assert seen[-1] == len(BIG) and seen == sorted(seen)
+    upload_id = url.rsplit("/", 1)[1]
+    r = client.post("/api/v1/jobs", data={"kind": "embed", "upload": upload_id})
+    assert r.status_code == 202, r.get_json()
+    blobs = client.application.extensions["mmbatch"].blobs
+    assert blobs.read(hashlib.sha256(BIG).hexdigest()) == BIG  # every byte, once, in order
+
+
+def test_the_command_line_resumes_where_an_earlier_run_stopped(app: Any, server: str,
+                                                               tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    client = app[0]
+    archive = tmp_path / "big.tar"
+    archive.write_bytes(BIG)
+    key = client.environ_base["HTTP_AUTHORIZATION"].removeprefix("Bearer ")
+    base = f"http://{server}"
+    state = UploadState(tmp_path / "data" / "uploads.json")
+
+    def die_after_the_first_chunk(done: int, total: int) -> None:
+        if done > 0:
+            raise KeyboardInterrupt  # the command was stopped
+
+    first = Client(base, api_key=key)
+    with pytest.raises(KeyboardInterrupt):
+        upload(first.http, base + "/api/v1/uploads", archive, state,
+               progress=die_after_the_first_chunk, chunk=1024**2)
+    # the same command again, as a new process would run it: the CLI itself
+    monkeypatch.setenv("MMBATCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MMBATCH_URL", base)
+    monkeypatch.setenv("MMBATCH_API_KEY", key)
+    resumed_from: list[int] = []
+    real_upload = cli_client.upload
+
+    def watch(*args: Any, **kwargs: Any) -> str:
+        progress = kwargs["progress"]
+
+        def spy(done: int, total: int) -> None:
+            resumed_from.append(done)
+            progress(done, total)
+        return real_upload(*args, **{**kwargs, "progress": spy})
+
+    monkeypatch.setattr(cli_client, "upload", watch)
+    out = CliRunner().invoke(cli_main.main, ["submit", str(archive), "--kind", "embed"])
+    assert out.exit_code == 0, out.output
+    assert resumed_from[0] >= 1024**2  # not from zero
+    job_id = out.output.strip().splitlines()[-1].split()[1]
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert job["archive"] == {"name": "big.tar", "bytes": len(BIG)}
+    assert state.get(UploadState.key(archive, base + "/api/v1/uploads")) is None  # forgotten
+
+
+def test_a_standard_tus_client_uploads_to_it(app: Any, server: str, tmp_path: Path) -> None:
+    """tuspy, the tus protocol's own Python client, against this server."""
+    client = app[0]
+    archive = tmp_path / "photos.tar"
+    archive.write_bytes(ARCHIVE)
+    tus = TusClient(f"http://{server}/api/v1/uploads",
+                    headers={"Authorization": client.environ_base["HTTP_AUTHORIZATION"]})
+    uploader = tus.uploader(str(archive), chunk_size=4096, metadata={"filename": "photos.tar"})
+    uploader.upload()
+    r = client.post("/api/v1/jobs",
+                    data={"kind": "embed", "upload": uploader.url.rsplit("/", 1)[1]})
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["archive"] == {"name": "photos.tar", "bytes": len(ARCHIVE)}
