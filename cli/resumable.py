@@ -142,11 +142,8 @@ class _Transient(Exception):
 
 def _create(http: requests.Session, endpoint: str, name: str, size: int) -> str:
     meta = "filename " + base64.b64encode(name.encode()).decode()
-    try:
-        r = http.post(endpoint, timeout=TIMEOUT,
-                      headers={**TUS, "Upload-Length": str(size), "Upload-Metadata": meta})
-    except requests.RequestException as exc:
-        raise UploadFailed(f"cannot reach {endpoint}: {exc}") from exc
+    r = http.post(endpoint, timeout=TIMEOUT,  # a ConnectionError: the caller says what to do
+                  headers={**TUS, "Upload-Length": str(size), "Upload-Metadata": meta})
     if r.status_code != 201 or "Location" not in r.headers:
         raise UploadFailed(_message(r), r.status_code, _json(r))
     return requests.compat.urljoin(endpoint, r.headers["Location"])  # type: ignore[no-any-return]
