@@ -31,7 +31,7 @@ from cli.resumable import UploadState, upload
 from mmbatch.settings import Settings
 from store import uploads
 from tests.conftest import make_key
-from tests.util import tar_bytes
+from tests.util import TcpProxy, tar_bytes
 from web.app import create_app
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -229,52 +229,6 @@ def test_a_connection_cut_mid_body_keeps_what_arrived(app: Any, server: str) -> 
     assert r.get_json()["archive"]["bytes"] == len(ARCHIVE)
 
 
-class CuttingProxy:
-    """A TCP proxy in front of ``upstream`` that cuts every connection once ``budget`` bytes
-    went towards the server: a link that keeps breaking mid-request."""
-
-    def __init__(self, upstream: str, budget: int) -> None:
-        self.upstream, self.budget = upstream, budget
-        self.cuts = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            host, port = self.upstream.split(":")
-            server = socket.create_connection((host, int(port)))
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False),
-                             daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, limited: bool) -> None:
-        sent = 0
-        try:
-            while data := src.recv(65536):
-                if limited and sent + len(data) > self.budget:
-                    dst.sendall(data[:self.budget - sent])
-                    self.cuts += 1
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 BIG = tar_bytes({f"clip{i}.txt": bytes(range(256)) * 2048 for i in range(12)})  # ~6 MiB
 
 
@@ -283,17 +237,19 @@ def test_a_link_that_keeps_breaking_still_delivers_every_byte(app: Any, server: 
     client = app[0]
     archive = tmp_path / "big.tar"
     archive.write_bytes(BIG)
-    proxy = CuttingProxy(server, budget=1_500_000)
+    host, port = server.split(":")
+    proxy = TcpProxy((host, int(port)), budget=1_500_000)
+    proxy.restore()
     http = requests.Session()
     http.headers["Authorization"] = client.environ_base["HTTP_AUTHORIZATION"]
     state = UploadState(tmp_path / "uploads.json")
     seen: list[int] = []
     try:
-        url = upload(http, f"http://{proxy.address}/api/v1/uploads", archive, state,
+        url = upload(http, f"http://127.0.0.1:{proxy.port}/api/v1/uploads", archive, state,
                      progress=lambda done, total: seen.append(done), backoff=0.01,
                      chunk=4 * 1024**2)
     finally:
-        proxy.close()
+        proxy.cut()
     assert proxy.cuts >= 3  # the link broke again and again
     assert seen[-1] == len(BIG) and seen == sorted(seen)
     upload_id = url.rsplit("/", 1)[1]

@@ -7,6 +7,7 @@ import io
 import os
 import socket
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,76 @@ def run_in_process(rt: Any, client: Any, path: Path, kind: str, headers: dict[st
         if BatchProcessor(rt, job_id, ids).run().next_step == "train":
             train_job(rt, job_id)
     return job_id
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a target; ``cut()`` drops every connection and refuses new
+    ones (the database has become unreachable), ``restore()`` listens again on the same port.
+    With a ``budget``, each connection is cut once that many bytes went towards the target (a
+    link that keeps breaking mid-request); ``cuts`` counts those."""
+
+    def __init__(self, target: tuple[str, int], budget: int | None = None) -> None:
+        self.target, self.port = target, free_port()
+        self.budget, self.cuts = budget, 0
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = list(self._conns), set()
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns |= {client, upstream}
+            for a, b, limit in ((client, upstream, self.budget), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, limit), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None) -> None:
+        sent = 0
+        try:
+            while chunk := src.recv(65536):
+                if budget is not None and sent + len(chunk) > budget:
+                    dst.sendall(chunk[:budget - sent])
+                    self.cuts += 1
+                    break
+                dst.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
