@@ -130,7 +130,9 @@ def make_model(settings: Settings, tenant_id: int, name: str = "animals") -> int
                 encoders={"image": {"name": "efficientnet", "version": "1", "dim": 4}},
                 metrics={"val_accuracy": 0.875, "val_macro_f1": 0.86,
                          "confusion_png": blobs.put_bytes(buf.getvalue()),
-                         "validation": {"confusion": [[1, 0], [0, 1]]}},
+                         # as a trainer writes it: per-class scores nested in dicts
+                         "validation": {"confusion": [[1, 0], [0, 1]], "macro_f1": 0.86,
+                                        "per_class": {"cat": {"f1": 0.9}, "dog": {"f1": 0.8}}}},
                 config={}, checkpoint_blob="0" * 64, job_id=None, tenant_id=tenant_id).id
     finally:
         db.dispose()

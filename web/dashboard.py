@@ -156,7 +156,7 @@ def _session_principal() -> auth.Principal | None:
         if row is None or row.revoked_at is not None:
             session.pop("key_id", None)
             return None
-        return auth.Principal(row.id, row.tenant_id, row.webhook_secret)
+        return auth.Principal(row.id, row.tenant_id, row.webhook_secret, row.max_priority)
 
 
 @dashboard.after_request
@@ -493,9 +493,10 @@ def models_page():  # type: ignore[no-untyped-def]
             # scalars in the table; an aligner's recall per direction in its own table
             payload["metrics"] = {k: v for k, v in payload["metrics"].items()
                                   if k != "confusion_png" and not isinstance(v, (dict, list))}
-            validation = metrics.get("validation")
+            validation = metrics.get("validation") if m.kind == "aligner" else None
             payload["recall"] = [{"direction": d, **r} for d, r in sorted(validation.items())
-                                 if isinstance(r, dict)] if isinstance(validation, dict) else []
+                                 if isinstance(r, dict) and "r@1" in r] \
+                if isinstance(validation, dict) else []
             models.append(payload)
     return render_template("dashboard/models.html", models=list(reversed(models)))
 
