@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from cli.stack import child_env, web_command
+from cli.stack import child_env, free_port, web_command
 from mmbatch.settings import Settings
 from store.migrate import upgrade
 
@@ -153,7 +153,7 @@ def poll(url: str, headers: dict[str, str], pollers: int, seconds: float) -> dic
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from bench.pipeline import _free_port, api_key, drop_database, service_env
+    from bench.pipeline import api_key, drop_database, service_env
 
     env = service_env(work, args.services)
     env["MMBATCH_RATE_LIMIT_PER_MINUTE"] = "0"
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bad = [q for q in sql if re.search(r"\b(items|results)\b", q, re.IGNORECASE)
                or re.search(r"count\(", q, re.IGNORECASE)]
         out["o1_statements"] = not bad
-        port = _free_port()
+        port = free_port()
         cmd = web_command(settings, "127.0.0.1", port)
         web = subprocess.Popen(cmd, env=child_env(settings), start_new_session=True,
                                cwd=Path(__file__).resolve().parent.parent)

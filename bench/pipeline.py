@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import time
 import uuid
@@ -40,7 +39,7 @@ from typing import Any
 from bench import synth
 from bench.loops import bare_loop, plain_encoders, plain_loop
 from cli.client import ApiError, Client
-from cli.stack import Stack, child_env
+from cli.stack import Stack, child_env, free_port
 from mmbatch.contract import MODALITIES
 from mmbatch.settings import Settings
 from store import keys
@@ -58,11 +57,6 @@ REDIS_DB = 13  # the bench's own Redis database, flushed before use
 
 # --- setup ------------------------------------------------------------------------------------
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def service_env(work: Path, services: bool) -> dict[str, str]:
@@ -340,7 +334,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         upgrade(settings.db_url)
         key, _ = api_key(settings)
-        port = _free_port()
+        port = free_port()
         # Models: two heads trained on a small labelled archive, in a worker of their own so
         # that training never counts in a peak RSS below.
         with Stack(settings, "127.0.0.1", port, log_dir=logs) as stack:

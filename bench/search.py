@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from sqlalchemy import insert, select
 
 from cli.client import ApiError, Client
 from cli.keyfile import ensure_first_key
-from cli.stack import Stack
+from cli.stack import Stack, free_port
 from mmbatch.settings import Settings
 from samples.paired import write_paired
 from store import jobs
@@ -140,7 +139,7 @@ def api_bench(items: int, out_dir: Path, clients: int = 10) -> dict[str, Any]:
     assert key is not None  # a fresh database
     paired = write_paired(out_dir / "paired", n_train=264, n_gallery=160, seed=0)
     result: dict[str, Any] = {"items": items}
-    with Stack(settings, "127.0.0.1", _port(), log_dir=out_dir / "logs") as stack:
+    with Stack(settings, "127.0.0.1", free_port(), log_dir=out_dir / "logs") as stack:
         client = Client(stack.url, api_key=key)
         job = client.wait(client.submit(paired.train, "align", name="bench")["id"],
                           timeout=1800)
@@ -205,11 +204,6 @@ def api_bench(items: int, out_dir: Path, clients: int = 10) -> dict[str, Any]:
         rt.close()
     return result
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

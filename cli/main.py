@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from cli.client import ApiError, Client
 from cli.keyfile import client_key, ensure_first_key, key_path
 from cli.resumable import UploadFailed, UploadState
 from cli.stack import (
+    free_port,
     ALL_QUEUES,
     Stack,
     child_env,
@@ -49,7 +49,13 @@ from cli.stack import (
     worker_command,
     write_record,
 )
-from mmbatch.contract import JOB_KINDS, SEARCH_MODALITIES, TASK_REPROCESS, TrainOptions
+from mmbatch.contract import (
+    JOB_KINDS,
+    PRIORITIES,
+    SEARCH_MODALITIES,
+    TASK_REPROCESS,
+    TrainOptions,
+)
 from mmbatch.settings import Settings
 from samples.sample import write_sample
 from store import keys as key_store
@@ -154,7 +160,7 @@ def _revive(settings: Settings) -> None:
     rt = Runtime(settings)
     try:
         revival = sweep(rt, older_than_seconds=0)
-        resend(revival, create_celery(settings).send_task)
+        resend(rt, revival, create_celery(settings).send_task)
     finally:
         rt.close()
     jobs = {*revival.ingest, *revival.train, *(job for job, _ in revival.batches)}
@@ -207,16 +213,20 @@ def web(host: str | None, port: int | None) -> None:
               help="A train option (repeatable; docs/models.md): "
                    + ", ".join(f.name for f in dataclasses.fields(TrainOptions)
                                if f.name != "name") + ".")
+@click.option("--priority", type=click.Choice(PRIORITIES), default=None,
+              help="Who goes first when workers are shared (default normal).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Upload in resumable chunks (tus), going on after a broken connection or "
                    "from where an earlier run of the same command stopped; --no-resume sends "
                    "the archive in one request.")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
            idempotency_key: str | None, callback_url: str | None, url: str | None,
-           settings_: tuple[str, ...], resume: bool) -> None:
+           settings_: tuple[str, ...], priority: str | None, resume: bool) -> None:
     """Upload ARCHIVE as a new job."""
     client = _client(url)
     extra = dict(_key_value(item) for item in settings_)
+    if priority is not None:
+        extra["priority"] = priority
     if resume:
         state = UploadState(_settings().data_dir / "uploads.json")
         with _upload_bar(archive) as progress:
@@ -344,13 +354,15 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for.")
 @click.option("--tenant", default=None, help="Existing or new tenant (default: a new tenant).")
-def keys_create(name: str, tenant: str | None) -> None:
+@click.option("--max-priority", type=click.Choice(PRIORITIES), default=PRIORITIES[0],
+              show_default=True, help="The highest priority this key's jobs may ask for.")
+def keys_create(name: str, tenant: str | None, max_priority: str) -> None:
     settings = _settings()
     upgrade(settings.db_url)
     db = Database(settings.db_url)
     try:
         with db.session() as s:
-            new = key_store.create_key(s, name, tenant)
+            new = key_store.create_key(s, name, tenant, max_priority=max_priority)
     finally:
         db.dispose()
     click.echo(f"tenant: {new.tenant}\nkey: {new.key}\nwebhook secret: {new.webhook_secret}\n"
@@ -614,7 +626,7 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
                               n_unlabelled=n_unlabelled)
     upgrade(settings.db_url)
     ensure_first_key(settings)
-    stack = Stack(settings, "127.0.0.1", port or _free_port(),
+    stack = Stack(settings, "127.0.0.1", port or free_port(),
                   log_dir=settings.data_dir / "logs")
     click.echo(f"starting web and worker on {stack.url} (logs in {stack.log_dir})")
     with stack:
@@ -760,11 +772,6 @@ def _summary(client: Any, job: dict[str, Any], rows: list[dict[str, Any]] | None
             console.print(f"… {more} more (mmbatch results {job['id']} --format table "
                           f"--limit N, or an export format)")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _redact(url: str) -> str:

@@ -87,7 +87,8 @@ def _port_free(host: str, port: int) -> bool:
         return True
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -105,7 +106,7 @@ class Stack:
         if not settings.search_url and not _port_free(settings.host, settings.search_port):
             # the search service's usual port is taken (another stack on this machine): the
             # children learn the one it got through the settings they are started with
-            settings = dataclasses.replace(settings, search_port=_free_port(settings.host))
+            settings = dataclasses.replace(settings, search_port=free_port(settings.host))
         self.settings, self.host, self.port = settings, host, port
         self.log_dir = log_dir
         self.beat = beat

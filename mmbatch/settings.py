@@ -60,6 +60,10 @@ class Settings:
     decode_threads: int = -1
     prefetch_items: int = 32  # decoded items held ready ahead of the model, at most
     max_upload_bytes: int = 4 * 1024**3
+    # Batches of all jobs together in the broker at once (worker.dispatch tops it up as batches
+    # finish): about twice the model workers keeps each fed without queueing a flood ahead of
+    # the next job.
+    dispatch_window: int = 2
     upload_expire_hours: float = 24.0  # a resumable upload nobody finishes is removed after
     max_image_pixels: int = 64_000_000
     audio_max_seconds: float = 30.0
@@ -217,7 +221,7 @@ _POSITIVE = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes", 
              "audio_max_seconds", "image_batch_size", "text_batch_size", "audio_batch_size",
              "prefetch_items", "max_archive_members", "max_member_bytes", "max_unpacked_bytes",
              "decode_timeout_seconds", "search_port", "search_threads", "index_exact_limit",
-             "index_merge_segments", "upload_expire_hours")
+             "index_merge_segments", "upload_expire_hours", "dispatch_window")
 _CHOICES = {"precision": ("auto", "fp32", "bf16"), "audio_too_long": ("cut", "fail"),
             "decode_isolation": ("process", "off")}
 

@@ -87,8 +87,9 @@ def create_job(session: Session, *, kind: str, archive_blob: str, archive_name: 
                options: dict[str, Any] | None = None, tenant_id: int | None = None,
                api_key_id: int | None = None, idempotency_key: str | None = None,
                callback_url: str | None = None, state: str = "queued",
-               request_fingerprint: str | None = None) -> Job:
-    job = Job(kind=kind, state=state, archive_blob=archive_blob, archive_name=archive_name,
+               request_fingerprint: str | None = None, priority: str = "normal") -> Job:
+    job = Job(kind=kind, state=state, priority=priority, archive_blob=archive_blob,
+              archive_name=archive_name,
               archive_bytes=archive_bytes, model_version_id=model_version_id,
               options=options or {}, report={}, tenant_id=tenant_id, api_key_id=api_key_id,
               idempotency_key=idempotency_key, callback_url=callback_url,

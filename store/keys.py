@@ -36,7 +36,8 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_key(session: Session, name: str, tenant: str | None = None) -> NewKey:
+def create_key(session: Session, name: str, tenant: str | None = None,
+               max_priority: str = "interactive") -> NewKey:
     """A new key for ``tenant`` (created if missing), or for a new tenant named after the key."""
     if tenant is None:
         base = name
@@ -49,7 +50,7 @@ def create_key(session: Session, name: str, tenant: str | None = None) -> NewKey
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     secret = secrets.token_hex(32)
     row = ApiKey(tenant_id=owner.id, name=name, key_hash=hash_key(key), prefix=key[:12],
-                 webhook_secret=secret)
+                 webhook_secret=secret, max_priority=max_priority)
     session.add(row)
     session.flush()
     return NewKey(key, secret, row.id, owner.id, owner.name)

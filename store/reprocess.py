@@ -83,7 +83,7 @@ def start_reprocess(db: Database, tenant_id: int | None, model_id: int | None = 
             if not _due(s, tenant_id, model.id, max_attempts, 1, _kinds(model.kind)):
                 return Plan(None, tenant_id, 0, "nothing to reprocess")
             job = jobs.create_job(s, kind="reprocess", archive_blob="", archive_name="",
-                                  archive_bytes=0, model_version_id=model.id,
+                                  archive_bytes=0, model_version_id=model.id, priority="bulk",
                                   tenant_id=tenant_id, options={"reason": "reprocess",
                                                                 "limit": limit})
             return Plan(job.id, tenant_id, 0, "started")

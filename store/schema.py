@@ -78,6 +78,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     # Shared secret for signing this key's webhooks (HMAC-SHA256); shown once with the key.
     webhook_secret: Mapped[str] = mapped_column(String(64))
+    # The highest priority this key's jobs may ask for (contract.PRIORITIES).
+    max_priority: Mapped[str] = mapped_column(String(16), default="interactive")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -99,6 +101,7 @@ class Job(Base):
     archive_blob: Mapped[str] = mapped_column(String(64))
     archive_name: Mapped[str] = mapped_column(String(255), default="")
     archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # up to 4 GiB and more
+    priority: Mapped[str] = mapped_column(String(16), default="normal")  # contract.PRIORITIES
     total: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -338,3 +341,18 @@ class Upload(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     archive_blob: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class Batch(Base):
+    """A batch of a job's items, planned in the database (the queue of record): ``planned``
+    until the dispatcher (``worker.dispatch``) sends it to the broker, ``sent`` while a worker
+    has it, ``done`` once processed. The broker only ever holds a window of sent batches."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    item_ids: Mapped[list[int]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(8), default="planned", index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -346,7 +346,8 @@ def test_every_form_field_the_code_reads_is_documented(app: Any) -> None:
     form = _document(app)["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"][
         "multipart/form-data"]["schema"]["properties"]
     options = {f.name for f in dataclasses.fields(TrainOptions)}
-    assert set(form) == {"archive", "upload", "kind", "model", "callback_url", *options}
+    assert set(form) == {"archive", "upload", "kind", "model", "callback_url", "priority",
+                         *options}
     assert {"name", "epochs", "seed", "strategy", "mode", "budget"} <= options
     balanced = {k: v for k, v in form["balanced"].items() if k != "description"}
     assert balanced == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"

@@ -19,7 +19,7 @@ from store.schema import Base
 
 TABLES = {"jobs", "items", "features", "results", "model_versions", "alembic_version",
           "tenants", "api_keys", "job_members", "leases", "webhook_deliveries", "label_events",
-          "label_issues", "search_indexes", "index_segments", "uploads"}
+          "label_issues", "search_indexes", "index_segments", "uploads", "batches"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

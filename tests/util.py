@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cli.stack import free_port  # noqa: F401  (the tests' way to it)
+
 # CI=true: a missing service or browser is a failure, not a skip
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -34,13 +36,6 @@ def _write(tf: tarfile.TarFile, files: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def embedded_runtime(data_dir: Path, **env: str) -> Any:

@@ -22,6 +22,7 @@ class Principal:
     key_id: int
     tenant_id: int
     webhook_secret: str
+    max_priority: str = "interactive"  # the highest priority this key's jobs may ask for
 
 
 def current() -> Principal:
@@ -47,7 +48,8 @@ def authenticate() -> None:
         if row is None:
             raise ApiError(401, "unauthorized", "unknown or revoked API key",
                            headers={"WWW-Authenticate": 'Bearer realm="mmbatch"'})
-        g.principal = Principal(row.id, row.tenant_id, row.webhook_secret)
+        g.principal = Principal(row.id, row.tenant_id, row.webhook_secret,
+                                row.max_priority)
     svc.limiter.check(g.principal.key_id)
 
 

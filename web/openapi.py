@@ -22,6 +22,7 @@ from mmbatch.contract import (
     JOB_STATES,
     MODALITIES,
     MODEL_KINDS,
+    PRIORITIES,
     SEARCH_MODALITIES,
     TrainOptions,
 )
@@ -107,6 +108,7 @@ def _schemas(settings: Any) -> dict[str, Schema]:
     job = _obj({
         "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
         "kind": {"type": "string", "enum": list(ALL_KINDS)},
+        "priority": {"type": "string", "enum": list(PRIORITIES)},
         "state": {"type": "string", "enum": list(JOB_STATES)},
         "stage": _nullable({"type": "string", "enum": list(JOB_STAGES)}),
         "total": {"type": "integer", "minimum": 0},
@@ -524,6 +526,9 @@ def _paths(settings: Any) -> dict[str, Any]:
                                      "default model); train: not allowed"},
             "callback_url": {"type": "string", "maxLength": 2048,
                              "description": "webhook called when the job finishes"},
+            "priority": {"type": "string", "enum": list(PRIORITIES),
+                         "description": "who goes first when workers are shared (default "
+                                        "normal; at most the key's max priority)"},
             # a train job's options (mmbatch.contract.TrainOptions), train only
             **TrainOptions.schema(),
         },
@@ -542,6 +547,9 @@ def _paths(settings: Any) -> dict[str, Any]:
             "holdout": {"type": "string", "enum": ["verified"],
                         "description": "the items a person labelled validate; the rest train"},
             "callback_url": {"type": "string", "maxLength": 2048},
+            "priority": {"type": "string", "enum": list(PRIORITIES),
+                         "description": "who goes first when workers are shared (default "
+                                        "normal; at most the key's max priority)"},
             **TrainOptions.schema(),
         },
     }

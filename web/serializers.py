@@ -55,6 +55,7 @@ def job_payload(s: Session, job: Job) -> dict[str, Any]:
         "warnings": list(job.warnings or []),
         # while a train job trains: its epoch, the last it may run, the best validation score
         "training": training,
+        "priority": job.priority,
         "idempotency_key": job.idempotency_key,
         "callback_url": job.callback_url,
         "archive": {"name": job.archive_name, "bytes": job.archive_bytes},

@@ -27,7 +27,9 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from media.archive import sniff_archive
 from mmbatch.contract import (
     ALIGN_OPTIONS,
+    DEFAULT_PRIORITY,
     JOB_KINDS,
+    PRIORITIES,
     TASK_INDEX_BUILD,
     TASK_INGEST,
     TASK_REPROCESS,
@@ -182,7 +184,7 @@ def _model_shown(s: Session, job: Job, requested: Any) -> ModelVersion | None:
 
 
 # The fields of a job request besides its archive and a train job's options.
-JOB_FIELDS = ("kind", "model", "callback_url", "upload")
+JOB_FIELDS = ("kind", "model", "callback_url", "upload", "priority")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 
 
@@ -217,8 +219,11 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
         if existing is not None:  # the key's own request was valid: this is another one
             raise _key_reused(existing) from None
         raise
+    priority = _priority(form.get("priority"))
     fingerprint = _fingerprint({"kind": kind, "options": options, "model": model_id,
-                                "callback_url": callback, "archive": archive.digest})
+                                "callback_url": callback, "archive": archive.digest,
+                                **({"priority": priority} if priority != DEFAULT_PRIORITY
+                                   else {})})
     if existing is not None:
         return _same_request(existing, fingerprint), False
     if archive.upload is not None:
@@ -230,7 +235,7 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
     job_id, created = _create_once(svc, idempotency_key, fingerprint, dict(
         kind=kind, archive_blob=archive.commit(), archive_name=archive.name,
         archive_bytes=archive.size, model_version_id=model_id, options=options,
-        callback_url=callback))
+        callback_url=callback, priority=priority))
     if archive.upload is not None and created:
         with svc.db.session() as s:
             uploads.record_job(s, archive.upload, job_id)
@@ -329,7 +334,7 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
                        "send multipart/form-data: the archive as a file field named 'archive', "
                        "the kind and options as form fields (JSON is for a train job on earlier "
                        'jobs\' items: {"kind": "train", "from_jobs": [job ids], …})')
-    known = ("kind", "from_jobs", "holdout", "callback_url", *TRAIN_FIELDS)
+    known = ("kind", "from_jobs", "holdout", "callback_url", "priority", *TRAIN_FIELDS)
     for name in body:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -366,11 +371,29 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
     options.update(from_jobs=list(dict.fromkeys(sources)))
     if holdout is not None:
         options["holdout"] = holdout
-    fingerprint = _fingerprint({"kind": "train", "options": options, "callback_url": callback})
+    priority = _priority(body.get("priority"))
+    fingerprint = _fingerprint({"kind": "train", "options": options, "callback_url": callback,
+                                **({"priority": priority} if priority != DEFAULT_PRIORITY
+                                   else {})})
     return _create_once(svc, idempotency_key, fingerprint, dict(
         kind="train", archive_blob="",
         archive_name=f"items of {len(options['from_jobs'])} job(s)", archive_bytes=0,
-        model_version_id=None, options=options, callback_url=callback))
+        model_version_id=None, options=options, callback_url=callback, priority=priority))
+
+
+def _priority(raw: Any) -> str:
+    """A job's priority (default normal); 400 when it is not one, or higher than the key may
+    ask for (``mmbatch keys create --max-priority``)."""
+    if raw is None or raw == "":
+        return DEFAULT_PRIORITY
+    if raw not in PRIORITIES:
+        raise ApiError(400, "invalid_priority",
+                       f"priority must be one of {', '.join(PRIORITIES)}; got {raw!r}")
+    allowed = auth.current().max_priority
+    if PRIORITIES.index(raw) < PRIORITIES.index(allowed):
+        raise ApiError(400, "invalid_priority", f"this API key may ask for {allowed} priority "
+                                                f"at most, not {raw}")
+    return str(raw)
 
 
 def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],

@@ -1,4 +1,5 @@
-"""Ingest: walk a job's archive, store its media once, insert its items, plan its batches. A train
+"""Ingest: walk a job's archive, store its media once, insert its items, plan its batches (rows
+that ``worker.dispatch`` sends a window at a time). A train
 job on earlier jobs' items (``from_jobs``) copies them instead, with their current labels."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import logging
 
 from media.archive import ArchiveError, LabelRow, Limits, walk
 from mmbatch.contract import TRAINING_KINDS
+from store import dispatch as plans
 from store import jobs
 from store.blobs import BlobNotFound
 from store.labels import labelled_copies
@@ -25,7 +27,10 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         if job.state == "running":
-            return _batches(rt, job_id, jobs.item_ids(s, job_id, pending_only=True))
+            pending = jobs.item_ids(s, job_id, pending_only=True)
+            if not plans.planned(s, job_id):  # its batches were never planned (or all done)
+                plans.replan(s, job_id, pending, rt.settings.batch_size)
+            return _batches(rt, job_id, pending)
         if job.state not in ("queued", "ingesting"):
             return []
         jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
@@ -75,6 +80,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
                                 stage="extracting" if kind in TRAINING_KINDS else None,
                                 warnings=warnings)
         ids = jobs.item_ids(s, job_id) if moved else []
+        plans.plan(s, job_id, ids, rt.settings.batch_size)  # with the items, in one commit
     if moved:
         log.info("ingest_done job=%s items=%d skipped=%d", job_id, total, found.skipped_count)
     return _batches(rt, job_id, ids)
@@ -102,6 +108,7 @@ def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | Non
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
                                 report=report, started_at=jobs.utcnow(), stage="extracting")
         ids = jobs.item_ids(s, job_id) if moved else []
+        plans.plan(s, job_id, ids, rt.settings.batch_size)
     if moved:
         log.info("ingest_done job=%s items=%d from_jobs=%d", job_id, total, len(sources))
     return _batches(rt, job_id, ids)

@@ -10,12 +10,12 @@ from celery import shared_task
 from mmbatch.contract import (
     TASK_INDEX_MERGE,
     TASK_INGEST,
-    TASK_PROCESS_BATCH,
     TASK_REPROCESS,
     TASK_SWEEP,
     TASK_WEBHOOKS,
 )
 from store import jobs
+from worker.dispatch import dispatch
 from worker.index_merge import merge_all, merge_index
 from worker.ingest import ingest_job
 from worker.reprocess import reprocess_tenants, run_reprocess
@@ -40,11 +40,10 @@ def ingest(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
             jobs.fail_job(s, job_id, f"ingest failed: {type(exc).__name__}: {exc}")
         self.app.send_task(TASK_WEBHOOKS)
         raise
-    for ids in batches:
-        self.app.send_task(TASK_PROCESS_BATCH, args=[job_id, ids])
     if not batches:
         self.app.send_task(TASK_WEBHOOKS)  # the job may have failed (no media, no labels)
-    log.info("job_fanout job=%s batches=%d", job_id, len(batches))
+    sent = dispatch(rt, self.app.send_task)
+    log.info("job_planned job=%s batches=%d sent=%d", job_id, len(batches), sent)
 
 
 @shared_task(name=TASK_REPROCESS, bind=True, max_retries=MAX_RETRIES)
@@ -65,7 +64,10 @@ def reprocess(self, job_id: str | None = None, model_id: int | None = None,  # t
 
 @shared_task(name=TASK_SWEEP, bind=True)
 def sweep(self) -> None:  # type: ignore[no-untyped-def]
-    resend(find_stale(runtime_for(self.app)), self.app.send_task)
+    """Send again what stale jobs lost, and fill the dispatch window (a message lost between
+    the dispatcher's commit and the broker left room there)."""
+    rt = runtime_for(self.app)
+    resend(rt, find_stale(rt), self.app.send_task)
 
 
 @shared_task(name=TASK_WEBHOOKS, bind=True)

@@ -20,10 +20,12 @@ from mmbatch.contract import (
     TASK_TRAIN,
     TASK_WEBHOOKS,
 )
+from store import dispatch as plans
 from store import jobs
 from store import search as search_store
 from worker.align import align_job
 from worker.batch import BatchProcessor, BatchReport, fail_batch
+from worker.dispatch import dispatch
 from worker.index_build import build_index
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
 from worker.runtime import Runtime, runtime_for
@@ -33,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 @shared_task(name=TASK_PROCESS_BATCH, bind=True, max_retries=MAX_RETRIES)
-def process_batch(self, job_id: str, item_ids: list[int]) -> None:  # type: ignore[no-untyped-def]
+def process_batch(self, job_id: str, item_ids: list[int],  # type: ignore[no-untyped-def]
+                  batch_id: int | None = None) -> None:
+    """Process a planned batch (``batch_id``; a message from before batches were planned has
+    none), mark it done, and let the dispatcher send the next."""
     rt = runtime_for(self.app)
     try:
         report = BatchProcessor(rt, job_id, item_ids).run()
@@ -41,16 +46,22 @@ def process_batch(self, job_id: str, item_ids: list[int]) -> None:  # type: igno
         retry(self, exc)
     except Exception as exc:
         log.exception("batch_error job=%s items=%d", job_id, len(item_ids))
-        _follow_up(self, job_id, fail_batch(rt, job_id, item_ids,
-                                            f"processing failed: {type(exc).__name__}: {exc}"))
+        _follow_up(self, rt, job_id, batch_id,
+                   fail_batch(rt, job_id, item_ids,
+                              f"processing failed: {type(exc).__name__}: {exc}"))
         raise
-    _follow_up(self, job_id, report)
+    _follow_up(self, rt, job_id, batch_id, report)
 
 
-def _follow_up(task: Any, job_id: str, report: BatchReport) -> None:
-    """Send what a batch's report asks for: its halves, the training, the webhooks."""
-    for part in report.resend:
-        task.app.send_task(TASK_PROCESS_BATCH, args=[job_id, part])
+def _follow_up(task: Any, rt: Runtime, job_id: str, batch_id: int | None,
+               report: BatchReport) -> None:
+    """The batch is done: plan its halves (a poison item splits it), send the training or the
+    webhooks it asks for, and fill the dispatch window again."""
+    with rt.db.session() as s:
+        if batch_id is not None:
+            plans.finish(s, batch_id)
+        plans.plan_parts(s, job_id, report.resend)
+    dispatch(rt, task.app.send_task)
     if report.merge_index is not None:
         task.app.send_task(TASK_INDEX_MERGE, args=[report.merge_index])
     if report.next_step == "train":

@@ -10,10 +10,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from mmbatch.contract import MODEL_KINDS, TASK_PROCESS_BATCH
+from mmbatch.contract import MODEL_KINDS
+from store import dispatch as plans
 from store import jobs
 from store.registry import get_model
 from store.reprocess import Plan, plan_members, start_reprocess, tenants_with_models
+from worker.dispatch import dispatch
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,10 @@ def reprocess_tenants(rt: Runtime, send_task: Callable[..., Any],
 
 
 def run_reprocess(rt: Runtime, send_task: Callable[..., Any], job_id: str) -> int:
-    """Plan a reprocess job's members and send its batches; how many items it has."""
+    """Plan a reprocess job's members and its batches, and dispatch; how many items it has."""
     total = plan_members(rt.db, job_id, rt.settings.reprocess_max_attempts)
     with rt.db.session() as s:
-        ids = jobs.item_ids(s, job_id, pending_only=True)
-    size = rt.settings.batch_size
-    for i in range(0, len(ids), size):
-        send_task(TASK_PROCESS_BATCH, args=[job_id, ids[i:i + size]])
+        plans.plan(s, job_id, jobs.item_ids(s, job_id, pending_only=True),
+                   rt.settings.batch_size)
+    dispatch(rt, send_task)
     return total

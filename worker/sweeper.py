@@ -13,13 +13,14 @@ from typing import Any
 from mmbatch.contract import (
     TASK_ALIGN,
     TASK_INGEST,
-    TASK_PROCESS_BATCH,
     TASK_TRAIN,
     TASK_WEBHOOKS,
     TRAINING_KINDS,
 )
+from store import dispatch as plans
 from store import jobs
 from store.schema import utcnow
+from worker.dispatch import dispatch
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,15 @@ class Revival:
     train: list[str] = field(default_factory=list)
     align: list[str] = field(default_factory=list)  # align jobs whose training step was lost
     finished: list[str] = field(default_factory=list)
+    # batches sent before this were lost, unless done: planned again (worker.dispatch)
+    lost_before: dt.datetime | None = None
 
 
 def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
     """What to send again for every active job that has not moved for a while."""
     age = rt.settings.stale_after_seconds if older_than_seconds is None else older_than_seconds
     cutoff = utcnow() - dt.timedelta(seconds=age)
-    out = Revival()
+    out = Revival(lost_before=cutoff)
     with rt.db.session() as s:
         stale = [(j.id, j.state, j.kind, j.stage) for j in jobs.stale_jobs(s, cutoff)]
     for job_id, state, kind, stage in stale:
@@ -51,6 +54,8 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
                 (out.align if kind == "align" else out.train).append(job_id)
                 continue
             pending = jobs.item_ids(s, job_id, pending_only=True)
+            if pending and plans.planned(s, job_id):
+                continue  # its batches wait their turn (or were lost: planned again below)
             if not pending:
                 # every item has its result but the finishing step was lost
                 if kind in TRAINING_KINDS and jobs.enter_stage(s, job_id, "extracting",
@@ -67,12 +72,23 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
     return out
 
 
-def resend(revival: Revival, send_task: Callable[..., Any]) -> None:
-    """Send what a sweep found missing."""
+def resend(rt: Runtime, revival: Revival, send_task: Callable[..., Any]) -> None:
+    """Send what a sweep found missing: ingests and training steps again, lost batches planned
+    afresh and then dispatched (a window at a time, like any others)."""
     for job_id in revival.ingest:
         send_task(TASK_INGEST, args=[job_id])
+    if revival.lost_before is not None:
+        with rt.db.session() as s:
+            again = plans.requeue_lost(s, revival.lost_before)
+        if again:
+            log.info("sweep batches_lost=%d", again)
+    lost: dict[str, list[int]] = {}
     for job_id, ids in revival.batches:
-        send_task(TASK_PROCESS_BATCH, args=[job_id, ids])
+        lost.setdefault(job_id, []).extend(ids)
+    for job_id, ids in lost.items():
+        with rt.db.session() as s:
+            plans.replan(s, job_id, ids, rt.settings.batch_size)
+    dispatch(rt, send_task)
     for job_id in revival.train:
         send_task(TASK_TRAIN, args=[job_id])
     for job_id in revival.align:
