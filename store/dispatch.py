@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from mmbatch.contract import PRIORITIES
+from mmbatch.contract import PRIORITIES, TERMINAL_STATES
 from store.schema import Batch, Job, utcnow
 
 NEVER = float("-inf")  # a job (or tenant) that has had no batch sent yet goes first
@@ -66,6 +66,13 @@ def requeue_lost(session: Session, sent_before: dt.datetime) -> int:
     return int(session.execute(update(Batch).where(Batch.state == "sent",
                                                    Batch.sent_at < sent_before)
                                .values(state="planned")).rowcount or 0)
+
+
+def forget_finished(session: Session) -> int:
+    """Drop the batches of jobs that ended (succeeded, failed, cancelled): the queue keeps only
+    what may still run. How many."""
+    ended = select(Job.id).where(Job.state.in_(TERMINAL_STATES))
+    return int(session.execute(delete(Batch).where(Batch.job_id.in_(ended))).rowcount or 0)
 
 
 def finish(session: Session, batch_id: int) -> None:

@@ -118,6 +118,16 @@ def test_lost_batches_are_planned_again(db: Database) -> None:
     assert all(c.job_id == job for c in again)
 
 
+def test_the_batches_of_ended_jobs_are_forgotten(db: Database) -> None:
+    ended, running = _job(db, "a", batches=3), _job(db, "b", batches=2)
+    with db.session() as s:
+        jobs.get_job(s, ended).state = "succeeded"
+    with db.session() as s:
+        assert dispatch.forget_finished(s) == 3
+        left = list(s.scalars(select(Batch.job_id)))
+    assert left == [running, running]
+
+
 def test_a_stale_job_replanned_keeps_nothing_twice(db: Database) -> None:
     job = _job(db, "a", batches=4)
     with db.session() as s:

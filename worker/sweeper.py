@@ -79,6 +79,7 @@ def resend(rt: Runtime, revival: Revival, send_task: Callable[..., Any]) -> None
         send_task(TASK_INGEST, args=[job_id])
     if revival.lost_before is not None:
         with rt.db.session() as s:
+            plans.forget_finished(s)
             again = plans.requeue_lost(s, revival.lost_before)
         if again:
             log.info("sweep batches_lost=%d", again)
