@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20)
     parser.add_argument("--redis", default=None, help="a Redis URL for the broker")
     parser.add_argument("--database", default=None, help="a PostgreSQL URL")
+    parser.add_argument("--windows", type=int, nargs="+", default=None,
+                        help=f"dispatch windows to compare (default: the setting's, and "
+                             f"{HUGE_WINDOW:,}: everything at once)")
     parser.add_argument("--json", type=Path, default=Path("var/bench/fairness.json"))
     args = parser.parse_args()
     env = {}
@@ -98,7 +101,7 @@ def main() -> None:
         root = Path(tmp)
         bulk = _archive(root / "bulk.tar", "bulk", args.bulk)
         small = _archive(root / "small.tar", "small", args.small)
-        for window in (Settings().dispatch_window, HUGE_WINDOW):
+        for window in args.windows or (Settings().dispatch_window, HUGE_WINDOW):
             rows.append(run(window, bulk, small, root / f"w{window}", env))
             print(json.dumps(rows[-1]), flush=True)
     save_json(args.json, rows)
