@@ -15,7 +15,13 @@ from typing import Any
 
 # --- media --------------------------------------------------------------------------------------
 
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+MODALITIES: tuple[str, ...] = ("image", "text", "audio", "video")
+# Modalities whose features come from another modality's frozen encoder: a clip's ``video``
+# features are its sampled frames through the image encoder, pooled over time (docs/video.md).
+# They have no encoder of their own to finetune or train from scratch: always frozen.
+DERIVED_MODALITIES: tuple[str, ...] = ("video",)
+# Where an item's audio came from when a clip's sound track gave it (the result's info).
+AUDIO_SOURCE_VIDEO = "video"
 
 # --- jobs ---------------------------------------------------------------------------------------
 
@@ -185,8 +191,11 @@ class TrainOptions:
                 if getattr(self, f.name) is not None}
 
     def encoder_modes(self, modalities: tuple[str, ...] | list[str]) -> dict[str, str]:
-        """Each modality's encoder mode: ``<modality>_mode``, else ``mode``, else frozen."""
-        return {m: getattr(self, f"{m}_mode", None) or self.mode or "frozen" for m in modalities}
+        """Each modality's encoder mode: ``<modality>_mode``, else ``mode``, else frozen; a
+        derived modality (``DERIVED_MODALITIES``) is always frozen."""
+        return {m: "frozen" if m in DERIVED_MODALITIES
+                else getattr(self, f"{m}_mode", None) or self.mode or "frozen"
+                for m in modalities}
 
     @classmethod
     def schema(cls) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,155 @@
+"""Video as a modality (docs/video.md): clips made with PyAV here, decoded with PyAV in the
+decode sandbox, their frames through the image encoder, pooled; their sound tracks as audio.
+
+Malformed clips (truncated, zero bytes, garbage, a header and no frames, audio-only, a 4096x2160
+frame, a declared ten-hour duration, a corrupted index) go through ingest and BatchProcessor in
+one job: each ends as an item error with its reason, or succeeds where there is something to
+use, and the job finishes.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from media.archive import walk
+from media.decode import MediaError, modality_of
+from media.sandbox import DecodeSandbox
+from media.video import decode_sound_track, decode_video
+from mmbatch.contract import MODALITIES, TrainOptions
+from mmbatch.settings import Settings, SettingsError
+from samples.clips import audio_only, encode_clip, picture_clip
+from store.blobs import BlobStore
+
+
+def _picture(seed: int = 0, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)  # big blocks: survives the codec
+    return Image.fromarray(small).resize(size, Image.NEAREST)
+
+
+def _tone(seconds: float, rate: int = 16000, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# --- vocabulary, settings, ingest ---------------------------------------------------------------
+
+def test_video_is_a_modality_with_its_settings() -> None:
+    assert "video" in MODALITIES
+    for name in ("a.mp4", "b.M4V", "c.mov", "d.WEBM", "e.mkv", "f.Avi"):
+        assert modality_of(name) == "video"
+    s = Settings.from_env({})
+    assert (s.video_frames, s.video_too_long) == (8, "cut")
+    s = Settings.from_env({"MMBATCH_VIDEO_FRAMES": "4", "MMBATCH_VIDEO_MAX_SECONDS": "12.5",
+                           "MMBATCH_VIDEO_TOO_LONG": "fail", "MMBATCH_VIDEO_MAX_PIXELS": "1000"})
+    assert (s.video_frames, s.video_max_seconds, s.video_too_long, s.video_max_pixels) == (
+        4, 12.5, "fail", 1000)
+    for env in ({"MMBATCH_VIDEO_FRAMES": "0"}, {"MMBATCH_VIDEO_FRAMES": "65"},
+                {"MMBATCH_VIDEO_TOO_LONG": "skip"}, {"MMBATCH_VIDEO_MAX_SECONDS": "-1"},
+                {"MMBATCH_VIDEO_MAX_PIXELS": "0"}):
+        with pytest.raises(SettingsError, match="MMBATCH_VIDEO_"):
+            Settings.from_env(env)
+    # a clip's features are frozen image features pooled: no encoder mode of their own
+    assert TrainOptions(mode="finetune").encoder_modes(["image", "video"]) == {
+        "image": "finetune", "video": "frozen"}
+
+
+def test_a_clip_pairs_with_its_caption_and_label_and_gives_its_sound(tmp_path) -> None:
+    clip = picture_clip(_picture(), seconds=1.0)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_tar({"cat_001.MP4": clip, "cat_001.txt": b"a cat",
+                              "dog_002.webm": clip, "dog_002.wav": b"RIFF....WAVE",
+                              "labels.csv": b"key,label\ncat_001,cat\ndog_002,dog\n"}))
+    result = walk(archive, BlobStore(tmp_path / "blobs").put_stream)
+    cat, dog = result.items["cat_001"], result.items["dog_002"]
+    assert set(cat) == {"video", "text", "audio"}
+    assert cat["audio"] == {**cat["video"], "source": "video"}  # the clip's sound track
+    assert dog["audio"]["name"] == "dog_002.wav" and "source" not in dog["audio"]
+    assert result.labels["cat_001"].label == "cat"
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["mp4", "mov", "webm", "mkv", "avi"])
+def test_frames_are_sampled_over_the_clip_and_its_sound_is_read(fmt: str) -> None:
+    rate = 48000 if fmt == "webm" else 16000
+    data = picture_clip(_picture(), seconds=3.0, fps=8, fmt=fmt, audio=_tone(2.0, rate),
+                        rate=rate)
+    clip = decode_video(data, f"x.{fmt}", frames=4)
+    times = [f.time for f in clip.frames]
+    assert 3 <= len(times) <= 4 and times == sorted(times) and times[-1] - times[0] >= 1.5
+    assert all(f.rgb.shape == (120, 160, 3) and f.rgb.dtype == np.uint8 for f in clip.frames)
+    track = decode_sound_track(data, f"x.{fmt}", max_seconds=30.0)
+    assert track.dtype == np.float32 and 1.8 * 16000 <= len(track) <= 2.2 * 16000
+
+
+def test_a_fade_in_from_black_gives_no_black_frame() -> None:
+    data = picture_clip(_picture(1), seconds=4.0, fps=8, fade_in=1.5)
+    clip = decode_video(data, "fade.mp4", frames=8)
+    assert clip.frames and min(f.time for f in clip.frames) >= 0.25  # the black opening skipped
+    assert all(f.rgb.mean() > 24 for f in clip.frames)
+
+
+def test_static_and_all_black_clips_still_give_a_frame() -> None:
+    still = encode_clip([np.asarray(_picture(2))] * 16, fps=8)
+    assert len(decode_video(still, "still.mp4", frames=8).frames) == 1  # the rest duplicates
+    black = encode_clip([np.zeros((64, 64, 3), np.uint8)] * 8, fps=8)
+    assert len(decode_video(black, "black.mp4", frames=4).frames) == 1
+
+
+def test_variable_frame_rate_and_odd_pixel_formats() -> None:
+    pictures = [np.asarray(_picture(i)) for i in range(8)]
+    times = [0.0, 0.05, 0.1, 1.0, 2.5, 2.6, 3.9, 4.0]
+    clip = decode_video(encode_clip(pictures, fmt="mkv", times=times), "vfr.mkv", frames=4)
+    assert [round(f.time, 2) for f in clip.frames][-1] >= 2.5
+    for pix in ("yuv444p", "yuv422p", "gray"):
+        data = encode_clip(pictures, fmt="mkv", codec="libx264" if pix != "gray" else "ffv1",
+                           pix_fmt=pix)
+        frames = decode_video(data, f"{pix}.mkv", frames=3).frames
+        assert frames and frames[0].rgb.shape == (120, 160, 3)
+
+
+def test_large_frames_come_out_small_and_too_large_ones_fail() -> None:
+    big = [np.asarray(_picture(i, (1280, 720))) for i in range(4)]
+    data = encode_clip(big, fps=4)
+    frames = decode_video(data, "hd.mp4", frames=2).frames
+    assert frames[0].rgb.shape == (256, 455, 3)  # the shorter side to 256, for the encoder
+    with pytest.raises(MediaError, match=r"1280x720 frames are 921600 pixels, over the limit"):
+        decode_video(data, "hd.mp4", max_pixels=640 * 480)
+
+
+def test_too_long_clips_are_cut_or_refused_by_setting() -> None:
+    data = picture_clip(_picture(), seconds=6.0, fps=4)
+    cut = decode_video(data, "long.mp4", frames=4, max_seconds=2.0)
+    assert cut.frames and max(f.time for f in cut.frames) <= 2.0 and cut.info["cut_at"] == 2.0
+    with pytest.raises(MediaError, match=r"over the limit of 2 s \(MMBATCH_VIDEO_MAX_SECONDS\)"):
+        decode_video(data, "long.mp4", max_seconds=2.0, too_long="fail")
+
+
+def test_the_sandbox_decodes_clips_like_the_module() -> None:
+    data = picture_clip(_picture(), seconds=2.0, audio=_tone(1.0))
+    with DecodeSandbox(processes=1, timeout=30) as sandbox:
+        clip = sandbox.decode_video(data, "s.mp4", frames=4)
+        here = decode_video(data, "s.mp4", frames=4)
+        assert [f.time for f in clip.frames] == [f.time for f in here.frames]
+        assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(clip.frames, here.frames))
+        np.testing.assert_allclose(sandbox.decode_sound_track(data, "s.mp4"),
+                                   decode_sound_track(data, "s.mp4"), atol=1e-6)
+        with pytest.raises(MediaError) as absent:
+            sandbox.decode_sound_track(picture_clip(_picture(), seconds=1.0), "silent.mp4")
+        assert absent.value.kind == "absent"
