@@ -10,7 +10,9 @@ use, and the job finishes.
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +25,12 @@ from media.video import decode_sound_track, decode_video
 from mmbatch.contract import MODALITIES, TrainOptions
 from mmbatch.settings import Settings, SettingsError
 from samples.clips import audio_only, encode_clip, picture_clip
+from store import jobs
 from store.blobs import BlobStore
+from store.migrate import upgrade
+from worker.batch import BatchProcessor
+from worker.ingest import ingest_job
+from worker.runtime import Runtime
 
 
 def _picture(seed: int = 0, size: tuple[int, int] = (160, 120)) -> Image.Image:
@@ -153,3 +160,128 @@ def test_the_sandbox_decodes_clips_like_the_module() -> None:
         with pytest.raises(MediaError) as absent:
             sandbox.decode_sound_track(picture_clip(_picture(), seconds=1.0), "silent.mp4")
         assert absent.value.kind == "absent"
+
+
+# --- malformed clips through a job ---------------------------------------------------------------
+
+def _ten_hours(data: bytes) -> bytes:
+    """The clip with its movie header (mvhd) declaring ten hours."""
+    at = data.index(b"mvhd") + 4
+    version = data[at]
+    assert version == 0
+    timescale = struct.unpack(">I", data[at + 12:at + 16])[0]
+    return data[:at + 16] + struct.pack(">I", timescale * 36000) + data[at + 20:]
+
+
+def _corrupt_index(data: bytes) -> bytes:
+    """The clip with its sample table's chunk offsets (stco) pointing past the file."""
+    at = data.index(b"stco") + 4
+    count = struct.unpack(">I", data[at + 4:at + 8])[0]
+    bogus = b"".join(struct.pack(">I", 0xFFFFFF00 - i) for i in range(count))
+    return data[:at + 8] + bogus + data[at + 8 + 4 * count:]
+
+
+def _header_only(data: bytes) -> bytes:
+    """The clip with its frame data (the mdat box's payload) zeroed: a header, no frames."""
+    at = data.index(b"mdat") - 4
+    size = struct.unpack(">I", data[at:at + 4])[0]
+    return data[:at + 8] + bytes(size - 8) + data[at + size:]
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    data = tmp_path_factory.mktemp("video")
+    settings = Settings.from_env({
+        "MMBATCH_DATA_DIR": str(data), "MMBATCH_BROKER_URL": "memory://",
+        "MMBATCH_BATCH_SIZE": "16", "MMBATCH_VIDEO_FRAMES": "3",
+        "MMBATCH_DECODE_TIMEOUT_SECONDS": "30"})
+    upgrade(settings.db_url)
+    runtime = Runtime(settings)
+    yield runtime
+    runtime.close()
+
+
+def _run(rt: Runtime, files: dict[str, bytes]) -> tuple[jobs.Job, dict[str, dict]]:
+    digest = rt.blobs.put_bytes(_tar(files))
+    with rt.db.session() as s:
+        job_id = jobs.create_job(s, kind="embed", archive_blob=digest, archive_name="v.tar",
+                                 archive_bytes=1, model_version_id=None).id
+    for batch in ingest_job(rt, job_id):
+        BatchProcessor(rt, job_id, batch).run()
+    with rt.db.session() as s:
+        job = jobs.get_job(s, job_id)
+        s.expunge(job)
+        results = {item.key: {"status": result.status, "error": result.error,
+                              "info": result.info or {}}
+                   for item, result in jobs.results_page(s, job, after=0, limit=100)}
+    return job, results
+
+
+MALFORMED_OUTCOMES = {
+    # file -> how it ends (a prefix of the item's error, or "ok" and what the item got)
+    "zero.mp4": "skipped: empty file (0 bytes)",
+    "garbage.mp4": "video bad/garbage.mp4: cannot decode (not an MP4, MOV, WebM, Matroska or AVI "
+                   "file)",
+    "truncated.mp4": "video bad/truncated.mp4: cannot decode (truncated or corrupt: ",
+    "header_only.mp4": "video bad/header_only.mp4: no frame could be decoded (truncated or "
+                       "corrupt video data",
+    "audio_only.mp4": "ok: audio from the clip, no video",
+    "dci4k.mkv": "video bad/dci4k.mkv: 4096x2160 frames are 8847360 pixels, over the limit of "
+                 "8294400 (MMBATCH_VIDEO_MAX_PIXELS)",
+    "ten_hours.mp4": "ok: video and audio (the frames that are there)",
+    # the first track's chunk offsets point past the file: its sound is lost, its pictures not
+    "corrupt_index.mp4": "ok: video, no audio",
+}
+
+
+def test_malformed_clips_end_as_item_errors_or_succeed_and_the_job_finishes(rt: Runtime) -> None:
+    good = picture_clip(_picture(3), seconds=2.0, audio=_tone(1.5))
+    silent = picture_clip(_picture(4), seconds=2.0)
+    dci = encode_clip([np.zeros((2160, 4096, 3), np.uint8) + 90], fmt="mkv", fps=1)
+    files = {
+        "good/clip.mp4": good, "good/clip.txt": b"a moving picture",
+        "silent/clip.mov": silent,
+        "bad/zero.mp4": b"",
+        "bad/garbage.mp4": np.random.default_rng(0).bytes(4000),
+        "bad/truncated.mp4": good[: len(good) // 3],
+        "bad/header_only.mp4": _header_only(good),
+        "bad/audio_only.mp4": audio_only(_tone(1.0)),
+        "bad/dci4k.mkv": dci,
+        "bad/ten_hours.mp4": _ten_hours(good),
+        "bad/corrupt_index.mp4": _corrupt_index(good),
+        "image/a.png": _png_bytes(),
+    }
+    job, results = _run(rt, files)
+    assert job.state == "succeeded"
+    assert job.total == len(results) == 11 - 1  # the empty file is skipped at ingest
+    assert {x["name"]: x["reason"] for x in job.report["skipped"]} == {
+        "bad/zero.mp4": "empty file (0 bytes)"}
+    assert results["good/clip"]["status"] == "ok"
+    assert results["good/clip"]["info"]["audio_source"] == "video"
+    assert results["silent/clip"] == {"status": "ok", "error": None,
+                                      "info": {"absent": ["audio"]}}
+    assert results["image/a"]["status"] == "ok"
+    table = {}
+    for name, expected in MALFORMED_OUTCOMES.items():
+        key = "bad/" + name.rsplit(".", 1)[0]
+        if key not in results:
+            table[name] = "skipped"
+            continue
+        r = results[key]
+        table[name] = r["error"] if r["status"] == "failed" else f"ok {r['info']}"
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in table.items()))
+    for name, expected in MALFORMED_OUTCOMES.items():
+        r = results.get("bad/" + name.rsplit(".", 1)[0])
+        if expected.startswith("ok"):
+            assert r is not None and r["status"] == "ok", (name, r)
+        elif not expected.startswith("skipped"):
+            assert r is not None and r["status"] == "failed", (name, r)
+            assert r["error"].startswith(expected), (name, r)
+    assert results["bad/audio_only"]["info"] == {"audio_source": "video", "absent": ["video"]}
+    assert results["bad/corrupt_index"]["info"] == {"absent": ["audio"]}
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    _picture(5).save(buf, "PNG")
+    return buf.getvalue()
