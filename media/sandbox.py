@@ -225,7 +225,8 @@ class DecodeSandbox:
 
     def decode_video(self, data: bytes, name: str, frames: int = 8, max_seconds: float = 600.0,
                      too_long: str = "cut", max_pixels: int = 3840 * 2160,
-                     with_audio: bool = False, audio_max_seconds: float = 30.0) -> Clip:
+                     with_audio: bool = False, audio_max_seconds: float = 30.0,
+                     poster: bool = False) -> Clip:
         """:func:`media.video.decode_video` in a child: the sampled frames and the sound track
         come back as raw bytes, checked against the sizes the reply declares."""
         if not data:
@@ -235,7 +236,7 @@ class DecodeSandbox:
         reply, body = self._call("video", name,
                                  {"frames": frames, "max_seconds": max_seconds,
                                   "too_long": too_long, "max_pixels": max_pixels,
-                                  "with_audio": with_audio,
+                                  "with_audio": with_audio, "poster": poster,
                                   "audio_max_seconds": audio_max_seconds}, data,
                                  max_reply=frames * 3 * side * side + 4 * max_track)
         bad = MediaError(f"video {name}: cannot decode (the decoder sent a malformed clip)")
@@ -381,7 +382,8 @@ def serve() -> None:
                                     too_long=header["too_long"],
                                     max_pixels=header["max_pixels"],
                                     with_audio=header["with_audio"],
-                                    audio_max_seconds=header["audio_max_seconds"])
+                                    audio_max_seconds=header["audio_max_seconds"],
+                                    poster=header["poster"])
                 audio = (np.zeros(0, dtype="<f4") if clip.audio is None
                          else np.ascontiguousarray(clip.audio, dtype="<f4"))
                 reply = {"ok": True, "info": clip.info, "rate": clip.rate,

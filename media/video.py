@@ -81,10 +81,11 @@ def demuxer_of(data: bytes) -> str | None:
 
 def decode_video(data: bytes, name: str, frames: int = 8, max_seconds: float = 600.0,
                  too_long: str = "cut", max_pixels: int = 3840 * 2160, with_audio: bool = False,
-                 audio_max_seconds: float = 30.0) -> Clip:
+                 audio_max_seconds: float = 30.0, poster: bool = False) -> Clip:
     """Sample ``frames`` frames of a clip, and with ``with_audio`` read its sound track (mono,
     its own rate, the first ``audio_max_seconds``). A clip with no video stream but a sound
-    track gives its track alone when ``with_audio``; one with neither fails."""
+    track gives its track alone when ``with_audio``; one with neither fails. ``poster``: the
+    first frame from the start that is neither black nor blank, instead of a sample."""
     if too_long not in ("cut", "fail"):
         raise ValueError(f"too_long must be 'cut' or 'fail', not {too_long!r}")
     if frames < 1:
@@ -97,7 +98,7 @@ def decode_video(data: bytes, name: str, frames: int = 8, max_seconds: float = 6
                          "file)")
     try:
         clip = Clip()
-        with av.open(io.BytesIO(data), format=_DEMUXERS[demuxer]) as container:
+        with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[demuxer]) as container:
             video = container.streams.video[0] if container.streams.video else None
             has_audio = bool(container.streams.audio)
             if video is None and not (with_audio and has_audio):
@@ -106,8 +107,8 @@ def decode_video(data: bytes, name: str, frames: int = 8, max_seconds: float = 6
                                  + (" (an audio-only file)" if has_audio else ""),
                                  kind="absent" if has_audio else "invalid")
             if video is not None:
-                clip.frames, clip.info = _sample(container, video, name, frames, max_seconds,
-                                                 too_long, max_pixels)
+                clip.frames, clip.info = _sample(container, video, name, 1 if poster else frames,
+                                                 max_seconds, too_long, max_pixels, poster)
         if with_audio and has_audio:
             clip.audio, clip.rate = _sound_track(data, demuxer, name, audio_max_seconds)
     except MediaError:
@@ -133,7 +134,8 @@ def decode_video(data: bytes, name: str, frames: int = 8, max_seconds: float = 6
 
 
 def _sample(container: Any, stream: Any, name: str, wanted: int, max_seconds: float,
-            too_long: str, max_pixels: int) -> tuple[list[Frame], dict[str, Any]]:
+            too_long: str, max_pixels: int, poster: bool = False
+            ) -> tuple[list[Frame], dict[str, Any]]:
     ctx = stream.codec_context
     width, height = int(ctx.width or 0), int(ctx.height or 0)
     if width * height > max_pixels:
@@ -149,7 +151,7 @@ def _sample(container: Any, stream: Any, name: str, wanted: int, max_seconds: fl
         info["cut_at"] = max_seconds
     stream.thread_type = "AUTO"
     sampler = _Sampler(container, stream, name, max_pixels, wanted)
-    span = min(duration, max_seconds) if duration else None
+    span = min(duration, max_seconds) if duration and not poster else None
     try:
         _run_sampler(sampler, span, wanted, max_seconds, info)
     except av.error.FFmpegError as exc:
@@ -157,6 +159,7 @@ def _sample(container: Any, stream: Any, name: str, wanted: int, max_seconds: fl
         info["broken"] = _reason(exc)
     taken = sampler.result()
     info["sampled"] = [round(f.time, 3) for f in taken]
+    info["decoded"] = sampler.decoded  # frames decoded to find them
     return taken, info
 
 
@@ -295,7 +298,7 @@ def _sound_track(data: bytes, demuxer: str, name: str, max_seconds: float
                  ) -> tuple[np.ndarray | None, int]:
     """The first audio stream, mono float32 at its own rate, at most ``max_seconds``; (None, 0)
     when nothing decodes from it."""
-    with av.open(io.BytesIO(data), format=_DEMUXERS[demuxer]) as container:
+    with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[demuxer]) as container:
         stream = container.streams.audio[0]
         rate = int(stream.codec_context.sample_rate or stream.rate or 0)
         if not 1_000 <= rate <= 384_000:
@@ -307,8 +310,10 @@ def _sound_track(data: bytes, demuxer: str, name: str, max_seconds: float
         try:
             for frame in container.decode(stream):
                 samples = frame.to_ndarray()
-                if samples.dtype.kind == "i":
-                    samples = samples.astype(np.float32) / np.iinfo(samples.dtype).max
+                if samples.dtype.kind in "iu":  # PCM: s16, s32; u8 centred on 128
+                    half = 2.0 ** (8 * samples.dtype.itemsize - 1)
+                    centre = half if samples.dtype.kind == "u" else 0.0
+                    samples = (samples.astype(np.float32) - centre) / half
                 samples = samples.astype(np.float32)
                 if frame.format.is_planar:  # (C, t)
                     mono = samples.reshape(len(frame.layout.channels), -1).mean(axis=0)
@@ -343,7 +348,7 @@ def read_sound_track(data: bytes, name: str, max_seconds: float = 30.0, too_long
         raise MediaError(f"video {name}: cannot decode (not an MP4, MOV, WebM, Matroska or AVI "
                          "file)")
     try:
-        with av.open(io.BytesIO(data), format=_DEMUXERS[demuxer]) as container:
+        with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[demuxer]) as container:
             has_audio = bool(container.streams.audio)
         if not has_audio:
             raise MediaError(f"video {name}: no sound track", kind="absent")

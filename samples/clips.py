@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -33,28 +34,28 @@ def encode_clip(frames: Iterable[np.ndarray], fmt: str = "mp4", fps: int = 12,
     out = io.BytesIO()
     default_codec, default_pix = CODECS[fmt]
     with av.open(out, mode="w", format=_FORMATS[fmt]) as container:
-        stream = None
+        stream: Any = None  # PyAV types a stream by its codec's name
         tb = Fraction(1, 1000) if times is not None else Fraction(1, fps)
-        astream = None
+        astream: Any = None
         if audio is not None:
             astream = container.add_stream(AUDIO_CODECS[fmt] if fmt != "webm" or rate == 48000
                                            else "libvorbis", rate=rate)
-            astream.layout = "mono"  # type: ignore[union-attr]
+            astream.layout = "mono"
         for i, rgb in enumerate(frames):
             if stream is None:
                 stream = container.add_stream(codec or default_codec, rate=fps)
-                stream.width, stream.height = rgb.shape[1], rgb.shape[0]  # type: ignore[union-attr]
-                stream.pix_fmt = pix_fmt or default_pix  # type: ignore[union-attr]
+                stream.width, stream.height = rgb.shape[1], rgb.shape[0]
+                stream.pix_fmt = pix_fmt or default_pix
                 stream.time_base = tb
                 if gop is not None:
-                    stream.codec_context.gop_size = gop  # type: ignore[union-attr]
+                    stream.codec_context.gop_size = gop
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             frame.pts = round(times[i] * 1000) if times is not None else i
             frame.time_base = tb
-            for packet in stream.encode(frame):  # type: ignore[union-attr]
+            for packet in stream.encode(frame):
                 container.mux(packet)
         if stream is not None:
-            for packet in stream.encode(None):  # type: ignore[union-attr]
+            for packet in stream.encode(None):
                 container.mux(packet)
         if astream is not None and audio is not None:
             _encode_audio(container, astream, audio, rate)
@@ -79,9 +80,9 @@ def audio_only(audio: np.ndarray, rate: int = 16000) -> bytes:
     """An MP4 with a sound track and no video stream."""
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=rate)
-        stream.layout = "mono"  # type: ignore[union-attr]
-        _encode_audio(container, stream, audio, rate)  # type: ignore[arg-type]
+        stream: Any = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        _encode_audio(container, stream, audio, rate)
     return out.getvalue()
 
 
@@ -92,7 +93,7 @@ def picture_clip(picture: Image.Image, seconds: float = 2.0, fps: int = 8,
     zoom), with sensor noise, fading in from black over its first ``fade_in`` seconds."""
     rng = np.random.default_rng(seed)
     w, h = size
-    big = picture.convert("RGB").resize((int(w * 1.25), int(h * 1.25)), Image.BILINEAR)
+    big = picture.convert("RGB").resize((int(w * 1.25), int(h * 1.25)), Image.Resampling.BILINEAR)
     base = np.asarray(big, dtype=np.float32)
     n = max(2, round(seconds * fps))
     frames = []
