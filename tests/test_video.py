@@ -13,7 +13,9 @@ import io
 import struct
 import tarfile
 from collections.abc import Iterator
+from typing import Any
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,6 +27,9 @@ from media.video import decode_sound_track, decode_video
 from mmbatch.contract import MODALITIES, TrainOptions
 from mmbatch.settings import Settings, SettingsError
 from samples.clips import audio_only, encode_clip, picture_clip
+from models.registry import SPECS
+from models.video import frame_version
+from store import features as feature_cache
 from store import jobs
 from store.blobs import BlobStore
 from store.migrate import upgrade
@@ -129,6 +134,26 @@ def test_variable_frame_rate_and_odd_pixel_formats() -> None:
                            pix_fmt=pix)
         frames = decode_video(data, f"{pix}.mkv", frames=3).frames
         assert frames and frames[0].rgb.shape == (120, 160, 3)
+
+
+def test_rotation_metadata_is_applied() -> None:
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream: Any = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)  # a phone held upright: shown turned a quarter left
+        for i in range(8):
+            rgb = np.zeros((32, 64, 3), np.uint8)
+            rgb[:, :32] = 200 + i * 5  # the left half bright
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    rgb = decode_video(out.getvalue(), "upright.mp4", frames=1).frames[0].rgb
+    assert rgb.shape == (64, 32, 3)  # portrait, as a player shows it
+    assert rgb[40:].mean() > 150 and rgb[:24].mean() < 40  # the left half turned to the bottom
 
 
 def test_large_frames_come_out_small_and_too_large_ones_fail() -> None:
@@ -279,6 +304,15 @@ def test_malformed_clips_end_as_item_errors_or_succeed_and_the_job_finishes(rt: 
             assert r["error"].startswith(expected), (name, r)
     assert results["bad/audio_only"]["info"] == {"audio_source": "video", "absent": ["video"]}
     assert results["bad/corrupt_index"]["info"] == {"absent": ["audio"]}
+    # cached: the clip's pooled features, its sound track's, and each sampled frame's by time
+    digest = rt.blobs.put_bytes(good)
+    with rt.db.session() as s:
+        assert feature_cache.get_features(s, SPECS["video"].version, [digest])[digest].shape == (
+            2560,)
+        assert digest in feature_cache.get_features(s, SPECS["audio"].version, [digest])
+        frames = [t for t in np.arange(0, 2.0, 0.125)
+                  if digest in feature_cache.get_features(s, frame_version(float(t)), [digest])]
+    assert 2 <= len(frames) <= 3
 
 
 def _png_bytes() -> bytes:
