@@ -26,9 +26,9 @@ from media.sandbox import DecodeSandbox
 from media.video import decode_sound_track, decode_video
 from mmbatch.contract import MODALITIES, TrainOptions
 from mmbatch.settings import Settings, SettingsError
-from samples.clips import audio_only, encode_clip, picture_clip
 from models.registry import SPECS
 from models.video import frame_version
+from samples.clips import audio_only, encode_clip, picture_clip
 from store import features as feature_cache
 from store import jobs
 from store.blobs import BlobStore
