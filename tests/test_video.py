@@ -18,15 +18,19 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from media.archive import walk
 from media.decode import MediaError, modality_of
 from media.sandbox import DecodeSandbox
 from media.video import decode_sound_track, decode_video
-from mmbatch.contract import MODALITIES, TrainOptions
+from mmbatch.contract import MODALITIES, STRATEGIES, TrainOptions
 from mmbatch.settings import Settings, SettingsError
+from models.explain import explain
+from models.fusion import FusionConfig
 from models.registry import SPECS
+from models.training import FeatureSet, TrainConfig, fit, predict
 from models.video import frame_version
 from samples.clips import audio_only, encode_clip, picture_clip
 from store import features as feature_cache
@@ -93,6 +97,25 @@ def test_a_clip_pairs_with_its_caption_and_label_and_gives_its_sound(tmp_path) -
     assert cat["audio"] == {**cat["video"], "source": "video"}  # the clip's sound track
     assert dog["audio"]["name"] == "dog_002.wav" and "source" not in dog["audio"]
     assert result.labels["cat_001"].label == "cat"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_fuses_explains_and_classifies_a_clip_alone(strategy: str) -> None:
+    torch.manual_seed(0)
+    dims = {m: SPECS[m].dim for m in ("text", "audio", "video")}
+    n = 32
+    labels = torch.arange(n) % 2
+    feats = {m: torch.randn(n, d) * 0.1 for m, d in dims.items()}
+    feats["video"][:, 0] += labels * 2.0  # the clip carries the label
+    mask = torch.ones(n, 3, dtype=torch.bool)
+    mask[:8, :2] = False  # a clip and nothing else
+    data = FeatureSet(feats, mask, labels)
+    model, _ = fit(data, data, FusionConfig(input_dims=dims, num_classes=2, strategy=strategy),
+                   TrainConfig(epochs=15, patience=15, seed=0))
+    probs, _ = predict(model, {m: t[:8] for m, t in feats.items()}, mask[:8])
+    assert (probs.argmax(1) == labels[:8]).float().mean() >= 0.75
+    notes = explain(model, {m: t[:8] for m, t in feats.items()}, mask[:8])
+    assert all(set(note["leave_one_out"]) == {"video"} for note in notes)
 
 
 # --- decoding ------------------------------------------------------------------------------------
