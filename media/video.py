@@ -150,6 +150,9 @@ def _sample(container: Any, stream: Any, name: str, wanted: int, max_seconds: fl
                              f"{max_seconds:g} s (MMBATCH_VIDEO_MAX_SECONDS)")
         info["cut_at"] = max_seconds
     stream.thread_type = "AUTO"
+    # frames no other frame refers to (B-frames) are not decoded while seeking on to a target:
+    # the sample is the next reference frame, and the decoder does a fraction of the work
+    stream.codec_context.skip_frame = "NONREF"
     sampler = _Sampler(container, stream, name, max_pixels, wanted)
     span = min(duration, max_seconds) if duration and not poster else None
     try:
