@@ -4,7 +4,8 @@ Throughput: clips of 480p, 720p and 1080p (4 s, 25 fps, H.264, a keyframe every 
 end through what a batch does with a clip (decode in the sandbox, preprocess the sampled
 frames, the image encoder over them in its batches, pooling): clips/s, decoded frames/s, and the
 share of the time spent decoding. Accuracy: the same sample items two ways, a train job and a
-classify job on separate image + audio files, and on the same pictures and sounds as clips.
+classify job on separate image + audio files, and on the same pictures and sounds as clips; and
+the far sample's glyphs as PNGs against as clips (validation accuracy, split by group).
 
     python -m bench.video [--items 96] [--clips 6]
 """
@@ -28,9 +29,11 @@ from mmbatch.settings import Settings
 from models.registry import build_encoder
 from models.video import pool_frames
 from samples.clips import encode_clip
+from samples.far_sample import write_far_sample
 from samples.sample import write_sample
 from store import jobs
 from store.migrate import upgrade
+from store.registry import get_model
 from worker.runtime import Runtime
 
 SIZES = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
@@ -147,6 +150,34 @@ def clips_against_files(data_dir: Path, n_train: int = 64, n_unlabelled: int = 6
     return out
 
 
+def far_clips_against_files(data_dir: Path, per_group: int = 24, seed: int = 0,
+                            epochs: int = 60, frames: int = 4) -> dict[str, Any]:
+    """The far sample (glyphs and words, samples.far_sample) two ways: its images as PNGs, and
+    as one-second clips of them; a train job each way with its validation split held out by
+    group, and the model's validation accuracy."""
+    out: dict[str, Any] = {"per_group": per_group, "seed": seed, "frames": frames}
+    for way, clips in (("files", False), ("clips", True)):
+        path = write_far_sample(data_dir / f"far_{way}", per_group=per_group, seed=seed,
+                                clips=clips)
+        rt = _runtime(data_dir / f"far_rt_{way}", MMBATCH_BATCH_SIZE="64",
+                      MMBATCH_VIDEO_FRAMES=str(frames))
+        try:
+            job_id = run_job(rt, path, "train", options={"name": f"far-{way}", "epochs": epochs,
+                                                         "seed": seed})
+            with rt.db.session() as s:
+                job = jobs.get_job(s, job_id)
+                if job.state != "succeeded" or job.model_version_id is None:
+                    raise RuntimeError(f"far {way}: train job {job.state}: {job.error}")
+                metrics = dict(get_model(s, job.model_version_id).metrics)
+            out[way] = {"val_accuracy": round(float(metrics["val_accuracy"]), 4),
+                        "val_items": metrics.get("val_items")}
+        finally:
+            rt.close()
+    out["difference_points"] = round(100 * (out["clips"]["val_accuracy"]
+                                            - out["files"]["val_accuracy"]), 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.video")
     parser.add_argument("--items", type=int, default=96, help="train and unlabelled items each")
@@ -157,7 +188,9 @@ def main() -> None:
     print(json.dumps(report, indent=2), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         report["accuracy"] = clips_against_files(Path(tmp), args.items, args.items, args.seed)
-    print(json.dumps(report["accuracy"], indent=2))
+        print(json.dumps(report["accuracy"], indent=2), flush=True)
+        report["far_accuracy"] = far_clips_against_files(Path(tmp), seed=args.seed)
+        print(json.dumps(report["far_accuracy"], indent=2))
 
 
 if __name__ == "__main__":
