@@ -12,7 +12,7 @@ rotation metadata is applied; every pixel format goes through the scaler to RGB.
 Caps: a frame larger than ``max_pixels`` fails the clip (before anything is decoded, from the
 stream's header, and again on each decoded frame); a clip declared longer than ``max_seconds``
 is sampled over its first ``max_seconds`` (``too_long="cut"``) or fails (``"fail"``); at most
-``MAX_DECODED_PER_FRAME`` frames are decoded per sampled frame, however the clip is cut into
+``MAX_DECODED_PER_FRAME`` x (frames + 1) frames are decoded per clip, however the clip is cut into
 keyframes. Like :mod:`media.decode`, nothing here touches torch, the database or Celery, and a
 bad file raises :class:`MediaError` with a message for the person who uploaded it; the decode
 sandbox (:mod:`media.sandbox`) runs it in a child process with a time and memory limit.
