@@ -150,6 +150,13 @@ def _sample(container: Any, stream: Any, name: str, wanted: int, max_seconds: fl
                              f"{max_seconds:g} s (MMBATCH_VIDEO_MAX_SECONDS)")
         info["cut_at"] = max_seconds
     stream.thread_type = "AUTO"
+    # decode at a reduced scale where the codec can (MJPEG, JPEG 2000: FFmpeg's lowres, each
+    # step halving both sides; other codecs clamp it to 0), never below what the encoder uses
+    lowres = 0
+    while lowres < 3 and min(width, height) >> (lowres + 1) >= FRAME_SIDE:
+        lowres += 1
+    if lowres:
+        ctx.options = {**dict(ctx.options or {}), "lowres": str(lowres)}
     # frames no other frame refers to (B-frames) are not decoded while seeking on to a target:
     # the sample is the next reference frame, and the decoder does a fraction of the work
     stream.codec_context.skip_frame = "NONREF"

@@ -186,6 +186,9 @@ def test_large_frames_come_out_small_and_too_large_ones_fail() -> None:
     assert frames[0].rgb.shape == (256, 455, 3)  # the shorter side to 256, for the encoder
     with pytest.raises(MediaError, match=r"1280x720 frames are 921600 pixels, over the limit"):
         decode_video(data, "hd.mp4", max_pixels=640 * 480)
+    # MJPEG decodes at half scale straight away (FFmpeg's lowres): the same frame size out
+    mjpeg = decode_video(encode_clip(big, fmt="avi", fps=4), "hd.avi", frames=2).frames
+    assert mjpeg[0].rgb.shape == (256, 455, 3)
 
 
 def test_too_long_clips_are_cut_or_refused_by_setting() -> None:
