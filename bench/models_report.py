@@ -30,7 +30,7 @@ from typing import IO, Any
 import torch
 
 from bench.report import save_json
-from mmbatch.contract import MODALITIES, STRATEGIES
+from mmbatch.contract import DERIVED_MODALITIES, MODALITIES, STRATEGIES
 from models.evaluation import accuracy_with_mask, calibration
 from models.fusion import FusionConfig
 from models.registry import build_encoder
@@ -38,12 +38,15 @@ from models.training import FeatureSet, TrainConfig, evaluate, fit, stratified_s
 
 # Training used throughout: the service's defaults except fewer epochs (early stopping ends
 # runs well before 300 anyway).
+# The modalities the sample's files hold (a clip's video features come from the image encoder:
+# the sample has none unless written with clips).
+FILE_MODALITIES = tuple(m for m in MODALITIES if m not in DERIVED_MODALITIES)
 TRAIN = TrainConfig(epochs=150, patience=25, seed=0)
 
 
 @dataclass
 class Extracted:
-    """Frozen features of a labelled archive, every modality in ``MODALITIES`` order."""
+    """Frozen features of a labelled archive, every modality in ``FILE_MODALITIES`` order."""
 
     data: FeatureSet  # features (N, D_m) zeros where missing, mask (N, 3), labels (N,)
     classes: list[str]
@@ -73,8 +76,8 @@ def extract(archive: Path, batch_size: int = 32) -> Extracted:
     decoders = {"image": media.decode_image, "text": media.decode_text,
                 "audio": media.decode_audio}
     features: dict[str, torch.Tensor] = {}
-    mask = torch.zeros(len(keys), len(MODALITIES), dtype=torch.bool)
-    for j, modality in enumerate(MODALITIES):
+    mask = torch.zeros(len(keys), len(FILE_MODALITIES), dtype=torch.bool)
+    for j, modality in enumerate(FILE_MODALITIES):
         encoder = build_encoder(modality)
         rows = [i for i, k in enumerate(keys) if modality in found.items[k]]
         inputs = []
@@ -104,7 +107,7 @@ def sample_features(n_train: int = 480, seed: int = 0, out_dir: Path | None = No
         return extract(paths.train)
 
 
-def fusion_config(ex: Extracted, strategy: str, modalities: tuple[str, ...] = MODALITIES
+def fusion_config(ex: Extracted, strategy: str, modalities: tuple[str, ...] = FILE_MODALITIES
                   ) -> FusionConfig:
     return FusionConfig(
         input_dims={m: int(ex.data.features[m].shape[1]) for m in modalities},
@@ -113,7 +116,7 @@ def fusion_config(ex: Extracted, strategy: str, modalities: tuple[str, ...] = MO
 
 def restrict(data: FeatureSet, modalities: tuple[str, ...]) -> FeatureSet:
     """Only the features and mask columns of ``modalities`` (for single-modality models)."""
-    cols = [MODALITIES.index(m) for m in modalities]
+    cols = [FILE_MODALITIES.index(m) for m in modalities]
     return FeatureSet({m: data.features[m] for m in modalities}, data.mask[:, cols], data.labels)
 
 
@@ -122,7 +125,7 @@ def single_modality(ex: Extracted, train: FeatureSet, val: FeatureSet,
     """Validation accuracy of a model trained and tested on one modality, per modality; items
     lacking it count (the model has nothing to go on for them)."""
     out = {}
-    for m in MODALITIES:
+    for m in FILE_MODALITIES:
         _, metrics = fit(restrict(train, (m,)), restrict(val, (m,)),
                              fusion_config(ex, "concat", (m,)), tcfg)
         out[m] = float(metrics["val_accuracy"])
@@ -139,7 +142,7 @@ def strategy_rows(ex: Extracted, train: FeatureSet, val: FeatureSet,
         started = time.perf_counter()
         model, metrics = fit(train, val, fusion_config(ex, strategy), tcfg)
         without = {}
-        for i, m in enumerate(MODALITIES):
+        for i, m in enumerate(FILE_MODALITIES):
             mask = val.mask.clone()
             mask[:, i] = False
             without[m] = accuracy_with_mask(model, val, mask)
@@ -256,7 +259,7 @@ def render(fig: dict[str, Any]) -> str:
         lines.append(
             f"| {strategy} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | "
             f"{100 * (r['accuracy'] - best_single):+.1f} | "
-            + " | ".join(_pct(r["without"][m]) for m in MODALITIES)
+            + " | ".join(_pct(r["without"][m]) for m in FILE_MODALITIES)
             + f" | {r['ece_before']:.3f} | {r['ece_after']:.3f} | {r['temperature']:.2f} |"
         )
     imb = fig["imbalance"]

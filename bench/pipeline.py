@@ -40,7 +40,7 @@ from bench import synth
 from bench.loops import bare_loop, plain_encoders, plain_loop
 from cli.client import ApiError, Client
 from cli.stack import Stack, child_env, free_port
-from mmbatch.contract import MODALITIES
+from mmbatch.contract import DERIVED_MODALITIES, MODALITIES
 from mmbatch.settings import Settings
 from store import keys
 from store.db import Database
@@ -48,6 +48,9 @@ from store.migrate import upgrade
 from store.registry import ModelRow, get_model
 from worker.model_cache import models_of
 from worker.runtime import Runtime
+
+# The modalities the sample's files hold (no clips: a clip's features come from the image encoder)
+FILE_MODALITIES = tuple(m for m in MODALITIES if m not in DERIVED_MODALITIES)
 
 TRAIN_ITEMS = 96
 TRAIN_EPOCHS = 60
@@ -370,7 +373,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     how = "classify job, model v2, same archive uploaded again"
                 d["how"] = how
                 d["encoder_runs"] = feature_rows(settings) - rows  # new features written
-                d["cache_hits"] = d["items"] * len(MODALITIES) if d["encoder_runs"] == 0 else None
+                d["cache_hits"] = d["items"] * len(FILE_MODALITIES) if d["encoder_runs"] == 0 else None
                 out["d_new_head"] = d
             out["api_loads_torch"] = _api_loads_torch(stack)
         if "c" in only:
@@ -418,7 +421,7 @@ def bare_measurements(settings: Settings, archive: Path, model: ModelRow,
         full["started_at"], full["ended_at"] = round(started, 3), round(time.time(), 3)
         full["load_average"] = round(os.getloadavg()[0], 2)
         full["precision"] = {m: getattr(models.encoder(m), "precision", "fp32")
-                             for m in MODALITIES}
+                             for m in FILE_MODALITIES}
         full["decode_threads"] = models.decode_threads
         plain_out = {"items": plain_items, "items_per_s": plain_rate,
                      "bare_items_per_s_same_items": bare_rate,

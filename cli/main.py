@@ -613,6 +613,9 @@ def sample(out_dir: Path, n_train: int, n_unlabelled: int, seed: int) -> None:
     click.echo(f"train: {s.train}\nunlabelled: {s.unlabelled}\ntruth: {s.truth}")
 
 
+DEMO_CLIPS = 0.25  # the demo's share of items given as video clips (samples.sample)
+
+
 @main.command()
 @click.option("--train", "n_train", type=int, default=240, show_default=True)
 @click.option("--unlabelled", "n_unlabelled", type=int, default=80, show_default=True)
@@ -622,8 +625,9 @@ def demo(n_train: int, n_unlabelled: int, port: int | None) -> None:
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"writing the sample archives under {settings.data_dir / 'sample'}")
+    # a quarter of the items that have a picture and a sound come as one video clip
     sample_set = write_sample(settings.data_dir / "sample", n_train=n_train,
-                              n_unlabelled=n_unlabelled)
+                              n_unlabelled=n_unlabelled, clips=DEMO_CLIPS)
     upgrade(settings.db_url)
     ensure_first_key(settings)
     stack = Stack(settings, "127.0.0.1", port or free_port(),

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from media.decode import MediaError, modality_of, read_text
+from mmbatch.contract import AUDIO_SOURCE_VIDEO
 
 if TYPE_CHECKING:
     from mmbatch.settings import Settings
@@ -134,14 +135,15 @@ class Walk:
     def why_empty(self) -> str:
         """Why the walk found no item: the reasons its files were skipped, counted."""
         if not self.skipped_count:
-            return ("the archive holds no image, text or audio files (images: jpg png webp bmp "
-                    "gif; text: txt; audio: wav flac ogg mp3)")
+            return ("the archive holds no image, text, audio or video files (images: jpg png "
+                    "webp bmp gif; text: txt; audio: wav flac ogg mp3; video: mp4 m4v mov webm "
+                    "mkv avi)")
         reasons: dict[str, int] = {}
         for skipped in self.skipped:
             reasons[skipped["reason"]] = reasons.get(skipped["reason"], 0) + 1
         counted = ", ".join(f"{n} {reason}" for reason, n in
                             sorted(reasons.items(), key=lambda r: -r[1]))
-        return (f"the archive holds no usable image, text or audio file: all of its "
+        return (f"the archive holds no usable image, text, audio or video file: all of its "
                 f"{self.skipped_count} files were skipped ({counted}; the job's report lists "
                 "them)")
 
@@ -280,6 +282,10 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
     finally:
         result.unpacked_bytes = budget.used
     result.place_labels()
+    for media in result.items.values():
+        # an item with a clip and no audio file takes its audio from the clip's sound track
+        if "video" in media and "audio" not in media:
+            media["audio"] = {**media["video"], "source": AUDIO_SOURCE_VIDEO}
     return result
 
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 TEXT_EXTS = frozenset({".txt"})
 AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3"})
+VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
 
 # Only these PIL plugins ever see uploaded bytes, whatever the file is called: TIFF, EPS
 # (Ghostscript), PSD, FLI, SGI, JPEG 2000 and the rest have a long history of decoder bugs.
@@ -53,7 +54,9 @@ class MediaError(Exception):
     ``kind`` says how it ended, for logs and counts (the item fails the same way for each):
     ``"invalid"`` (the file is bad, and the message says how), ``"decoder"`` (the decoding
     library raised something unexpected on it), ``"timeout"`` and ``"crash"`` (in a
-    :class:`DecodeSandbox`: the decoder ran past its time limit, or its process died).
+    :class:`DecodeSandbox`: the decoder ran past its time limit, or its process died),
+    ``"absent"`` (a clip lacks the stream asked for: no sound track, or no pictures in an
+    audio-only file; its item may go on with what the clip does hold).
     """
 
     def __init__(self, message: str, kind: str = "invalid") -> None:
@@ -62,7 +65,8 @@ class MediaError(Exception):
 
 
 def modality_of(filename: str) -> str | None:
-    """Return ``"image"``, ``"text"`` or ``"audio"`` from the file's extension, else ``None``."""
+    """Return ``"image"``, ``"text"``, ``"audio"`` or ``"video"`` from the file's extension (any
+    case), else ``None``."""
     ext = os.path.splitext(filename)[1].lower()
     if ext in IMAGE_EXTS:
         return "image"
@@ -70,6 +74,8 @@ def modality_of(filename: str) -> str | None:
         return "text"
     if ext in AUDIO_EXTS:
         return "audio"
+    if ext in VIDEO_EXTS:
+        return "video"
     return None
 
 

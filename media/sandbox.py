@@ -1,6 +1,6 @@
-"""Decode isolation: images and audio decode in long-lived child processes.
+"""Decode isolation: images, audio and video decode in long-lived child processes.
 
-PIL and libsndfile are C libraries fed bytes from strangers. In the worker's thread pool, a file
+PIL, libsndfile and FFmpeg (PyAV) are C libraries fed bytes from strangers. In the worker's thread pool, a file
 that makes one of them loop forever holds a thread (and the batch) forever, and one that makes it
 crash takes the whole worker process down. :class:`DecodeSandbox` runs the same decode functions
 (:mod:`media.decode`) in child processes instead: each call has a wall-clock limit, each child an
@@ -35,6 +35,14 @@ from media.decode import (
     decode_image,
     read_audio,
     resample,
+)
+from media.video import (
+    FRAME_MAX_ASPECT,
+    FRAME_SIDE,
+    Clip,
+    Frame,
+    decode_video,
+    read_sound_track,
 )
 
 _FRAME = struct.Struct("!IQ")  # header length, payload length
@@ -187,24 +195,83 @@ class DecodeSandbox:
         return Image.frombytes("RGB", (size[0], size[1]), body)
 
     def decode_audio(self, data: bytes, name: str, target_rate: int = 16000,
-                     max_seconds: float = 30.0, too_long: str = "cut") -> np.ndarray:
+                     max_seconds: float = 30.0, too_long: str = "cut",
+                     track: bool = False) -> np.ndarray:
+        """An audio file's samples; ``track``: a clip's sound track's."""
+        op, what = ("track", "video") if track else ("audio", "audio")
         if not data:
-            raise MediaError(f"audio {name}: empty file")
+            raise MediaError(f"{what} {name}: empty file")
         max_frames = math.ceil(max_seconds * AUDIO_MAX_RATE) + 1
-        reply, body = self._call("audio", name,
+        reply, body = self._call(op, name,
                                  {"max_seconds": max_seconds, "too_long": too_long}, data,
                                  max_reply=4 * max_frames)
         rate = reply.get("rate")
         if not (isinstance(rate, int) and AUDIO_MIN_RATE <= rate <= AUDIO_MAX_RATE
                 and 0 < len(body) and len(body) % 4 == 0
                 and len(body) // 4 <= math.ceil(max_seconds * rate)):
-            raise MediaError(f"audio {name}: cannot decode (the decoder sent malformed samples)")
+            raise MediaError(f"{what} {name}: cannot decode (the decoder sent malformed samples)")
         mono = np.frombuffer(body, dtype="<f4").astype(np.float32)
         if not np.isfinite(mono).all():
-            raise MediaError(f"audio {name}: contains non-finite samples (corrupt file)")
+            raise MediaError(f"{what} {name}: contains non-finite samples (corrupt file)")
         if rate != target_rate:
             mono = resample(mono, rate, target_rate, name)
         return np.ascontiguousarray(mono, dtype=np.float32)
+
+    def decode_sound_track(self, data: bytes, name: str, target_rate: int = 16000,
+                           max_seconds: float = 30.0, too_long: str = "cut") -> np.ndarray:
+        """:func:`media.video.decode_sound_track` in a child (the samples checked as audio's
+        are, resampled here)."""
+        return self.decode_audio(data, name, target_rate, max_seconds, too_long, track=True)
+
+    def decode_video(self, data: bytes, name: str, frames: int = 8, max_seconds: float = 600.0,
+                     too_long: str = "cut", max_pixels: int = 3840 * 2160,
+                     with_audio: bool = False, audio_max_seconds: float = 30.0,
+                     poster: bool = False) -> Clip:
+        """:func:`media.video.decode_video` in a child: the sampled frames and the sound track
+        come back as raw bytes, checked against the sizes the reply declares."""
+        if not data:
+            raise MediaError(f"video {name}: empty file")
+        side = FRAME_SIDE * FRAME_MAX_ASPECT
+        max_track = math.ceil(audio_max_seconds * AUDIO_MAX_RATE) if with_audio else 0
+        reply, body = self._call("video", name,
+                                 {"frames": frames, "max_seconds": max_seconds,
+                                  "too_long": too_long, "max_pixels": max_pixels,
+                                  "with_audio": with_audio, "poster": poster,
+                                  "audio_max_seconds": audio_max_seconds}, data,
+                                 max_reply=frames * 3 * side * side + 4 * max_track)
+        bad = MediaError(f"video {name}: cannot decode (the decoder sent a malformed clip)")
+        shapes, rate, samples = reply.get("frames"), reply.get("rate"), reply.get("samples")
+        info = reply.get("info")
+        if not (isinstance(shapes, list) and len(shapes) <= frames and isinstance(info, dict)
+                and isinstance(rate, int) and isinstance(samples, int)
+                and 0 <= samples <= max_track
+                and (samples == 0 or AUDIO_MIN_RATE <= rate <= AUDIO_MAX_RATE)):
+            raise bad
+        clip = Clip(info=info, rate=rate if samples else 0)
+        offset = 0
+        for entry in shapes:
+            if not (isinstance(entry, list) and len(entry) == 3
+                    and isinstance(entry[0], (int, float)) and math.isfinite(entry[0])
+                    and all(isinstance(v, int) and 0 < v <= side for v in entry[1:])):
+                raise bad
+            t, h, w = entry
+            size = h * w * 3
+            if offset + size > len(body):
+                raise bad
+            rgb = np.frombuffer(body, dtype=np.uint8, count=size, offset=offset)
+            clip.frames.append(Frame(float(t), rgb.reshape(h, w, 3)))
+            offset += size
+        if len(body) != offset + 4 * samples:
+            raise bad
+        if samples:
+            mono = np.frombuffer(body, dtype="<f4", offset=offset).astype(np.float32)
+            if not np.isfinite(mono).all():
+                raise MediaError(f"video {name}: its sound track has non-finite samples "
+                                 "(corrupt)")
+            clip.audio = mono
+        if not clip.frames and clip.audio is None:
+            raise bad
+        return clip
 
     def _call(self, op: str, name: str, args: dict[str, Any], data: bytes,
               max_reply: int) -> tuple[dict[str, Any], bytes]:
@@ -228,7 +295,7 @@ class DecodeSandbox:
         if not reply.get("ok"):
             kind = reply.get("kind")
             raise MediaError(str(reply.get("error") or f"{op} {name}: cannot decode"),
-                             kind=kind if kind in ("invalid", "decoder") else "decoder")
+                             kind=kind if kind in ("invalid", "decoder", "absent") else "decoder")
         return reply, body
 
     def _take(self) -> tuple[_Child, bool]:
@@ -304,6 +371,25 @@ def serve() -> None:
                                         too_long=header["too_long"])
                 reply = {"ok": True, "rate": rate}
                 body = np.ascontiguousarray(mono, dtype="<f4").tobytes()
+            elif op == "track":
+                mono, rate = read_sound_track(payload, name, max_seconds=header["max_seconds"],
+                                              too_long=header["too_long"])
+                reply = {"ok": True, "rate": rate}
+                body = np.ascontiguousarray(mono, dtype="<f4").tobytes()
+            elif op == "video":
+                clip = decode_video(payload, name, frames=header["frames"],
+                                    max_seconds=header["max_seconds"],
+                                    too_long=header["too_long"],
+                                    max_pixels=header["max_pixels"],
+                                    with_audio=header["with_audio"],
+                                    audio_max_seconds=header["audio_max_seconds"],
+                                    poster=header["poster"])
+                audio = (np.zeros(0, dtype="<f4") if clip.audio is None
+                         else np.ascontiguousarray(clip.audio, dtype="<f4"))
+                reply = {"ok": True, "info": clip.info, "rate": clip.rate,
+                         "samples": int(audio.size),
+                         "frames": [[f.time, *f.rgb.shape[:2]] for f in clip.frames]}
+                body = b"".join(f.rgb.tobytes() for f in clip.frames) + audio.tobytes()
             else:
                 reply = {"ok": False, "error": f"unknown operation {op!r}"}
         except MediaError as exc:

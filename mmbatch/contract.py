@@ -15,7 +15,13 @@ from typing import Any
 
 # --- media --------------------------------------------------------------------------------------
 
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+MODALITIES: tuple[str, ...] = ("image", "text", "audio", "video")
+# Modalities whose features come from another modality's frozen encoder: a clip's ``video``
+# features are its sampled frames through the image encoder, pooled over time (docs/video.md).
+# They have no encoder of their own to finetune or train from scratch: always frozen.
+DERIVED_MODALITIES: tuple[str, ...] = ("video",)
+# Where an item's audio came from when a clip's sound track gave it (the result's info).
+AUDIO_SOURCE_VIDEO = "video"
 
 # --- jobs ---------------------------------------------------------------------------------------
 
@@ -77,8 +83,10 @@ DEFAULT_BUDGET_SECONDS = 300.0  # auto's time budget when a train job names none
 # What a model version is: a fusion classifier (train jobs) or an aligner into one shared space
 # for every modality (align jobs). Defaults are per tenant and kind.
 MODEL_KINDS: tuple[str, ...] = ("classifier", "aligner")
-# What a search may ask to match: one modality's vectors, or any.
-SEARCH_MODALITIES: tuple[str, ...] = MODALITIES + ("any",)
+# What a search may ask to match: one modality's vectors, or any. Clips are not indexed by
+# frame yet (docs/video.md), so video is not among them.
+SEARCH_MODALITIES: tuple[str, ...] = tuple(
+    m for m in MODALITIES if m not in DERIVED_MODALITIES) + ("any",)
 # The train options an align job reads (the others are a classifier's).
 ALIGN_OPTIONS: tuple[str, ...] = ("name", "epochs", "seed")
 
@@ -189,8 +197,11 @@ class TrainOptions:
                 if getattr(self, f.name) is not None}
 
     def encoder_modes(self, modalities: tuple[str, ...] | list[str]) -> dict[str, str]:
-        """Each modality's encoder mode: ``<modality>_mode``, else ``mode``, else frozen."""
-        return {m: getattr(self, f"{m}_mode", None) or self.mode or "frozen" for m in modalities}
+        """Each modality's encoder mode: ``<modality>_mode``, else ``mode``, else frozen; a
+        derived modality (``DERIVED_MODALITIES``) is always frozen."""
+        return {m: "frozen" if m in DERIVED_MODALITIES
+                else getattr(self, f"{m}_mode", None) or self.mode or "frozen"
+                for m in modalities}
 
     @classmethod
     def schema(cls) -> dict[str, dict[str, Any]]:

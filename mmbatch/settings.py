@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from mmbatch.contract import MODEL_QUEUE, TASK_QUEUES
 
 PREFIX = "MMBATCH_"
+MAX_VIDEO_FRAMES = 64  # frames sampled per clip, at most (each is one image encoder input)
 
 
 class SettingsError(ValueError):
@@ -76,6 +77,13 @@ class Settings:
     max_unpacked_bytes: int = 16 * 1024**3
     max_compression_ratio: float = 100.0
     audio_too_long: str = "cut"
+    # Video clips (docs/video.md): frames sampled per clip (spread over it, black, blank and
+    # near-duplicate frames skipped), how much of a clip is read ("cut" longer clips there, or
+    # "fail" them), and the most pixels one frame may have.
+    video_frames: int = 8
+    video_max_seconds: float = 600.0
+    video_too_long: str = "cut"
+    video_max_pixels: int = 3840 * 2160
     decode_timeout_seconds: float = 60.0
     # "process": images and audio decode in child processes (a hung or crashing C decoder fails
     # its file, not the worker); "off": in the worker process itself.
@@ -138,6 +146,8 @@ class Settings:
                                     f"not {getattr(self, name)!r}")
         if self.decode_threads < -1:
             raise SettingsError(f"{PREFIX}DECODE_THREADS must be -1 (auto), 0 (inline) or more")
+        if self.video_frames > MAX_VIDEO_FRAMES:
+            raise SettingsError(f"{PREFIX}VIDEO_FRAMES must be at most {MAX_VIDEO_FRAMES}")
         if self.max_compression_ratio < 1:
             raise SettingsError(f"{PREFIX}MAX_COMPRESSION_RATIO must be at least 1")
         if self.blob_url and not (self.blob_url.startswith("s3://")
@@ -221,8 +231,10 @@ _POSITIVE = ("port", "batch_size", "ingest_chunk", "top_k", "max_upload_bytes", 
              "audio_max_seconds", "image_batch_size", "text_batch_size", "audio_batch_size",
              "prefetch_items", "max_archive_members", "max_member_bytes", "max_unpacked_bytes",
              "decode_timeout_seconds", "search_port", "search_threads", "index_exact_limit",
-             "index_merge_segments", "upload_expire_hours", "dispatch_window")
+             "index_merge_segments", "upload_expire_hours", "dispatch_window", "video_frames",
+             "video_max_seconds", "video_max_pixels")
 _CHOICES = {"precision": ("auto", "fp32", "bf16"), "audio_too_long": ("cut", "fail"),
+            "video_too_long": ("cut", "fail"),
             "decode_isolation": ("process", "off")}
 
 

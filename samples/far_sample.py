@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from samples.clips import picture_clip
+
 __all__ = ["CLASSES", "GROUPS", "write_far_sample"]
 
 SHAPES: tuple[str, ...] = ("ring", "triangle")
@@ -101,8 +103,10 @@ def far_items(per_group: int, seed: int) -> list[tuple[str, str, str, bytes, byt
     return out
 
 
-def write_far_sample(out_dir: str | Path, per_group: int = 48, seed: int = 0) -> Path:
-    """Write ``far_train.tar`` (images, words, ``labels.csv`` with groups); returns its path."""
+def write_far_sample(out_dir: str | Path, per_group: int = 48, seed: int = 0,
+                     clips: bool = False) -> Path:
+    """Write ``far_train.tar`` (images, words, ``labels.csv`` with groups); returns its path.
+    ``clips``: each image as a one-second clip of it (64 x 64, panning, with noise) instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = far_items(per_group, seed)
@@ -112,7 +116,10 @@ def write_far_sample(out_dir: str | Path, per_group: int = 48, seed: int = 0) ->
     members: list[tuple[str, bytes]] = []
     for key, label, group, png, text in items:
         writer.writerow([key, label, group])
-        members += [(f"{key}.png", png), (f"{key}.txt", text)]
+        picture = (f"{key}.mp4", picture_clip(Image.open(io.BytesIO(png)), seconds=1.0,
+                                              size=(64, 64), seed=len(members))
+                   ) if clips else (f"{key}.png", png)
+        members += [picture, (f"{key}.txt", text)]
     members.append(("labels.csv", labels.getvalue().encode("utf-8")))
     path = out / "far_train.tar"
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:

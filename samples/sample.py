@@ -13,6 +13,11 @@ modality carries only part of it:
 So one modality alone gets about half of the 4-class labels right, and image and audio together
 get nearly all of them. About one item in ten lacks one modality (never more than one).
 
+With ``clips`` (a fraction, 0 by default), that share of the items that have both a picture and
+a sound come as one video clip instead (``item_0007.mp4``, ``.mkv``, ``.mov`` or ``.avi``): the
+scene panning slowly with noise, faded in from black on some, at one of a few sizes, its animal
+call as the sound track (samples.clips). ``clips=1`` gives every such item as a clip.
+
 Files are grouped WebDataset style under neutral folders (``batch_00/item_0007.jpg``,
 ``batch_00/item_0007.txt``, ``batch_00/item_0007.wav`` are the item ``batch_00/item_0007``), so
 no path reveals the label. The training archive has ``labels.csv`` (``key,label,split``) at its
@@ -39,6 +44,8 @@ import numpy as np
 import soundfile
 from PIL import Image, ImageDraw
 
+from samples.clips import picture_clip
+
 __all__ = ["CLASSES", "FORMATS", "SampleArchives", "write_sample"]
 
 CLASSES: tuple[str, ...] = ("day_bird", "day_frog", "night_bird", "night_frog")
@@ -51,7 +58,9 @@ _AUDIO_SECONDS = 2.0
 # Archive metadata fixed so that the same seed gives the same bytes.
 _TAR_MTIME = 1_704_067_200  # 2024-01-01T00:00:00Z
 _ZIP_DATE_TIME = (2024, 1, 1, 0, 0, 0)
-_PRECOMPRESSED = (".jpg", ".png", ".flac")
+_PRECOMPRESSED = (".jpg", ".png", ".flac", ".mp4", ".mkv", ".mov", ".avi")
+_CLIP_FORMATS = ("mp4", "mkv", "mov", "avi")
+_CLIP_SIZES = ((160, 120), (192, 144), (128, 96), (176, 96))
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ def write_sample(
     n_unlabelled: int = 80,
     seed: int = 0,
     fmt: str = "tar.gz",
+    clips: float = 0.0,
 ) -> SampleArchives:
     """Write the labelled and unlabelled sample archives and the truth CSV into ``out_dir``.
 
@@ -92,12 +102,15 @@ def write_sample(
         raise ValueError(f"n_unlabelled must be at least 1, not {n_unlabelled}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, not {seed}")
+    if not 0.0 <= clips <= 1.0:
+        raise ValueError(f"clips must be a fraction between 0 and 1, not {clips}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     width = max(4, len(str(n_train + n_unlabelled - 1)))
-    train_items = _make_items(seed, stream=0, first=0, count=n_train, width=width)
-    unlabelled_items = _make_items(seed, stream=1, first=n_train, count=n_unlabelled, width=width)
+    train_items = _make_items(seed, stream=0, first=0, count=n_train, width=width, clips=clips)
+    unlabelled_items = _make_items(seed, stream=1, first=n_train, count=n_unlabelled, width=width,
+                                   clips=clips)
 
     splits = _stratified_splits([item.label for item in train_items], seed)
     labels_csv = _csv_bytes(
@@ -120,7 +133,8 @@ def write_sample(
 # --- items -------------------------------------------------------------------------------------
 
 
-def _make_items(seed: int, stream: int, first: int, count: int, width: int) -> list[_Item]:
+def _make_items(seed: int, stream: int, first: int, count: int, width: int,
+                clips: float = 0.0) -> list[_Item]:
     # Balanced classes in a random order, so neither the key nor the position reveals the label.
     order_rng = np.random.default_rng([seed, stream, 1_000_003])
     labels = order_rng.permutation(np.resize(np.arange(len(CLASSES)), count))
@@ -128,11 +142,12 @@ def _make_items(seed: int, stream: int, first: int, count: int, width: int) -> l
     for offset, label_index in enumerate(labels):
         index = first + offset
         key = f"batch_{index // _ITEMS_PER_FOLDER:02d}/item_{index:0{width}d}"
-        items.append(_make_item(seed, stream, index, key, CLASSES[int(label_index)]))
+        items.append(_make_item(seed, stream, index, key, CLASSES[int(label_index)], clips))
     return items
 
 
-def _make_item(seed: int, stream: int, index: int, key: str, label: str) -> _Item:
+def _make_item(seed: int, stream: int, index: int, key: str, label: str,
+               clips: float = 0.0) -> _Item:
     # One generator per concern, so that e.g. a dropped modality does not shift the others.
     meta_rng, image_rng, audio_rng, text_rng = (
         np.random.default_rng(child)
@@ -156,7 +171,28 @@ def _make_item(seed: int, stream: int, index: int, key: str, label: str) -> _Ite
         files[".txt"] = _caption(text_rng, time_of_day, animal).encode("utf-8")
     if missing != "audio":
         files[audio_ext] = _encode_audio(_animal_call(audio_rng, animal, rate), rate, audio_ext)
+    # its own generator, so that clips=0 gives the same bytes as before clips existed
+    clip_rng = np.random.default_rng([seed, stream, index, 7])
+    if missing is None and clip_rng.random() < clips:
+        files = _as_clip(files, image_ext, audio_ext, clip_rng,
+                         np.random.default_rng(np.random.SeedSequence([seed, stream, index])
+                                               .spawn(4)[2]), animal, rate)
     return _Item(key=key, label=label, files=files)
+
+
+def _as_clip(files: dict[str, bytes], image_ext: str, audio_ext: str, rng: np.random.Generator,
+             audio_rng: np.random.Generator, animal: str, rate: int) -> dict[str, bytes]:
+    """The item with its picture and sound as one clip: the picture panning, with noise, faded
+    in on some, and the same animal call as its sound track."""
+    fmt = _CLIP_FORMATS[int(rng.integers(len(_CLIP_FORMATS)))]
+    size = _CLIP_SIZES[int(rng.integers(len(_CLIP_SIZES)))]
+    picture = Image.open(io.BytesIO(files.pop(image_ext)))
+    files.pop(audio_ext)
+    call = _animal_call(audio_rng, animal, rate)
+    files[f".{fmt}"] = picture_clip(picture, seconds=_AUDIO_SECONDS, fps=8, size=size,
+                                    fade_in=0.75 if rng.random() < 0.3 else 0.0,
+                                    seed=int(rng.integers(2**31)), fmt=fmt, audio=call, rate=rate)
+    return files
 
 
 def _members(items: Sequence[_Item]) -> list[tuple[str, bytes]]:
@@ -494,9 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unlabelled", type=int, default=80, help="unlabelled items (default 80)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--format", choices=FORMATS, default="tar.gz", help="archive format")
+    parser.add_argument("--clips", type=float, default=0.0,
+                        help="share of the items given as one video clip (default 0)")
     args = parser.parse_args(argv)
     try:
-        paths = write_sample(args.out_dir, args.train, args.unlabelled, args.seed, args.format)
+        paths = write_sample(args.out_dir, args.train, args.unlabelled, args.seed, args.format,
+                             clips=args.clips)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"train:      {paths.train}")

@@ -40,10 +40,13 @@ ANY_TENANT = -1  # worker code acts on the ids it was given
 
 @dataclasses.dataclass(frozen=True)
 class MediaFile:
-    """One media file of an item: its content hash (the blob) and its name in the archive."""
+    """One media file of an item: its content hash (the blob) and its name in the archive;
+    ``source`` says where an item's audio comes from when a clip's sound track gives it
+    (``"video"``: the blob and name are the clip's)."""
 
     blob: str
     name: str
+    source: str = "file"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,8 @@ class ItemRow:
     @classmethod
     def of(cls, item: Item) -> ItemRow:
         return cls(item.id, item.key,
-                   {m: MediaFile(ref["blob"], ref["name"]) for m, ref in (item.media or {}).items()},
+                   {m: MediaFile(ref["blob"], ref["name"], ref.get("source", "file"))
+                    for m, ref in (item.media or {}).items()},
                    item.label, item.split, item.group)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from bench.models_report import FILE_MODALITIES as MODALITIES
 from bench.models_report import figures, sample_features
-from mmbatch.contract import MODALITIES
 from models.fusion import STRATEGIES
 
 

@@ -19,11 +19,13 @@ import pytest
 from PIL import Image
 
 from mmbatch.settings import Settings
+from samples.clips import picture_clip
 from store import jobs
 from store.blobs import BlobStore
 from store.db import Database
 from store.migrate import upgrade
 from store.registry import default_model, register_model
+from store.schema import Item
 from tests.conftest import make_key
 from web.app import create_app
 
@@ -466,3 +468,29 @@ def test_models_page_lists_metrics_confusion_and_promotes(app, settings: Setting
     assert "default" in v2
     r = client.post("/ui/models/999/promote", data={"csrf_token": client.csrf})
     assert r.status_code == 404 and _error(r)["code"] == "not_found"
+
+
+def test_a_clip_shows_its_poster_frame_and_a_player(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    key = make_key(settings.db_url)
+    tenant = _tenant_of(settings, key)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (6, 8, 3), np.uint8))
+    clip = picture_clip(picture.resize((160, 120)), seconds=2.0, fade_in=0.75)
+    job_id, ids = make_job(settings, tenant, state="succeeded", items=[
+        {"key": "clip_001", "media": {"video": ("mp4", clip)}}])
+    db = Database(settings.db_url)
+    with db.session() as s:  # the clip's sound track as its audio, as ingest gives it
+        item = s.get(Item, ids[0])
+        item.media = {**item.media, "audio": {**item.media["video"], "source": "video"}}
+    db.dispose()
+    client = sign_in(app, key)
+    html = client.get(f"/ui/jobs/{job_id}").text
+    base = f"/ui/jobs/{job_id}/items/{ids[0]}"
+    assert (f'<video controls preload="none" poster="{base}/poster.jpg" src="{base}/video" '
+            'width="160"></video>') in html
+    assert "the clip&#39;s sound" in html or "the clip's sound" in html
+    poster = client.get(f"{base}/poster.jpg")
+    assert poster.status_code == 200 and poster.mimetype == "image/jpeg"
+    frame = np.asarray(Image.open(io.BytesIO(poster.data)))
+    assert frame.mean() > 24  # not the black opening of the fade-in
+    played = client.get(f"{base}/video")
+    assert played.status_code == 200 and played.mimetype == "video/mp4" and played.data == clip

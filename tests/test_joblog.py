@@ -72,7 +72,7 @@ def test_a_failed_job_logs_its_error_quoted(rt: Runtime,
     assert ingest_job(rt, job_id) == []
     states = _states(caplog)
     assert [s[:2] for s in states] == [(job_id, "ingesting"), (job_id, "failed")]
-    assert states[1][2].startswith('error="the archive holds no usable image, text or audio file')
+    assert states[1][2].startswith('error="the archive holds no usable image, text, audio or video file')
 
 
 def test_no_line_for_an_update_that_matched_nothing_or_was_rolled_back(

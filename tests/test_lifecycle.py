@@ -129,7 +129,7 @@ def test_webhook_is_signed_and_exports_stream(stack: dict[str, Any], tmp_path: P
     jsonl = io.BytesIO()
     client.export(job["id"], "jsonl", jsonl, embeddings=True)
     lines = [json.loads(line) for line in jsonl.getvalue().decode().splitlines()]
-    assert len(lines) == 5 and all(len(r["embedding"]) == 1920 for r in lines)
+    assert len(lines) == 5 and all(len(r["embedding"]) == 4480 for r in lines)
     out = io.BytesIO()
     client.export(job["id"], "csv", out)
     rows = list(csv.DictReader(io.StringIO(out.getvalue().decode())))

@@ -75,19 +75,22 @@ def synthetic(
 
 
 def test_specs_cover_every_modality() -> None:
-    assert tuple(SPECS) == MODALITIES == ("image", "text", "audio")
-    assert {m: s.dim for m, s in SPECS.items()} == {"image": 1280, "text": 384, "audio": 256}
+    assert tuple(SPECS) == MODALITIES == ("image", "text", "audio", "video")
+    assert {m: s.dim for m, s in SPECS.items()} == {"image": 1280, "text": 384, "audio": 256,
+                                                    "video": 2560}
     for modality, spec in SPECS.items():
         assert spec.modality == modality and spec.name and spec.version
 
 
 def test_spec_and_registry_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="modality"):
-        EncoderSpec("video", "x", "x-v1", 3)
+        EncoderSpec("smell", "x", "x-v1", 3)
     with pytest.raises(ValueError, match="dim"):
         EncoderSpec("image", "x", "x-v1", 0)
     with pytest.raises(ValueError, match="unknown modality"):
         build_encoder("smell")
+    with pytest.raises(ValueError, match="image encoder"):  # a clip's frames take the image one
+        build_encoder("video")
 
 
 def test_importing_models_does_not_import_encoder_libraries() -> None:
@@ -169,7 +172,7 @@ def test_fusion_single_modality_and_any_input_order() -> None:
     "kw, match",
     [
         ({"input_dims": {}}, "input_dims"),
-        ({"input_dims": {"video": 3}}, "unknown modalities"),
+        ({"input_dims": {"smell": 3}}, "unknown modalities"),
         ({"input_dims": {"image": 0}}, "positive"),
         ({"input_dims": {"image": 2.5}}, "positive"),
         ({"num_classes": 1}, "num_classes"),

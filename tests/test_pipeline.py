@@ -90,7 +90,7 @@ def test_a_job_with_no_media_fails_with_a_reason(rt: Runtime) -> None:
     assert ingest_job(rt, job_id) == []
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
-        assert job.state == "failed" and "no usable image, text or audio file" in job.error
+        assert job.state == "failed" and "no usable image, text, audio or video file" in job.error
 
 
 def test_train_without_labels_fails_with_a_reason(rt: Runtime) -> None:

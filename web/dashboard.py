@@ -37,7 +37,7 @@ from flask import (
 )
 from werkzeug.datastructures import MultiDict
 
-from mmbatch.contract import SEARCH_MODALITIES, TERMINAL_STATES
+from mmbatch.contract import AUDIO_SOURCE_VIDEO, SEARCH_MODALITIES, TERMINAL_STATES
 from mmbatch.settings import Settings
 from store import jobs, keys
 from store import search as search_store
@@ -405,9 +405,13 @@ def _row(job: Job, item: Item, result: Any) -> dict[str, Any]:
     return {
         **result_payload(item, result),
         "thumb": url_for("dashboard.thumbnail", job_id=job.id, item_id=item.id)
-        if "image" in media else None,
+        if "image" in media else url_for("dashboard.poster", job_id=job.id, item_id=item.id)
+        if "video" in media else None,
+        "video": url_for("dashboard.media", job_id=job.id, item_id=item.id, modality="video")
+        if "video" in media else None,
+        # the clip's own player plays its sound track
         "audio": url_for("dashboard.media", job_id=job.id, item_id=item.id, modality="audio")
-        if "audio" in media else None,
+        if "audio" in media and media["audio"].get("source") != AUDIO_SOURCE_VIDEO else None,
         "caption": _caption(media.get("text")),
         "contributions": contributions,
         "weights": weights,
@@ -445,14 +449,22 @@ def thumbnail(job_id: str, item_id: int):  # type: ignore[no-untyped-def]
     return thumbnail_response(entry, item_id)
 
 
-@dashboard.get("/jobs/<job_id>/items/<int:item_id>/<any(audio, text):modality>")
+@dashboard.get("/jobs/<job_id>/items/<int:item_id>/poster.jpg")
+def poster(job_id: str, item_id: int):  # type: ignore[no-untyped-def]
+    entry = _item_media(job_id, item_id, "video")
+    return thumbnail_response(entry, item_id, video=True)
+
+
+@dashboard.get("/jobs/<job_id>/items/<int:item_id>/<any(audio, text, video):modality>")
 def media(job_id: str, item_id: int, modality: str):  # type: ignore[no-untyped-def]
     entry = _item_media(job_id, item_id, modality)
     if modality == "text":
         mimetype = "text/plain; charset=utf-8"
     else:
         guessed = mimetypes.guess_type(entry.get("name") or "")[0] or ""
-        mimetype = guessed if guessed.startswith("audio/") else "application/octet-stream"
+        kinds = ("audio/", "video/") if entry.get("source") == AUDIO_SOURCE_VIDEO else (
+            f"{modality}/",)
+        mimetype = guessed if guessed.startswith(kinds) else "application/octet-stream"
     return _send_blob(entry["blob"], mimetype,
                       f"the {modality} of item {item_id} is no longer stored")
 

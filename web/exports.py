@@ -22,8 +22,8 @@ from web.serializers import result_payload
 
 FORMATS = ("jsonl", "csv", "parquet")
 PAGE = 1000
-COLUMNS = ["item_id", "key", "modalities", "status", "label", "confidence", "top_k",
-           "given_label", "split", "error", "explanation"]
+COLUMNS = ["item_id", "key", "modalities", "audio_source", "status", "label", "confidence",
+           "top_k", "given_label", "split", "error", "explanation"]
 
 
 def rows(db: Database, job: Job, with_embeddings: bool) -> Iterator[list[dict[str, Any]]]:
@@ -81,7 +81,7 @@ def _parquet(db: Database, job: Job, with_embeddings: bool) -> Iterator[bytes]:
     import pyarrow.parquet as pq
 
     fields = [("item_id", pa.int64()), ("key", pa.string()), ("modalities", pa.list_(pa.string())),
-              ("status", pa.string()), ("label", pa.string()), ("confidence", pa.float64()),
+              ("audio_source", pa.string()), ("status", pa.string()), ("label", pa.string()), ("confidence", pa.float64()),
               ("top_k", pa.string()), ("given_label", pa.string()), ("split", pa.string()),
               ("error", pa.string()), ("explanation", pa.string())]
     if with_embeddings:

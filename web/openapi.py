@@ -17,6 +17,7 @@ from flask import Blueprint, current_app, jsonify
 
 from mmbatch.contract import (
     ALL_KINDS,
+    AUDIO_SOURCE_VIDEO,
     JOB_KINDS,
     JOB_STAGES,
     JOB_STATES,
@@ -156,6 +157,9 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "key": {"type": "string"},
         "modalities": {"type": "array", "uniqueItems": True,
                        "items": {"type": "string", "enum": list(MODALITIES)}},
+        "audio_source": _nullable({"type": "string", "enum": ["file", AUDIO_SOURCE_VIDEO],
+                                   "description": "where the item's audio came from: its own "
+                                                  "audio file, or its clip's sound track"}),
         "status": {"type": "string", "enum": ["pending", "ok", "failed"]},
         "label": _nullable({"type": "string"}),
         "confidence": _nullable({"type": "number", "minimum": 0, "maximum": 1}),

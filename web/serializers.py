@@ -99,10 +99,16 @@ def result_payload(item: Item, result: Result | None, with_embeddings: bool = Fa
                    embedding_digits: int | None = 6) -> dict[str, Any]:
     """An item and its result (None while pending); the fused embedding on request, rounded
     to ``embedding_digits`` (None: as stored)."""
+    info = (result.info or {}) if result is not None else {}
+    media = item.media or {}
     out: dict[str, Any] = {
         "item_id": item.id,
         "key": item.key,
-        "modalities": [m for m in MODALITIES if m in (item.media or {})],
+        # what the item has (less what its clip turned out to lack: no sound track, …)
+        "modalities": [m for m in MODALITIES if m in media and m not in info.get("absent", ())],
+        # "video" when the item's audio is its clip's sound track, "file" for an audio file
+        "audio_source": (media["audio"].get("source", "file")
+                         if "audio" in media and "audio" not in info.get("absent", ()) else None),
         "status": "pending" if result is None else result.status,
         "label": None if result is None else result.label,
         "confidence": None if result is None else result.confidence,

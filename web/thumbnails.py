@@ -1,4 +1,5 @@
-"""Image thumbnails for the dashboard, made once per image and kept on disk by content hash.
+"""Image thumbnails (and a clip's poster frame) for the dashboard, made once per file and kept on
+disk by content hash.
 
 A media file is stored once under its SHA-256, so that hash names its thumbnail too: every item,
 job and tenant showing the same picture shares one file, made the first time any of them asks.
@@ -17,6 +18,7 @@ import threading
 from pathlib import Path
 
 from flask import Response, current_app, send_file
+from PIL import Image
 
 from media.decode import MediaError
 from media.sandbox import DecodeSandbox
@@ -50,7 +52,7 @@ class Thumbnails:
         check_digest(digest)  # 64 lowercase hex characters, or BlobNotFound
         return self.root / digest[:2] / f"{digest}-{self.size}.jpg"
 
-    def get(self, digest: str) -> Path:
+    def get(self, digest: str, video: bool = False) -> Path:
         """The thumbnail of blob ``digest``, made now if it does not exist yet.
 
         Raises BlobNotFound for a blob that is not stored, ThumbnailError for one that is not a
@@ -62,7 +64,7 @@ class Thumbnails:
         with self._lock:  # threads of one process render each image once
             if target.exists():
                 return target
-            data = self.render(self.blobs.read(digest))
+            data = self.render(self.blobs.read(digest), video)
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".thumb-", dir=target.parent)
             try:
@@ -76,14 +78,24 @@ class Thumbnails:
             log.info("thumbnail_made blob=%s bytes=%d", digest, len(data))
         return target
 
-    def render(self, data: bytes) -> bytes:
+    def render(self, data: bytes, video: bool = False) -> bytes:
         """Decode as the worker does (the same five formats, the same pixel limit) in a child
         process of the decode sandbox, so a hostile file cannot hang or crash the web process
-        or reach a Pillow plugin the worker never uses; resize and encode here."""
+        or reach a Pillow plugin the worker never uses; resize and encode here. ``video``: the
+        clip's poster frame, its first frame that is neither black nor blank."""
         try:
-            image = self._sandbox().decode_image(data, "thumbnail", max_pixels=self.max_pixels)
+            if video:
+                clip = self._sandbox().decode_video(data, "poster", poster=True,
+                                                    max_pixels=self.max_pixels)
+                if not clip.frames:
+                    raise ThumbnailError("not a readable clip: no video frames")
+                image = Image.fromarray(clip.frames[0].rgb)
+            else:
+                image = self._sandbox().decode_image(data, "thumbnail",
+                                                     max_pixels=self.max_pixels)
         except MediaError as exc:
-            raise ThumbnailError(f"not a readable image: {exc}") from exc
+            raise ThumbnailError(f"not a readable {'clip' if video else 'image'}: {exc}"
+                                 ) from exc
         image.thumbnail((self.size, self.size))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=QUALITY)
@@ -105,12 +117,12 @@ class Thumbnails:
 __all__ = ["BlobNotFound", "ThumbnailError", "Thumbnails"]
 
 
-def thumbnail_response(entry: dict[str, str], item_id: int) -> Response:
-    """The thumbnail of an item's image (``entry``: its media record) as the dashboard and the
-    API serve it: cached by the browser a day, 404 when the blob is gone, 422 when it does not
-    decode."""
+def thumbnail_response(entry: dict[str, str], item_id: int, video: bool = False) -> Response:
+    """The thumbnail of an item's image (``entry``: its media record; ``video``: its clip's
+    poster frame) as the dashboard and the API serve it: cached by the browser a day, 404 when
+    the blob is gone, 422 when it does not decode."""
     try:
-        path = current_app.extensions["mmbatch_thumbnails"].get(entry["blob"])
+        path = current_app.extensions["mmbatch_thumbnails"].get(entry["blob"], video)
     except BlobNotFound:
         raise ApiError(404, "not_found", f"the image of item {item_id} is no longer stored")
     except ThumbnailError as exc:

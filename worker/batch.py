@@ -21,26 +21,32 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from media.decode import read_text
-from mmbatch.contract import MODALITIES, TRAINING_KINDS
+from mmbatch.contract import AUDIO_SOURCE_VIDEO, MODALITIES, TRAINING_KINDS
 from models.align import embed_items, item_vector
 from models.explain import explain
 from models.registry import SPECS
 from models.spec import Encoder
 from models.training import predict, stack_features
+from models.video import frame_version, pool_frames
 from store import features as feature_cache
 from store import jobs
 from store import search as search_store
 from store.registry import ModelRow, get_model
 from store.schema import NO_MODEL
-from worker.encoding import MediaRef, encode_media
+from worker.encoding import MediaRef, Part, Parts, encode_media
 from worker.model_cache import ModelCache, models_of
 from worker.runtime import Runtime
 from worker.shift import record_job_shift
 from worker.vector_index import segment_bytes
 
 log = logging.getLogger(__name__)
+
+# The order an item's modalities are checked in: the first that failed is the item's error (a
+# clip's own error says more than its sound track's).
+ERROR_ORDER = tuple(sorted(MODALITIES, key=lambda m: m == "audio"))
 
 
 @dataclass(frozen=True)
@@ -139,9 +145,12 @@ class BatchProcessor:
 
         One cache read for all modalities; the misses of all modalities are decoded ahead of the
         encoders (worker.encoding) and the new features written in one transaction. An item
-        fails with the error of its first modality (image, text, audio) that cannot be decoded.
-        A model trained with scratch or finetuned encoders brings its own for those modalities,
-        cached under their own versions.
+        fails with the error of its first modality (image, text, video, audio: a clip's own
+        error before its sound track's) that cannot be decoded. A model trained with scratch or finetuned encoders brings its own for those
+        modalities, cached under their own versions. A clip's frames go through the frozen
+        image encoder and pool into its ``video`` features (models.video); what a clip lacks
+        (no sound track, no pictures in an audio-only file) leaves its item without that
+        modality when the item has another (``absent``).
         """
         own = self.models.own_encoders(batch.model) if batch.model is not None else {}
         versions = {m: own[m].spec.version if m in own else SPECS[m].version for m in MODALITIES}
@@ -151,45 +160,74 @@ class BatchProcessor:
             cached = {m: feature_cache.get_features(s, versions[m],
                                                     {f.blob for f in files.values()})
                       for m, files in wanted.items() if files}
-        missing = [MediaRef(m, f.blob, f.name) for m in MODALITIES
+        # audio from a clip's sound track takes the "track" decoder
+        missing = [MediaRef(m, f.blob, f.name,
+                            "track" if f.source == AUDIO_SOURCE_VIDEO else m)
+                   for m in MODALITIES
                    for f in wanted[m].values() if f.blob not in cached.get(m, {})]
-        fresh, failed = self.encode_files(missing, own)
-        if fresh:
+        fresh, failed, absent, frames = self.encode_files(missing, own)
+        if fresh or frames:
             with self.rt.db.session() as s:
                 for m in MODALITIES:
                     new = {blob: vec for (modality, blob), vec in fresh.items() if modality == m}
                     if new:
                         feature_cache.put_features(s, versions[m], new)
+                for version, vectors in frames.items():
+                    feature_cache.put_features(s, version, vectors)
         features: dict[int, dict[str, np.ndarray]] = {}
         errors: dict[int, str] = {}
-        for m in MODALITIES:
+        for m in ERROR_ORDER:
             for item_id, f in wanted[m].items():
                 if item_id in errors:
                     continue
                 if (m, f.blob) in failed:
+                    if (m, f.blob) in absent and len(wanted_of(wanted, item_id)) > 1:
+                        continue  # the clip lacks it; the item has something else
                     errors[item_id] = failed[(m, f.blob)]
                     features.pop(item_id, None)
                 else:
                     vec = cached[m].get(f.blob) if m in cached else None
                     features.setdefault(item_id, {})[m] = (vec if vec is not None
                                                            else fresh[(m, f.blob)])
+        for it in batch.items:
+            if it.id not in errors and it.id not in features:
+                # every modality the item had was absent from its clip: the first one's reason
+                errors[it.id] = next(failed[(m, it.media[m].blob)] for m in ERROR_ORDER
+                                     if m in it.media)
         log.info("encode items=%d cache_hits=%d encoded=%d failed=%d", len(batch.items),
                  sum(len(c) for c in cached.values()), len(fresh), len(failed))
         return features, errors
 
     def encode_files(self, refs: Sequence[MediaRef], own: dict[str, Encoder]
-                     ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str]]:
+                     ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str],
+                                set[tuple[str, str]], dict[str, dict[str, np.ndarray]]]:
         """Read, decode and preprocess in the decode threads, ahead of the encoders, which take
-        each modality in chunks of its batch size; (modality, blob) -> features, or -> error.
-        ``own``: a model's own encoders, used instead of the frozen ones for their modality."""
+        each modality in chunks of its batch size; (modality, blob) -> features, or -> error,
+        the errors that say a clip lacks a stream, and each clip frame's features by cache key
+        (models.video.frame_version) and clip. ``own``: a model's own encoders, used instead of
+        the frozen ones for their modality; a clip's frames always take the frozen image
+        encoder (a video's features are frozen)."""
         if not refs:
-            return {}, {}
-        decoders = {m: self.models.decoder(m) for m in {ref.modality for ref in refs}}
+            return {}, {}, set(), {}
+        # "track": audio read from a clip's sound track
+        decoders = {m: self.models.decoder(m) for m in {ref.decoder or ref.modality for ref in refs}}
         # loaded here, in the model thread
-        encoders = {m: own[m] if m in own else self.models.encoder(m) for m in decoders}
+        encoders: dict[str, Encoder] = {}
+        for m in decoders:
+            m = "audio" if m == "track" else m
+            if m != "video" and m not in encoders:
+                encoders[m] = own[m] if m in own else self.models.encoder(m)
+        frame_encoder = "frame" if "image" in own else "image"
+        if "video" in decoders:
+            encoders[frame_encoder] = self.models.encoder("image")
 
         def prepare(ref: MediaRef) -> Any:
-            raw = decoders[ref.modality](self.rt.blobs.read(ref.blob), ref.name)
+            raw = decoders[ref.decoder or ref.modality](self.rt.blobs.read(ref.blob), ref.name)
+            if ref.modality == "video":
+                image_encoder = encoders[frame_encoder]
+                return Parts(tuple(Part(frame_encoder, f.time,
+                                        image_encoder.preprocess(Image.fromarray(f.rgb)))
+                                   for f in raw.frames))
             return encoders[ref.modality].preprocess(raw)
 
         result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
@@ -198,7 +236,19 @@ class BatchProcessor:
                               observe=self.rt.metrics.encoder_batch)
         log.info("encoders files=%d model_s=%.3f decode_wait_s=%.3f", len(refs),
                  result.model_seconds, result.wait_seconds)
-        return result.vectors, result.errors
+        vectors, errors = dict(result.vectors), dict(result.errors)
+        frames: dict[str, dict[str, np.ndarray]] = {}
+        for (modality, blob), parts in result.parts.items():
+            for seconds, vec in parts:
+                frames.setdefault(frame_version(seconds), {})[blob] = vec
+            if parts:
+                vectors[(modality, blob)] = pool_frames(np.stack([v for _, v in parts]))
+            else:  # an audio-only file
+                name = next(r.name for r in refs if (r.modality, r.blob) == (modality, blob))
+                errors[(modality, blob)] = (f"video {name}: no video stream (an audio-only "
+                                            "file)")
+                result.absent.add((modality, blob))
+        return vectors, errors, result.absent, frames
 
     def outcomes(self, batch: Batch, features: dict[int, dict[str, np.ndarray]],
                  errors: dict[int, str]) -> list[jobs.ItemOutcome]:
@@ -207,7 +257,7 @@ class BatchProcessor:
         ok = [it for it in batch.items if it.id not in errors]
         if not ok:
             return outcomes
-        info = {it.id: self.text_info(it) for it in ok if "text" in it.media}
+        info = {it.id: self.item_info(it, features[it.id]) for it in ok}
         if batch.kind in TRAINING_KINDS:
             return outcomes + [jobs.ItemOutcome(it.id, label=it.label, info=info.get(it.id))
                                for it in ok]
@@ -233,12 +283,24 @@ class BatchProcessor:
                 embedding=f, explanation=note, info=info.get(it.id)))
         return outcomes
 
-    def text_info(self, item: jobs.ItemRow) -> dict[str, Any]:
-        """How the item's caption was read (a cached feature says nothing of it, and reading a
-        caption again costs microseconds): its encoding, and whether the limit cut it."""
-        f = item.media["text"]
-        text = read_text(self.rt.blobs.read(f.blob), f.name, self.rt.settings.text_max_chars)
-        return {"text_encoding": text.encoding, "text_truncated": text.truncated}
+    def item_info(self, item: jobs.ItemRow, feats: dict[str, np.ndarray]
+                  ) -> dict[str, Any] | None:
+        """How the item's media were read, where a cached feature says nothing of it: how its
+        caption was read (its encoding, and whether the limit cut it; reading a caption again
+        costs microseconds), where its audio came from when its clip's sound track gave it, and
+        the modalities its clip lacked (no sound track; no pictures in an audio-only file)."""
+        info: dict[str, Any] = {}
+        if "text" in item.media:
+            f = item.media["text"]
+            text = read_text(self.rt.blobs.read(f.blob), f.name, self.rt.settings.text_max_chars)
+            info.update(text_encoding=text.encoding, text_truncated=text.truncated)
+        audio = item.media.get("audio")
+        if audio is not None and audio.source == AUDIO_SOURCE_VIDEO and "audio" in feats:
+            info["audio_source"] = AUDIO_SOURCE_VIDEO
+        for m in MODALITIES:
+            if m in item.media and m not in feats:
+                info.setdefault("absent", []).append(m)
+        return info or None
 
     def segment(self, batch: Batch, outcomes: Sequence[jobs.ItemOutcome]
                 ) -> tuple[str, int] | None:
@@ -278,6 +340,11 @@ class BatchProcessor:
             record_job_shift(self.rt, self.job_id, model)
         except Exception:
             log.exception("shift_report_failed job=%s model=%s", self.job_id, model.id)
+
+
+def wanted_of(wanted: dict[str, dict[int, jobs.MediaFile]], item_id: int) -> list[str]:
+    """The modalities an item has files (or a clip's streams) for."""
+    return [m for m, files in wanted.items() if item_id in files]
 
 
 def classify(models: ModelCache, model: ModelRow, feats: Sequence[dict[str, np.ndarray]],

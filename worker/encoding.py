@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 
 # The order the model takes modalities in. Text first: it decodes in microseconds, so the model
 # starts at once and the decode threads get the images and audio ready meanwhile, instead of the
-# model waiting for the first chunk of images at the start of every batch.
-MODALITY_ORDER = ("text", "image", "audio")
+# model waiting for the first chunk of images at the start of every batch. Video right after the
+# images: a clip's frames fill the image encoder's chunks the images left open.
+MODALITY_ORDER = ("text", "image", "video", "audio")
+# The encoders a modality's Parts feed: a clip's frames go to the image encoder ("frame": the
+# frozen one, when a model brings its own image encoder for the images).
+PART_ENCODERS = {"video": ("image", "frame")}
 
 T = TypeVar("T")
 
@@ -90,17 +94,40 @@ def prefetch(pool: Executor | None, fn: Callable[[T], Any], inputs: Iterable[T],
 
 @dataclass(frozen=True)
 class MediaRef:
-    """One media file to encode: its modality, content hash (the cache key) and name."""
+    """One media file to encode: its modality, content hash (the cache key), name, and the
+    decoder it takes (its modality's, but "track" for audio read from a clip)."""
 
     modality: str
     blob: str
     name: str  # the file's name in its archive, for messages
+    decoder: str = ""  # empty: its modality's
+
+
+@dataclass(frozen=True)
+class Part:
+    """One encoder input of a file that makes several (a clip's frames): which encoder takes
+    it, what it is within its file (a frame's time), and the preprocessed input."""
+
+    encoder: str
+    label: Any
+    value: Any
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What preparing a file gives when it feeds several encoder inputs: they join the chunks
+    of their encoder with the other files' inputs (a clip is K images for batching)."""
+
+    parts: tuple[Part, ...]
 
 
 @dataclass
 class EncodeResult:
     vectors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (modality, blob)
+    # a file prepared into Parts: (modality, blob) -> [(label, features)] in input order
+    parts: dict[tuple[str, str], list[tuple[Any, np.ndarray]]] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    absent: set[tuple[str, str]] = field(default_factory=set)  # errors of kind "absent"
     model_seconds: float = 0.0  # time the model thread spent in encoders
     wait_seconds: float = 0.0  # time it spent waiting for decoding (what overlap did not hide)
 
@@ -119,30 +146,37 @@ def encode_media(
     of ``encoder(modality).encode`` over chunks of ``batch_sizes[modality]`` items.
 
     Refs are taken once each, grouped by modality (``MODALITY_ORDER``) in their given order
-    otherwise. A ``MediaError`` from ``prepare`` becomes that file's error as it is; any other
-    exception is logged and becomes a "cannot decode" error. An exception from an encoder is
-    not a file's fault: it is raised. ``observe(modality, items, seconds)`` hears of each
+    otherwise. A ref whose ``prepare`` gives :class:`Parts` feeds each part to the encoder it
+    names, in that encoder's chunks (``batch_sizes[part.encoder]``), and its features come back
+    in ``parts``. A ``MediaError`` from ``prepare`` becomes that file's error as it is; any
+    other exception is logged and becomes a "cannot decode" error. An exception from an encoder
+    is not a file's fault: it is raised. ``observe(encoder, items, seconds)`` hears of each
     encoder pass.
     """
     unique = list(dict.fromkeys(refs))
     unique.sort(key=lambda r: MODALITY_ORDER.index(r.modality) if r.modality in MODALITY_ORDER
                 else len(MODALITY_ORDER))
     out = EncodeResult()
-    chunk: list[tuple[MediaRef, Any]] = []
+    # encoder -> its open chunk: (ref, part label or _WHOLE, preprocessed input)
+    chunks: dict[str, list[tuple[MediaRef, Any, Any]]] = {}
 
-    def flush() -> None:
+    def flush(name: str) -> None:
+        chunk = chunks.pop(name, [])
         if not chunk:
             return
-        modality = chunk[0][0].modality
         started = time.perf_counter()
-        feats = encoder(modality).encode([value for _, value in chunk]).numpy()  # (b, D)
+        feats = encoder(name).encode([value for _, _, value in chunk]).numpy()  # (b, D)
         seconds = time.perf_counter() - started
         out.model_seconds += seconds
         if observe is not None:
-            observe(modality, len(chunk), seconds)
-        for (ref, _), vec in zip(chunk, feats, strict=True):
-            out.vectors[(modality, ref.blob)] = vec.astype("<f4")
-        chunk.clear()
+            observe(name, len(chunk), seconds)
+        for (ref, label, _), vec in zip(chunk, feats, strict=True):
+            if label is _WHOLE:
+                out.vectors[(ref.modality, ref.blob)] = vec.astype("<f4")
+            else:
+                out.parts.setdefault((ref.modality, ref.blob), []).append((label,
+                                                                           vec.astype("<f4")))
+
 
     stream = prefetch(pool, prepare, unique, depth)
     try:
@@ -153,18 +187,34 @@ def encode_media(
             if prepared is None:
                 break
             ref = prepared.source
-            if chunk and chunk[0][0].modality != ref.modality:
-                flush()
+            # a modality's chunk still open when the next begins gets nothing more: it goes to
+            # its encoder now, except the one the next modality's parts join (a clip's frames
+            # fill the images' chunk)
+            for name in list(chunks):
+                if name != ref.modality and name not in PART_ENCODERS.get(ref.modality, ()):
+                    flush(name)
             if prepared.error is not None:
                 out.errors[(ref.modality, ref.blob)] = _message(ref, prepared.error)
+                if getattr(prepared.error, "kind", None) == "absent":
+                    out.absent.add((ref.modality, ref.blob))
                 continue
-            chunk.append((ref, prepared.value))
-            if len(chunk) >= batch_sizes.get(ref.modality, 1):
-                flush()
-        flush()
+            entries = [(ref.modality, _WHOLE, prepared.value)]
+            if isinstance(prepared.value, Parts):
+                out.parts.setdefault((ref.modality, ref.blob), [])
+                entries = [(p.encoder, p.label, p.value) for p in prepared.value.parts]
+            for name, label, value in entries:
+                chunk = chunks.setdefault(name, [])
+                chunk.append((ref, label, value))
+                if len(chunk) >= batch_sizes.get(name, 1):
+                    flush(name)
+        for name in list(chunks):
+            flush(name)
     finally:
         stream.close()
     return out
+
+
+_WHOLE = object()  # a chunk entry that is a whole file, not one of its parts
 
 
 def _message(ref: MediaRef, exc: Exception) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from media import decode
+from media import decode, video
 from media.sandbox import DecodeSandbox
 from mmbatch.settings import Settings
 from models.align import Aligner, load_aligner
@@ -106,24 +106,33 @@ class ModelCache:
             return self._sandbox
 
     def decoder(self, modality: str) -> Callable[[bytes, str], Any]:
-        """One modality's decode function (bytes, name in the archive): images and audio in the
-        decode sandbox's child processes unless isolation is off; text in-process (pure Python,
-        bounded)."""
+        """One modality's decode function (bytes, name in the archive): images, audio and video
+        in the decode sandbox's child processes unless isolation is off; text in-process (pure
+        Python, bounded). ``"track"``: a clip's sound track (the audio of an item whose audio
+        is its clip's)."""
         s = self.settings
         if modality == "text":
             return partial(decode.decode_text, max_chars=s.text_max_chars)
-        decoders: Any = self.sandbox or decode
+        sandbox = self.sandbox
         if modality == "image":
-            return partial(decoders.decode_image, max_pixels=s.max_image_pixels)
-        return partial(decoders.decode_audio, max_seconds=s.audio_max_seconds,
+            return partial((sandbox or decode).decode_image, max_pixels=s.max_image_pixels)
+        if modality == "video":
+            return partial((sandbox or video).decode_video, frames=s.video_frames,
+                           max_seconds=s.video_max_seconds, too_long=s.video_too_long,
+                           max_pixels=s.video_max_pixels)
+        if modality == "track":  # a clip's sound track, read as an audio file is
+            return partial((sandbox or video).decode_sound_track,
+                           max_seconds=s.audio_max_seconds, too_long=s.audio_too_long)
+        return partial((sandbox or decode).decode_audio, max_seconds=s.audio_max_seconds,
                        too_long=s.audio_too_long)
 
     @property
     def batch_sizes(self) -> dict[str, int]:
         """Items per encoder forward pass, per modality."""
         s = self.settings
+        # "frame": a clip's frames through the frozen image encoder (worker.encoding)
         return {"image": s.image_batch_size, "text": s.text_batch_size,
-                "audio": s.audio_batch_size}
+                "audio": s.audio_batch_size, "frame": s.image_batch_size}
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from media.decode import MediaError, modality_of
-from mmbatch.contract import MODALITIES, SEARCH_MODALITIES
+from mmbatch.contract import DERIVED_MODALITIES, MODALITIES, SEARCH_MODALITIES
 from mmbatch.settings import Settings
 from models.align import embed_items
 from store import search as search_store
@@ -109,7 +109,8 @@ class Searcher:
         self.refresh()
         if self._indexes:
             for m in MODALITIES:
-                self.models.encoder(m)
+                if m not in DERIVED_MODALITIES:  # a clip's frames take the image encoder
+                    self.models.encoder(m)
 
     def start(self) -> None:
         """Warm up and keep the indexes fresh in a background thread."""
@@ -221,9 +222,10 @@ class Searcher:
         if file is not None:
             data, name = file
             modality = modality_of(name)
-            if modality is None:
+            if modality is None or modality in DERIVED_MODALITIES:
                 raise SearchError(400, "unsupported_file",
-                                  f"{name!r} is not an image, audio or text file by its name")
+                                  f"{name!r} is not an image, audio or text file by its name "
+                                  "(to search by a clip, search by one of its frames)")
             try:
                 raw_media = self.models.decoder(modality)(data, name)
             except (MediaError, ValueError, OSError) as exc:

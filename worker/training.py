@@ -267,7 +267,9 @@ def _training_data(rt: Runtime, rows: list[ItemRow], targets: list[int], plan: T
         vectors = {m: feature_cache.get_features(s, SPECS[m].version,
                                                  [r.media[m].blob for r in rows if m in r.media])
                    for m in dims}
-    feats = [{m: vectors[m][r.media[m].blob] for m in dims if m in r.media} for r in rows]
+    # a clip without a sound track has no audio features: the item trains without audio
+    feats = [{m: vectors[m][r.media[m].blob] for m in dims
+              if m in r.media and r.media[m].blob in vectors[m]} for r in rows]
 
     def subset(idx: list[int]) -> FeatureSet | None:
         if not idx:
