@@ -86,16 +86,9 @@ def decode_video(data: bytes, name: str, frames: int = 8, max_seconds: float = 6
     its own rate, the first ``audio_max_seconds``). A clip with no video stream but a sound
     track gives its track alone when ``with_audio``; one with neither fails. ``poster``: the
     first frame from the start that is neither black nor blank, instead of a sample."""
-    if too_long not in ("cut", "fail"):
-        raise ValueError(f"too_long must be 'cut' or 'fail', not {too_long!r}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    if not data:
-        raise MediaError(f"video {name}: empty file")
-    demuxer = demuxer_of(data)
-    if demuxer is None:
-        raise MediaError(f"video {name}: cannot decode (not an MP4, MOV, WebM, Matroska or AVI "
-                         "file)")
+    demuxer = _checked(data, name, too_long)
     try:
         clip = Clip()
         with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[demuxer]) as container:
@@ -349,14 +342,7 @@ def read_sound_track(data: bytes, name: str, max_seconds: float = 30.0, too_long
     """A clip's sound track as an audio file is read (:func:`media.decode.read_audio`): mono
     float32 ``(T,)`` at its own rate, and that rate. A clip without one raises
     :class:`MediaError` of kind ``"absent"`` (its item goes on without audio)."""
-    if too_long not in ("cut", "fail"):
-        raise ValueError(f"too_long must be 'cut' or 'fail', not {too_long!r}")
-    if not data:
-        raise MediaError(f"video {name}: empty file")
-    demuxer = demuxer_of(data)
-    if demuxer is None:
-        raise MediaError(f"video {name}: cannot decode (not an MP4, MOV, WebM, Matroska or AVI "
-                         "file)")
+    demuxer = _checked(data, name, too_long)
     try:
         with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[demuxer]) as container:
             has_audio = bool(container.streams.audio)
@@ -413,3 +399,16 @@ def _reason(exc: Exception) -> str:
     text = re.sub(r"^\[(Errno )?-?\d+\] ", "", text)
     text = re.sub(r": '[^']*'$", "", text)
     return text or type(exc).__name__
+
+
+def _checked(data: bytes, name: str, too_long: str) -> str:
+    """The demuxer for a clip's bytes, once the arguments and the bytes are sane."""
+    if too_long not in ("cut", "fail"):
+        raise ValueError(f"too_long must be 'cut' or 'fail', not {too_long!r}")
+    if not data:
+        raise MediaError(f"video {name}: empty file")
+    demuxer = demuxer_of(data)
+    if demuxer is None:
+        raise MediaError(f"video {name}: cannot decode (not an MP4, MOV, WebM, Matroska or AVI "
+                         "file)")
+    return demuxer
