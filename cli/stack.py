@@ -102,7 +102,7 @@ class Stack:
     def __init__(self, settings: Settings, host: str, port: int,
                  log_dir: Path | None = None, beat: bool = False,
                  worker_args: list[str] | None = None,
-                 worker_app: str = "worker.celery_app") -> None:
+                 worker_app: str = "worker.celery_app", model_workers: int = 1) -> None:
         if not settings.search_url and not _port_free(settings.host, settings.search_port):
             # the search service's usual port is taken (another stack on this machine): the
             # children learn the one it got through the settings they are started with
@@ -112,6 +112,7 @@ class Stack:
         self.beat = beat
         self.worker_args = worker_args or []
         self.worker_app = worker_app
+        self.model_workers = model_workers  # the first also takes ingest; the others, batches
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -132,6 +133,9 @@ class Stack:
                                              app=self.worker_app) + self.worker_args,
                     "trainer": worker_command(self.settings, TRAIN_QUEUE, "trainer",
                                               app=self.worker_app) + self.worker_args,
+                    **{f"worker{i}": worker_command(self.settings, MODEL_QUEUE, f"model{i}",
+                                                    app=self.worker_app) + self.worker_args
+                       for i in range(2, self.model_workers + 1)},
                     "web": web_command(self.settings, self.host, self.port),
                     "search": search_command(self.settings)}
         if self.beat:
@@ -152,11 +156,14 @@ class Stack:
         return self.procs[name]
 
     def _settings_of(self, name: str) -> Settings:
-        """The settings a child starts with: the trainer, a second worker process on this
-        machine, serves its metrics on the worker's metrics port + 1."""
-        if name == "trainer" and self.settings.worker_metrics_port:
-            return dataclasses.replace(self.settings,
-                                       worker_metrics_port=self.settings.worker_metrics_port + 1)
+        """The settings a child starts with: the other worker processes on this machine serve
+        their metrics beside the first worker's port: the trainer on + 1, model worker N on
+        + N."""
+        port = self.settings.worker_metrics_port
+        if port and name == "trainer":
+            return dataclasses.replace(self.settings, worker_metrics_port=port + 1)
+        if port and name.startswith("worker") and name != "worker":
+            return dataclasses.replace(self.settings, worker_metrics_port=port + int(name[6:]))
         return self.settings
 
     def wait_healthy(self, wait: float = 120.0) -> None:
