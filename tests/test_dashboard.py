@@ -281,6 +281,13 @@ def test_upload_through_the_page(app, settings: Settings) -> None:  # type: igno
     listed = client.get("/ui/api/jobs").get_json()["jobs"]
     assert listed[0]["id"] == job["id"]
     assert listed[0]["links"]["page"] == f"/ui/jobs/{job['id']}"
+    assert job["priority"] == "normal"
+    # the form offers the priorities the key may ask for; a bulk upload is a bulk job
+    assert 'id="priority"' in client.get("/ui/").text
+    r = client.post("/ui/jobs", headers={"X-CSRF-Token": client.csrf},
+                    data={"kind": "embed", "priority": "bulk",
+                          "archive": (io.BytesIO(archive.getvalue()), "c.tar")})
+    assert r.status_code == 202 and r.get_json()["priority"] == "bulk"
     # a plain form post (no script) lands on the job's page
     r = client.post("/ui/jobs", data={"csrf_token": client.csrf, "kind": "embed",
                                       "archive": (io.BytesIO(archive.getvalue()), "b.tar")})

@@ -8,6 +8,7 @@ more than the window; lost batches come back; cancelled jobs send nothing.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +20,14 @@ from sqlalchemy import select
 from cli.client import Client
 from cli.stack import Stack
 from mmbatch.settings import Settings
-from store import dispatch, jobs
+from store import dispatch, jobs, keys
 from store.db import Database
 from store.keys import get_or_create_tenant
 from store.migrate import upgrade
 from store.schema import Batch, utcnow
 from tests.conftest import make_key
-from tests.util import free_port, write_tar
+from tests.util import free_port, tar_bytes, write_tar
+from web.app import create_app
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -167,3 +169,31 @@ def test_a_small_job_does_not_wait_for_a_bulk_flood(tmp_path: Path) -> None:
         # ingest and the broker's polling, let a few tiny batches pass meanwhile)
         assert at_that_moment["done"] <= 240, at_that_moment
         assert client.wait(bulk["id"], timeout=300)["done"] == 320
+
+
+def test_a_job_asks_for_at_most_its_keys_priority(tmp_path: Path) -> None:
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
+                                  "MMBATCH_BROKER_URL": "memory://"})
+    upgrade(settings.db_url)
+    db = Database(settings.db_url)
+    with db.session() as s:
+        capped = keys.create_key(s, "ci", max_priority="normal").key
+    db.dispose()
+    app = create_app(settings)
+    app.extensions["mmbatch"].celery.send_task = lambda *a, **kw: None
+    client = app.test_client()
+    archive = tar_bytes({"a.txt": b"hello"})
+
+    def submit(priority: str) -> Any:
+        return client.post("/api/v1/jobs", headers={"Authorization": f"Bearer {capped}"},
+                           data={"kind": "embed", "priority": priority,
+                                 "archive": (io.BytesIO(archive), "a.tar")})
+
+    for asked, status in (("interactive", 400), ("urgent", 400), ("normal", 202),
+                          ("bulk", 202)):
+        r = submit(asked)
+        assert r.status_code == status, (asked, r.get_json())
+        if status == 400:
+            assert r.get_json()["error"]["code"] == "invalid_priority"
+        else:
+            assert r.get_json()["priority"] == asked

@@ -37,7 +37,12 @@ from flask import (
 )
 from werkzeug.datastructures import MultiDict
 
-from mmbatch.contract import AUDIO_SOURCE_VIDEO, SEARCH_MODALITIES, TERMINAL_STATES
+from mmbatch.contract import (
+    AUDIO_SOURCE_VIDEO,
+    PRIORITIES,
+    SEARCH_MODALITIES,
+    TERMINAL_STATES,
+)
 from mmbatch.settings import Settings
 from store import jobs, keys
 from store import search as search_store
@@ -229,7 +234,9 @@ def jobs_page():  # type: ignore[no-untyped-def]
     with _services().db.session() as s:
         model = default_model(s, auth.tenant_id())
         model_name = None if model is None else f"{model.name} v{model.version}"
-    return render_template("dashboard/jobs.html", jobs=_jobs_payload(), default_model=model_name)
+    allowed = PRIORITIES[PRIORITIES.index(auth.current().max_priority):]  # what the key may ask
+    return render_template("dashboard/jobs.html", jobs=_jobs_payload(), default_model=model_name,
+                           priorities=allowed)
 
 
 @dashboard.get("/api/jobs")
