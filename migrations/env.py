@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import event
 
 from store.db import make_engine
 from store.schema import Base
@@ -17,12 +18,23 @@ def run_migrations_online() -> None:
         _run(connection)
         return
     engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    if engine.dialect.name == "sqlite":
+        # A migration that changes a table on SQLite rebuilds it (copy, drop, rename), and with
+        # foreign keys enforced, the drop first deletes every row, cascading to the rows that
+        # refer to them (a job's items and results). Alembic's advice: migrate with them off.
+        event.listen(engine, "connect", _foreign_keys_off)
     try:
         with engine.connect() as conn:
             _run(conn)
             conn.commit()
     finally:
         engine.dispose()
+
+
+def _foreign_keys_off(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=OFF")  # after store.db's own pragmas, which turn it on
+    cursor.close()
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # On SQLite this rebuilds the table (migrations/env.py runs with foreign keys off, so the
+    # rebuild's drop does not cascade to the job's items).
     with op.batch_alter_table("jobs") as batch:
         batch.alter_column("archive_bytes", type_=sa.BigInteger(), existing_type=sa.Integer(),
                            existing_nullable=False)
