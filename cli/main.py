@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -36,10 +36,10 @@ from cli.client import ApiError, Client
 from cli.keyfile import client_key, ensure_first_key, key_path
 from cli.resumable import UploadFailed, UploadState
 from cli.stack import (
-    free_port,
     ALL_QUEUES,
     Stack,
     child_env,
+    free_port,
     port_holder,
     previous_up,
     read_record,

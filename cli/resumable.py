@@ -101,7 +101,9 @@ def upload(http: requests.Session, endpoint: str, archive: Path, state: UploadSt
                 if r.status_code == 409 and "Upload-Offset" in r.headers:
                     offset = int(r.headers["Upload-Offset"])  # the server knows better
                     continue
-                if r.status_code == 429 or r.status_code >= 500:
+                if r.status_code == 429 or r.status_code >= 500 or _code(r) == "upload_busy":
+                    # (busy: a request of ours the link dropped still holds the upload, until
+                    # the server gives up on its silence)
                     raise _Transient(float(r.headers.get("Retry-After") or 0))
                 if r.status_code != 204:
                     raise UploadFailed(_message(r), r.status_code, _json(r))
@@ -172,6 +174,13 @@ def _json(r: requests.Response) -> Any:
         return r.json()
     except ValueError:
         return None
+
+
+def _code(r: requests.Response) -> str | None:
+    body = _json(r)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body["error"].get("code")  # type: ignore[no-any-return]
+    return None
 
 
 def _message(r: requests.Response) -> str:

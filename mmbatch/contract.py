@@ -33,7 +33,7 @@ JOB_STATES: tuple[str, ...] = ("queued", "ingesting", "running", "succeeded", "f
 TERMINAL_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 ACTIVE_STATES: tuple[str, ...] = ("queued", "ingesting", "running")
 # Who goes first when workers are shared (worker.dispatch): interactive before normal before
-# bulk (the nightly reprocess, re-indexing); within one, tenants in turn, then their jobs.
+# bulk (reprocess jobs); within one, tenants in turn, then their jobs.
 PRIORITIES: tuple[str, ...] = ("interactive", "normal", "bulk")
 DEFAULT_PRIORITY = "normal"
 # A running train (or align) job extracts features, then trains.

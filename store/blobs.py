@@ -44,6 +44,15 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read once in chunks: the name it has as a blob."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def blob_key(digest: str) -> str:
     """Where a blob lives below the store's root: ``ab/cd/abcd…``."""
     check_digest(digest)
@@ -138,18 +147,14 @@ class Blobs(abc.ABC):
             shutil.copyfileobj(src, w, CHUNK)  # type: ignore[misc]
         return w.committed  # type: ignore[return-value]
 
-    def adopt(self, path: Path) -> str:
-        """Make the finished file ``path`` (in ``spool_dir``, or on its file system) a blob,
-        reading it once to hash it; the file is moved into place or removed. The blob's name."""
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        try:
-            self._install(path, digest.hexdigest())
-        finally:
-            path.unlink(missing_ok=True)
-        return digest.hexdigest()
+    def adopt(self, path: Path, digest: str | None = None) -> str:
+        """Make the finished file ``path`` (in ``spool_dir``, or on its file system) a blob:
+        hashed unless its ``digest`` is known, moved into place (or removed, when the blob is
+        there already). When storage fails, the file stays where it was. The blob's name."""
+        digest = digest or file_digest(path)
+        self._install(path, digest)
+        path.unlink(missing_ok=True)
+        return digest
 
     def read(self, digest: str) -> bytes:
         with self.open(digest) as f:

@@ -14,12 +14,13 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from mmbatch.contract import PRIORITIES, TERMINAL_STATES
 from store.schema import Batch, Job, utcnow
 
+LOCK_KEY = 0x6D6D6264  # the dispatcher's advisory lock on PostgreSQL ("mmbd")
 NEVER = float("-inf")  # a job (or tenant) that has had no batch sent yet goes first
 
 
@@ -59,12 +60,14 @@ def planned(session: Session, job_id: str) -> bool:
                                                      Batch.state != "done"))))
 
 
-def requeue_lost(session: Session, sent_before: dt.datetime) -> int:
-    """Batches sent before ``sent_before`` and not done were lost (a broker flush, a worker
-    killed with its message): planned again; how many. One merely slower than that runs twice,
-    and its results count once."""
+def requeue_lost(session: Session, job_ids: Sequence[str]) -> int:
+    """The sent batches of jobs that stopped moving (the sweeper's stale jobs) were lost (a
+    broker flush, a worker killed with its message): planned again; how many. A job that
+    moves has its batches in hand, however long they take, so none is sent twice for it."""
+    if not job_ids:
+        return 0
     return int(session.execute(update(Batch).where(Batch.state == "sent",
-                                                   Batch.sent_at < sent_before)
+                                                   Batch.job_id.in_(list(job_ids)))
                                .values(state="planned")).rowcount or 0)
 
 
@@ -89,6 +92,10 @@ def in_flight(session: Session) -> int:
 def claim(session: Session, window: int) -> list[Claimed]:
     """Mark as sent, and return in order, the batches that fill the window: up to ``window``
     minus those in flight, chosen by priority, then tenant, then job, in turn."""
+    if session.get_bind().dialect.name == "postgresql":
+        # one claimer at a time (SQLite's BEGIN IMMEDIATE does the same): the window is not
+        # overshot by workers finishing at once, and no two claimers lock rows crosswise
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
     free = window - in_flight(session)
     if free <= 0:
         return []

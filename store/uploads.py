@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from store.schema import Upload, utcnow
@@ -55,10 +55,25 @@ def record_archive(session: Session, upload_id: str, digest: str) -> None:
         row.archive_blob = digest
 
 
-def record_job(session: Session, upload_id: str, job_id: str) -> None:
-    row = session.get(Upload, upload_id)
-    if row is not None:
-        row.job_id = job_id
+def archive_of(session: Session, upload_id: str) -> str | None:
+    """The blob a whole upload became, once recorded."""
+    return session.scalar(select(Upload.archive_blob).where(Upload.id == upload_id))
+
+
+def claim_for_job(session: Session, upload_id: str, job_id: str) -> bool:
+    """Record that ``job_id`` is made from the upload, unless another job already is (in the
+    job's own transaction: two requests naming one upload make one job)."""
+    return bool(session.execute(update(Upload).where(Upload.id == upload_id,
+                                                     Upload.job_id.is_(None))
+                                .values(job_id=job_id)).rowcount)
+
+
+def extend(session: Session, upload_id: str, ttl: dt.timedelta) -> dt.datetime:
+    """An upload that is still arriving lives ``ttl`` from now (a slow link is not abandoned);
+    its new expiry."""
+    expires = utcnow() + ttl
+    session.execute(update(Upload).where(Upload.id == upload_id).values(expires_at=expires))
+    return expires
 
 
 def _aware(when: dt.datetime) -> dt.datetime:

@@ -455,6 +455,18 @@ def test_thumbnails_decode_like_the_worker_in_a_child_process(app, settings: Set
     assert child != os.getpid()
 
 
+def test_the_search_page_says_what_is_wrong_without_a_search_service(app, settings: Settings  # type: ignore[no-untyped-def]
+                                                                   ) -> None:
+    client = sign_in(app, make_key(settings.db_url))
+    page = client.get("/ui/search")
+    assert page.status_code == 200 and 'id="search-q"' in page.text and 'id="hits"' not in page.text
+    for item in ("999999999", "\u00b2", "-3"):  # none of them this tenant's item
+        r = client.get("/ui/search", query_string={"item": item})
+        assert r.status_code == 404 and 'id="search-error"' in r.text, item
+    r = client.get("/ui/search", query_string={"q": "a boat"})  # no aligner yet: said, not a 500
+    assert r.status_code == 409 and "no aligner" in r.text
+
+
 def test_models_page_lists_metrics_confusion_and_promotes(app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     key = make_key(settings.db_url)
     tenant = _tenant_of(settings, key)

@@ -7,7 +7,6 @@ more than the window; lost batches come back; cancelled jobs send nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from store import dispatch, jobs, keys
 from store.db import Database
 from store.keys import get_or_create_tenant
 from store.migrate import upgrade
-from store.schema import Batch, utcnow
+from store.schema import Batch
 from tests.conftest import make_key
 from tests.util import free_port, tar_bytes, write_tar
 from web.app import create_app
@@ -112,8 +111,8 @@ def test_lost_batches_are_planned_again(db: Database) -> None:
     with db.session() as s:
         sent = dispatch.claim(s, 2)
     with db.session() as s:
-        assert dispatch.requeue_lost(s, utcnow() - dt.timedelta(minutes=5)) == 0  # recent
-        assert dispatch.requeue_lost(s, utcnow() + dt.timedelta(seconds=1)) == 2
+        assert dispatch.requeue_lost(s, []) == 0  # no job stalled
+        assert dispatch.requeue_lost(s, [job]) == 2
     with db.session() as s:
         again = dispatch.claim(s, 2)
     assert sorted(c.batch_id for c in again) == sorted(c.batch_id for c in sent)
@@ -178,7 +177,6 @@ def test_a_job_asks_for_at_most_its_keys_priority(tmp_path: Path) -> None:
     db = Database(settings.db_url)
     with db.session() as s:
         capped = keys.create_key(s, "ci", max_priority="normal").key
-    db.dispose()
     app = create_app(settings)
     app.extensions["mmbatch"].celery.send_task = lambda *a, **kw: None
     client = app.test_client()
@@ -189,6 +187,11 @@ def test_a_job_asks_for_at_most_its_keys_priority(tmp_path: Path) -> None:
                            data={"kind": "embed", "priority": priority,
                                  "archive": (io.BytesIO(archive), "a.tar")})
 
+    with db.session() as s:
+        bulk_only = keys.create_key(s, "nightly", max_priority="bulk").key
+    r = client.post("/api/v1/jobs", headers={"Authorization": f"Bearer {bulk_only}"},
+                    data={"kind": "embed", "archive": (io.BytesIO(archive), "a.tar")})
+    assert r.get_json()["priority"] == "bulk"  # its default: not above what it may ask
     for asked, status in (("interactive", 400), ("urgent", 400), ("normal", 202),
                           ("bulk", 202)):
         r = submit(asked)
@@ -197,3 +200,4 @@ def test_a_job_asks_for_at_most_its_keys_priority(tmp_path: Path) -> None:
             assert r.get_json()["error"]["code"] == "invalid_priority"
         else:
             assert r.get_json()["priority"] == asked
+    db.dispose()

@@ -27,7 +27,6 @@ from cli import client as cli_client
 from cli import main as cli_main
 from cli.client import Client
 from cli.resumable import UploadState, upload
-
 from mmbatch.settings import Settings
 from store import uploads
 from tests.conftest import make_key
@@ -130,6 +129,7 @@ def test_an_upload_in_pieces_becomes_a_job_once_whole(app: Any) -> None:
     ({**TUS, "Upload-Length": "0"}, 400, "invalid_upload_length"),
     ({**TUS, "Upload-Length": "-5"}, 400, "invalid_upload_length"),
     ({**TUS, "Upload-Length": "many"}, 400, "invalid_upload_length"),
+    ({**TUS, "Upload-Length": "\u00b2"}, 400, "invalid_upload_length"),  # a digit int() refuses
     ({**TUS, "Upload-Defer-Length": "1"}, 400, "invalid_upload_length"),
     ({**TUS, "Upload-Length": str(10**13)}, 413, "request_entity_too_large"),
     ({**TUS, "Upload-Length": "10", "Upload-Metadata": "filename ***"}, 400,

@@ -285,6 +285,7 @@ def test_bad_queries_are_400s(world: dict[str, Any], tmp_path: Path) -> None:
     cases = [(lambda: a.search("   "), "empty_query"),
              (lambda: a.search("a boat", model=classifier), "not_an_aligner"),
              (lambda: a.search("a boat", k=0), "invalid_k"),
+             (lambda: a.search("a boat", k="\u00b2"), "invalid_k"),  # a digit int() refuses
              (lambda: a.search("a boat", modality="smell"), "invalid_modality"),
              (lambda: a.search("a boat", cursor="nonsense"), "invalid_cursor"),
              (lambda: a.search("a boat", jobs=["no-such-job"]), "unknown_job"),

@@ -339,7 +339,8 @@ def search_page():  # type: ignore[no-untyped-def]
     try:
         item = None
         if asked["item"]:
-            item = int(asked["item"]) if asked["item"].isdigit() else 0
+            item = int(asked["item"]) if asked["item"].isascii() and asked["item"].isdecimal() \
+                else 0
             with _services().db.session() as s:
                 search.item_or_404(s, item)
         answer = search.search(_services(), search.parse(body, upload, item=item),

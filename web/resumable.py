@@ -46,6 +46,7 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration"
 OFFSET_TYPE = "application/offset+octet-stream"
 CHUNK = 1 << 20
+READ_TIMEOUT = 60.0  # seconds of silence in a PATCH body before it counts as cut
 
 
 def _services() -> Services:
@@ -95,7 +96,7 @@ def create_upload() -> Response:
         with svc.db.session() as s:
             row = uploads.create_upload(
                 s, upload_id, auth.tenant_id(), auth.current().key_id, name, length,
-                dt.timedelta(hours=svc.settings.upload_expire_hours))
+                _ttl())
             expires = row.expires_at
     except BaseException:
         path.unlink(missing_ok=True)
@@ -142,6 +143,7 @@ def append(upload_id: str) -> Response:
                                                    f"{offset}: send from there",
                            headers={"Upload-Offset": str(arrived)})
         room = row.length - arrived
+        _read_timeout()
         if request.content_length is not None and request.content_length > room:
             raise ApiError(413, "upload_too_long", f"the upload takes {room} more bytes, not "
                                                    f"{request.content_length}")
@@ -153,8 +155,9 @@ def append(upload_id: str) -> Response:
                     break
                 f.write(chunk)
                 written += len(chunk)
-        except ClientDisconnected:
-            log.info("upload_interrupted upload=%s kept=%d", upload_id, written)
+        except (ClientDisconnected, OSError) as exc:  # gone, or silent past READ_TIMEOUT
+            log.info("upload_interrupted upload=%s kept=%d why=%s", upload_id, written,
+                     type(exc).__name__)
         finally:
             f.flush()
             os.fsync(f.fileno())
@@ -162,6 +165,8 @@ def append(upload_id: str) -> Response:
         raise ApiError(413, "upload_too_long", f"the upload is {row.length} bytes; the bytes "
                                                "past its end were not kept",
                        headers={"Upload-Offset": str(row.length)})
+    with _services().db.session() as s:  # still arriving: not abandoned
+        row.expires_at = uploads.extend(s, upload_id, _ttl())
     return _offset_response(row, 204, arrived + written)
 
 
@@ -176,6 +181,19 @@ def terminate(upload_id: str) -> Response:
         uploads.delete_uploads(s, [upload_id])
     uploads.part_path(svc.blobs.spool_dir, upload_id).unlink(missing_ok=True)
     return Response(status=204)
+
+
+def _ttl() -> dt.timedelta:
+    return dt.timedelta(hours=_services().settings.upload_expire_hours)
+
+
+def _read_timeout() -> None:
+    """A PATCH whose client went silent without closing (a dropped Wi-Fi, a NAT that forgot
+    it) must not hold the upload's lock and a request thread for ever: under gunicorn, reading
+    its body gives up after READ_TIMEOUT seconds of silence, keeping what arrived."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(READ_TIMEOUT)
 
 
 def _upload_or_404(upload_id: str) -> Upload:
@@ -217,7 +235,7 @@ def _prune(svc: Services) -> None:
 
 
 def _length(raw: str | None, limit: int) -> int:
-    if raw is None or not raw.strip().isdigit() or int(raw) < 1:
+    if raw is None or not _whole(raw) or int(raw) < 1:
         raise ApiError(400, "invalid_upload_length",
                        "send Upload-Length: the archive's size in bytes (at least 1)")
     if int(raw) > limit:
@@ -228,9 +246,15 @@ def _length(raw: str | None, limit: int) -> int:
 
 def _int_header(name: str, code: str) -> int:
     raw = request.headers.get(name, "")
-    if not raw.strip().isdigit():
+    if not _whole(raw):
         raise ApiError(400, code, f"send {name}: a whole number of bytes")
     return int(raw)
+
+
+def _whole(raw: str) -> bool:
+    """A whole number in ASCII digits (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    raw = raw.strip()
+    return raw.isascii() and raw.isdecimal()
 
 
 def _filename(raw: str) -> str:

@@ -96,7 +96,8 @@ def parse(body: Any, upload: FileStorage | None = None, item: int | None = None
 
 
 def _int(value: Any, name: str, low: int, high: int, code: str | None = None) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and value.strip().lstrip("-").isascii() \
+            and value.strip().lstrip("-").isdecimal():  # (isdigit also takes "²")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ApiError(400, code or f"invalid_{name}",

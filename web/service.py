@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,7 @@ from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
 from store import jobs, labels, reprocess, uploads
 from store import search as search_store
-from store.blobs import Blobs
+from store.blobs import Blobs, file_digest
 from store.db import Database
 from store.registry import ModelNotFound, default_model, get_model, promote
 from store.schema import Item, Job, LabelEvent, ModelVersion
@@ -226,50 +228,50 @@ def submit_job(svc: Services, mimetype: str, form: MultiDict[str, str],
                                    else {})})
     if existing is not None:
         return _same_request(existing, fingerprint), False
-    if archive.upload is not None:
-        with svc.db.session() as s:
-            made = uploads.get_upload(s, archive.upload, tenant)
-            if made is not None and made.job_id is not None:
-                raise ApiError(409, "upload_used", f"upload {archive.upload} already made job "
-                                                   f"{made.job_id}")
-    job_id, created = _create_once(svc, idempotency_key, fingerprint, dict(
+    return _create_once(svc, idempotency_key, fingerprint, dict(
         kind=kind, archive_blob=archive.commit(), archive_name=archive.name,
         archive_bytes=archive.size, model_version_id=model_id, options=options,
-        callback_url=callback, priority=priority))
-    if archive.upload is not None and created:
-        with svc.db.session() as s:
-            uploads.record_job(s, archive.upload, job_id)
-    return job_id, created
+        callback_url=callback, priority=priority), upload=archive.upload)
 
 
 def _finished_upload(svc: Services, upload_id: str) -> Archive:
-    """A whole resumable upload as a job's archive: moved into blob storage the first time
-    (hashed once), its blob the next (a retry of the same request)."""
-    tenant = auth.tenant_id()
+    """A whole resumable upload as a job's archive: made a blob the first time (hashed once),
+    its blob the next (a retry of the same request)."""
     with svc.db.session() as s:
-        row = uploads.get_upload(s, upload_id.strip(), tenant)
+        row = uploads.get_upload(s, upload_id.strip(), auth.tenant_id())
         if row is None:
             raise ApiError(400, "unknown_upload", f"no upload {upload_id!r} (or it expired): "
                                                   "make one with POST /api/v1/uploads")
         upload_id, name, length, digest = row.id, row.name, row.length, row.archive_blob
-    if digest is None:
-        path = uploads.part_path(svc.blobs.spool_dir, upload_id)
-        try:
-            arrived = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(512)
-        except FileNotFoundError:
-            raise ApiError(409, "upload_busy", f"upload {upload_id} is being made into a job "
-                                               "by another request") from None
-        if arrived < length:
-            raise ApiError(409, "upload_incomplete", f"{arrived} of the upload's {length} bytes "
-                                                     "have arrived: send the rest first")
-        if sniff_archive(head) is None:
-            raise ApiError(415, "invalid_archive",
-                           "the upload is not a zip, tar or tar.gz archive")
-        digest = svc.blobs.adopt(path)
+    path = uploads.part_path(svc.blobs.spool_dir, upload_id)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        if digest is None:
+            raise ApiError(409, "upload_elsewhere", f"upload {upload_id}'s bytes are not on "
+                                                    "this server: send this request to the one "
+                                                    "that took them (docs/api.md)") from None
+        return Archive(digest, name, length, lambda: digest, upload_id)  # a blob already
+    with f:
+        # Two requests naming one upload take turns here (a PATCH holds the same lock): the
+        # second finds the first's blob recorded. The digest is recorded before the file moves,
+        # so a storage failure in between leaves the file, and a retry installs it.
+        fcntl.flock(f, fcntl.LOCK_EX)
         with svc.db.session() as s:
-            uploads.record_archive(s, upload_id, digest)
+            digest = uploads.archive_of(s, upload_id)
+        if digest is None:
+            arrived = os.fstat(f.fileno()).st_size
+            if arrived < length:
+                raise ApiError(409, "upload_incomplete", f"{arrived} of the upload's {length} "
+                                                         "bytes have arrived: send the rest first")
+            if sniff_archive(f.read(512)) is None:
+                raise ApiError(415, "invalid_archive",
+                               "the upload is not a zip, tar or tar.gz archive")
+            digest = file_digest(path)
+            with svc.db.session() as s:
+                uploads.record_archive(s, upload_id, digest)
+        if path.exists():
+            svc.blobs.adopt(path, digest)
     return Archive(digest, name, length, lambda: digest, upload_id)
 
 
@@ -294,10 +296,11 @@ def _check_key(idempotency_key: str | None) -> None:
 
 
 def _create_once(svc: Services, idempotency_key: str | None, fingerprint: str,
-                 job: dict[str, Any]) -> tuple[str, bool]:
+                 job: dict[str, Any], upload: str | None = None) -> tuple[str, bool]:
     """Create the job (``jobs.create_job``'s fields), commit, then enqueue its ingest: (its id,
     True); or, when the Idempotency-Key already made one for this request, (that job's id,
-    False), 422 for another request."""
+    False), 422 for another request. A job made from a resumable ``upload`` claims it in the
+    same transaction: 409 when another job already has."""
     tenant = auth.tenant_id()
     try:
         with svc.db.session() as s:
@@ -309,6 +312,10 @@ def _create_once(svc: Services, idempotency_key: str | None, fingerprint: str,
                                      api_key_id=auth.current().key_id,
                                      idempotency_key=idempotency_key,
                                      request_fingerprint=fingerprint).id
+            if upload is not None and not uploads.claim_for_job(s, upload, job_id):
+                raise ApiError(409, "upload_used", f"upload {upload} already made a job: "
+                                                   "name it once (or retry with the same "
+                                                   "Idempotency-Key)")
     except IntegrityError:  # the same Idempotency-Key raced us: answer with the job that won
         with svc.db.session() as s:
             existing = jobs.find_by_idempotency_key(s, tenant, idempotency_key or "")
@@ -384,12 +391,12 @@ def submit_retrain(svc: Services, body: Any, idempotency_key: str | None) -> tup
 def _priority(raw: Any) -> str:
     """A job's priority (default normal); 400 when it is not one, or higher than the key may
     ask for (``mmbatch keys create --max-priority``)."""
-    if raw is None or raw == "":
-        return DEFAULT_PRIORITY
+    allowed = auth.current().max_priority
+    if raw is None or raw == "":  # normal, unless the key may only ask for less
+        return PRIORITIES[max(PRIORITIES.index(DEFAULT_PRIORITY), PRIORITIES.index(allowed))]
     if raw not in PRIORITIES:
         raise ApiError(400, "invalid_priority",
                        f"priority must be one of {', '.join(PRIORITIES)}; got {raw!r}")
-    allowed = auth.current().max_priority
     if PRIORITIES.index(raw) < PRIORITIES.index(allowed):
         raise ApiError(400, "invalid_priority", f"this API key may ask for {allowed} priority "
                                                 f"at most, not {raw}")
@@ -495,6 +502,7 @@ def evaluate_model(svc: Services, model_id: int, upload: FileStorage | None) -> 
         job_id = jobs.create_job(s, kind=kind, archive_blob=digest,
                                  archive_name=archive_name(upload), archive_bytes=writer.size,
                                  model_version_id=model_id, options={"evaluate": True},
+                                 priority=_priority(None),
                                  tenant_id=auth.tenant_id(), api_key_id=auth.current().key_id).id
     enqueue(svc, job_id, TASK_INGEST, job_id)
     return job_id

@@ -50,7 +50,10 @@ def process_batch(self, job_id: str, item_ids: list[int],  # type: ignore[no-unt
                    fail_batch(rt, job_id, item_ids,
                               f"processing failed: {type(exc).__name__}: {exc}"))
         raise
-    _follow_up(self, rt, job_id, batch_id, report)
+    try:
+        _follow_up(self, rt, job_id, batch_id, report)
+    except TRANSIENT as exc:  # the batch's results are in: a retry counts nothing twice
+        retry(self, exc)
 
 
 def _follow_up(task: Any, rt: Runtime, job_id: str, batch_id: int | None,

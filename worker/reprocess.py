@@ -49,7 +49,8 @@ def run_reprocess(rt: Runtime, send_task: Callable[..., Any], job_id: str) -> in
     """Plan a reprocess job's members and its batches, and dispatch; how many items it has."""
     total = plan_members(rt.db, job_id, rt.settings.reprocess_max_attempts)
     with rt.db.session() as s:
-        plans.plan(s, job_id, jobs.item_ids(s, job_id, pending_only=True),
-                   rt.settings.batch_size)
+        if not plans.planned(s, job_id):  # (a retried or redelivered message plans once)
+            plans.plan(s, job_id, jobs.item_ids(s, job_id, pending_only=True),
+                       rt.settings.batch_size)
     dispatch(rt, send_task)
     return total

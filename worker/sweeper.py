@@ -33,15 +33,15 @@ class Revival:
     train: list[str] = field(default_factory=list)
     align: list[str] = field(default_factory=list)  # align jobs whose training step was lost
     finished: list[str] = field(default_factory=list)
-    # batches sent before this were lost, unless done: planned again (worker.dispatch)
-    lost_before: dt.datetime | None = None
+    # running jobs that stopped moving: their sent batches were lost, planned again
+    stalled: list[str] = field(default_factory=list)
 
 
 def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
     """What to send again for every active job that has not moved for a while."""
     age = rt.settings.stale_after_seconds if older_than_seconds is None else older_than_seconds
     cutoff = utcnow() - dt.timedelta(seconds=age)
-    out = Revival(lost_before=cutoff)
+    out = Revival()
     with rt.db.session() as s:
         stale = [(j.id, j.state, j.kind, j.stage) for j in jobs.stale_jobs(s, cutoff)]
     for job_id, state, kind, stage in stale:
@@ -55,7 +55,8 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
                 continue
             pending = jobs.item_ids(s, job_id, pending_only=True)
             if pending and plans.planned(s, job_id):
-                continue  # its batches wait their turn (or were lost: planned again below)
+                out.stalled.append(job_id)  # its batches wait their turn, or were lost
+                continue
             if not pending:
                 # every item has its result but the finishing step was lost
                 if kind in TRAINING_KINDS and jobs.enter_stage(s, job_id, "extracting",
@@ -77,12 +78,11 @@ def resend(rt: Runtime, revival: Revival, send_task: Callable[..., Any]) -> None
     afresh and then dispatched (a window at a time, like any others)."""
     for job_id in revival.ingest:
         send_task(TASK_INGEST, args=[job_id])
-    if revival.lost_before is not None:
-        with rt.db.session() as s:
-            plans.forget_finished(s)
-            again = plans.requeue_lost(s, revival.lost_before)
-        if again:
-            log.info("sweep batches_lost=%d", again)
+    with rt.db.session() as s:
+        plans.forget_finished(s)
+        again = plans.requeue_lost(s, revival.stalled)
+    if again:
+        log.info("sweep batches_lost=%d", again)
     lost: dict[str, list[int]] = {}
     for job_id, ids in revival.batches:
         lost.setdefault(job_id, []).extend(ids)
