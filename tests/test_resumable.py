@@ -29,6 +29,7 @@ from cli.client import Client
 from cli.resumable import UploadState, upload
 from mmbatch.settings import Settings
 from store import uploads
+from store.blobs import BlobStoreUnavailable
 from tests.conftest import make_key
 from tests.util import TcpProxy, tar_bytes
 from web.app import create_app
@@ -315,3 +316,51 @@ def test_a_standard_tus_client_uploads_to_it(app: Any, server: str, tmp_path: Pa
                     data={"kind": "embed", "upload": uploader.url.rsplit("/", 1)[1]})
     assert r.status_code == 202, r.get_json()
     assert r.get_json()["archive"] == {"name": "photos.tar", "bytes": len(ARCHIVE)}
+
+
+def _whole_upload(client: Any, data: bytes) -> str:
+    upload = _create(client, len(data))
+    assert _patch(client, upload, 0, data).status_code == 204
+    return upload
+
+
+def test_two_requests_naming_one_upload_make_one_job(app: Any, server: str) -> None:
+    client = app[0]
+    upload = _whole_upload(client, ARCHIVE)
+    key = client.environ_base["HTTP_AUTHORIZATION"]
+    answers: list[Any] = []
+    start = threading.Barrier(2)
+
+    def make_job() -> None:
+        start.wait(timeout=30)
+        answers.append(requests.post(f"http://{server}/api/v1/jobs", timeout=60,
+                                     headers={"Authorization": key},
+                                     data={"kind": "embed", "upload": upload}))
+
+    threads = [threading.Thread(target=make_job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r.status_code for r in answers) == [202, 409], [r.text for r in answers]
+    refused = next(r for r in answers if r.status_code == 409)
+    assert refused.json()["error"]["code"] == "upload_used"
+
+
+def test_a_storage_failure_keeps_the_upload_for_a_retry(app: Any, monkeypatch: Any) -> None:
+    client = app[0]
+    upload = _whole_upload(client, ARCHIVE)
+    blobs = client.application.extensions["mmbatch"].blobs
+    install = blobs._install
+
+    def unavailable(path: Path, digest: str) -> None:
+        raise BlobStoreUnavailable("the bucket did not answer")
+
+    monkeypatch.setattr(blobs, "_install", unavailable)
+    r = client.post("/api/v1/jobs", data={"kind": "embed", "upload": upload})
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "storage_unavailable"
+    assert uploads.part_path(blobs.spool_dir, upload).exists()  # nothing lost
+    monkeypatch.setattr(blobs, "_install", install)
+    r = client.post("/api/v1/jobs", data={"kind": "embed", "upload": upload})
+    assert r.status_code == 202, r.get_json()
+    assert blobs.read(hashlib.sha256(ARCHIVE).hexdigest()) == ARCHIVE
