@@ -78,6 +78,13 @@ def forget_finished(session: Session) -> int:
     return int(session.execute(delete(Batch).where(Batch.job_id.in_(ended))).rowcount or 0)
 
 
+def unclaim(session: Session, batch_ids: Sequence[int]) -> None:
+    """Batches claimed but never sent (the broker refused them): waiting again."""
+    if batch_ids:
+        session.execute(update(Batch).where(Batch.id.in_(list(batch_ids)),
+                                            Batch.state == "sent").values(state="planned"))
+
+
 def finish(session: Session, batch_id: int) -> None:
     session.execute(update(Batch).where(Batch.id == batch_id).values(state="done"))
 

@@ -11,6 +11,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from store.schema import Batch
 from tests.conftest import make_key
 from tests.util import free_port, tar_bytes, write_tar
 from web.app import create_app
+from worker.dispatch import dispatch as worker_dispatch
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -117,6 +119,25 @@ def test_lost_batches_are_planned_again(db: Database) -> None:
         again = dispatch.claim(s, 2)
     assert sorted(c.batch_id for c in again) == sorted(c.batch_id for c in sent)
     assert all(c.job_id == job for c in again)
+
+
+def test_batches_the_broker_refused_wait_again(db: Database, tmp_path: Path) -> None:
+    job = _job(db, "a", batches=4)
+    rt = SimpleNamespace(db=db, settings=SimpleNamespace(dispatch_window=3))
+    sent: list[Any] = []
+
+    def broker(name: str, args: list[Any]) -> None:
+        if len(sent) == 1:
+            raise ConnectionError("the broker is restarting")
+        sent.append(args)
+
+    assert worker_dispatch(rt, broker) == 1  # one went, then the broker refused
+    with db.session() as s:
+        states = [b.state for b in s.scalars(select(Batch).where(Batch.job_id == job)
+                                             .order_by(Batch.id))]
+    assert states == ["sent", "planned", "planned", "planned"]
+    assert worker_dispatch(rt, lambda name, args: sent.append(args)) == 2  # the window's rest
+    assert [a[1] for a in sent] == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_the_batches_of_ended_jobs_are_forgotten(db: Database) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -24,6 +25,7 @@ from sqlalchemy import func, select
 
 from cli.client import Client
 from cli.stack import Stack
+from mmbatch.contract import TASK_SWEEP
 from mmbatch.settings import Settings
 from store import keys
 from store.db import Database
@@ -31,6 +33,7 @@ from store.registry import promote
 from store.schema import Feature, Result
 from tests.conftest import make_key
 from tests.util import free_port, write_tar
+from worker.app import QuietHousekeeping
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -228,3 +231,16 @@ def test_beat_reprocesses_with_a_promoted_model_reusing_features(
     client.reprocess()
     time.sleep(5)
     assert len([j for j in client.jobs(kind="reprocess")]) == 1
+
+
+def test_the_quiet_log_filter_never_raises_whatever_a_beat_line_carries() -> None:
+    """Beat logs a broker error as (message, [traceback lines]): the filter once raised on the
+    list (unhashable), which took beat down, and with it the sweeper."""
+    quiet = QuietHousekeeping()
+
+    def line(*args: object) -> logging.LogRecord:
+        return logging.LogRecord("celery.beat", logging.INFO, __file__, 1, "%s %s", args, None)
+
+    assert quiet.filter(line("Message Error: %s", ["Traceback…", "OSError"]))
+    assert quiet.filter(line("Scheduler: Sending due task", "mmbatch.reprocess"))
+    assert not quiet.filter(line("Scheduler: Sending due task", TASK_SWEEP))

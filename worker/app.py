@@ -80,9 +80,9 @@ class QuietHousekeeping(logging.Filter):
         data = getattr(record, "data", None)  # celery.app.trace and celery.worker.strategy
         if isinstance(data, dict) and data.get("name") in HOUSEKEEPING:
             return str(data.get("return_value", "0")) not in ("0", "None")
-        args = record.args
+        args = record.args  # (a filter that raised would take beat down with it)
         return not (record.name == "celery.beat" and isinstance(args, tuple) and len(args) == 2
-                    and args[1] in HOUSEKEEPING)
+                    and isinstance(args[1], str) and args[1] in HOUSEKEEPING)
 
 
 def entry_app(tasks: tuple[str, ...] = TASK_MODULES) -> Celery:

@@ -20,12 +20,20 @@ log = logging.getLogger(__name__)
 
 
 def dispatch(rt: Runtime, send_task: Callable[..., Any]) -> int:
-    """Send the batches that fill the window; how many. A batch marked sent whose message is
-    lost (the broker down at that moment) comes back through the sweeper."""
+    """Send the batches that fill the window; how many. When the broker refuses one (down for
+    a moment), it and the rest go back to waiting in the database, for the next batch to finish
+    or the next sweep to send; a message lost after the broker took it comes back through the
+    sweeper."""
     with rt.db.session() as s:
         claimed = plans.claim(s, rt.settings.dispatch_window)
-    for c in claimed:
-        send_task(TASK_PROCESS_BATCH, args=[c.job_id, c.item_ids, c.batch_id])
+    for i, c in enumerate(claimed):
+        try:
+            send_task(TASK_PROCESS_BATCH, args=[c.job_id, c.item_ids, c.batch_id])
+        except Exception as exc:
+            with rt.db.session() as s:
+                plans.unclaim(s, [b.batch_id for b in claimed[i:]])
+            log.warning("dispatch_failed batches=%d error=%s", len(claimed) - i, exc)
+            return i
     if claimed:
         log.debug("dispatched batches=%d", len(claimed))
     return len(claimed)
