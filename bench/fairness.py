@@ -1,7 +1,7 @@
 """Fair sharing of the workers: how long a small job takes while a bulk flood runs.
 
-On the stack ``mmbatch up`` runs (embedded by default; ``--redis`` and ``--database`` for Redis
-and PostgreSQL), with text-only archives so that the model work is short: a small job (20 items,
+On the stack ``mmbatch up`` runs (embedded by default; ``--services`` for Redis and PostgreSQL on
+127.0.0.1), with text-only archives so that the model work is short: a small job (20 items,
 normal priority) alone on an idle system, then the same while a bulk job (2,000 items, bulk
 priority) runs. Done twice side by side in one run: with the dispatcher's window
 (MMBATCH_DISPATCH_WINDOW, default 2) and with a window so large that every batch goes to the
@@ -23,12 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.pipeline import api_key, drop_database, service_env
 from bench.report import save_json
 from cli.client import Client
 from cli.stack import Stack, free_port
 from mmbatch.settings import Settings
-from store import keys
-from store.db import Database
 from store.migrate import upgrade
 
 HUGE_WINDOW = 1_000_000  # every batch in the broker at once: the fan-out before the dispatcher
@@ -52,16 +51,19 @@ def _timed(client: Client, archive: Path, **options: Any) -> tuple[float, dict[s
     return time.perf_counter() - started, job
 
 
-def run(window: int, bulk: Path, small: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
-    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(work), **env,
+def run(window: int, bulk: Path, small: Path, work: Path, services: bool) -> dict[str, Any]:
+    settings = Settings.from_env({**service_env(work, services),
                                   "MMBATCH_DISPATCH_WINDOW": str(window)})
     upgrade(settings.db_url)
-    db = Database(settings.db_url)
+    key, _ = api_key(settings)
     try:
-        with db.session() as s:
-            key = keys.create_key(s, f"fairness-{window}").key
+        return _measured(settings, key, window, bulk, small, work)
     finally:
-        db.dispose()
+        drop_database(settings)
+
+
+def _measured(settings: Settings, key: str, window: int, bulk: Path, small: Path,
+              work: Path) -> dict[str, Any]:
     with Stack(settings, "127.0.0.1", free_port(), log_dir=work / "logs") as stack:
         client = Client(stack.url, api_key=key)
         _timed(client, small)  # warm: encoders loaded
@@ -84,25 +86,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bulk", type=int, default=2000)
     parser.add_argument("--small", type=int, default=20)
-    parser.add_argument("--redis", default=None, help="a Redis URL for the broker")
-    parser.add_argument("--database", default=None, help="a PostgreSQL URL")
+    parser.add_argument("--services", action="store_true",
+                        help="Redis and PostgreSQL on 127.0.0.1 (a fresh database per run)")
     parser.add_argument("--windows", type=int, nargs="+", default=None,
                         help=f"dispatch windows to compare (default: the setting's, and "
                              f"{HUGE_WINDOW:,}: everything at once)")
     parser.add_argument("--json", type=Path, default=Path("var/bench/fairness.json"))
     args = parser.parse_args()
-    env = {}
-    if args.redis:
-        env["MMBATCH_BROKER_URL"] = args.redis
-    if args.database:
-        env["MMBATCH_DATABASE_URL"] = args.database
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bulk = _archive(root / "bulk.tar", "bulk", args.bulk)
         small = _archive(root / "small.tar", "small", args.small)
         for window in args.windows or (Settings().dispatch_window, HUGE_WINDOW):
-            rows.append(run(window, bulk, small, root / f"w{window}", env))
+            rows.append(run(window, bulk, small, root / f"w{window}", args.services))
             print(json.dumps(rows[-1]), flush=True)
     save_json(args.json, rows)
 

@@ -1,8 +1,8 @@
 """Throughput with one and with two model worker processes, one torch thread each, the same
 settings otherwise, side by side in one run (target: two give at least 1.6x on two cores).
 
-The stack ``mmbatch up`` runs (embedded by default; ``--redis`` and ``--database`` for Redis and
-PostgreSQL), the synthetic archive of ``bench.synth`` (a photo-like JPEG, a caption and a sound
+The stack ``mmbatch up`` runs (embedded by default; ``--services`` for Redis and PostgreSQL on
+127.0.0.1), the synthetic archive of ``bench.synth`` (a photo-like JPEG, a caption and a sound
 per item). A warm-up job first loads every worker's encoders; the figure is the measured job's
 processing time (its ``started_at`` to ``finished_at``: the batches, not the upload or ingest).
 
@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import synth
+from bench.pipeline import api_key, drop_database, service_env
 from bench.report import save_json
 from cli.client import Client
 from cli.stack import Stack, free_port
 from mmbatch.settings import Settings
-from store import keys
-from store.db import Database
 from store.migrate import upgrade
 
 
@@ -34,17 +33,20 @@ def _seconds(job: dict[str, Any]) -> float:
 
 
 def run(workers: int, archive: Path, warm: Path, items: int, work: Path,
-        env: dict[str, str]) -> dict[str, Any]:
-    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(work), "MMBATCH_TORCH_THREADS": "1",
+        services: bool) -> dict[str, Any]:
+    settings = Settings.from_env({**service_env(work, services), "MMBATCH_TORCH_THREADS": "1",
                                   "MMBATCH_DECODE_THREADS": "0", "MMBATCH_BATCH_SIZE": "16",
-                                  "MMBATCH_DISPATCH_WINDOW": str(2 * workers), **env})
+                                  "MMBATCH_DISPATCH_WINDOW": str(2 * workers)})
     upgrade(settings.db_url)
-    db = Database(settings.db_url)
+    key, _ = api_key(settings)
     try:
-        with db.session() as s:
-            key = keys.create_key(s, f"scaleout-{workers}").key
+        return _measured(settings, key, workers, archive, warm, items, work)
     finally:
-        db.dispose()
+        drop_database(settings)
+
+
+def _measured(settings: Settings, key: str, workers: int, archive: Path, warm: Path, items: int,
+              work: Path) -> dict[str, Any]:
     with Stack(settings, "127.0.0.1", free_port(), log_dir=work / "logs",
                model_workers=workers) as stack:
         client = Client(stack.url, api_key=key)
@@ -59,20 +61,16 @@ def run(workers: int, archive: Path, warm: Path, items: int, work: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=192)
-    parser.add_argument("--redis", default=None, help="a Redis URL for the broker")
-    parser.add_argument("--database", default=None, help="a PostgreSQL URL")
+    parser.add_argument("--services", action="store_true",
+                        help="Redis and PostgreSQL on 127.0.0.1 (a fresh database per run)")
     parser.add_argument("--json", type=Path, default=Path("var/bench/scaleout.json"))
     args = parser.parse_args()
-    env = {}
-    if args.redis:
-        env["MMBATCH_BROKER_URL"] = args.redis
-    if args.database:
-        env["MMBATCH_DATABASE_URL"] = args.database
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         archive = synth.write_archive(root / "items.tar", args.items, seed=0)
         warm = synth.write_archive(root / "warm.tar", 64, seed=1)
-        rows = [run(n, archive, warm, args.items, root / f"w{n}", env) for n in (1, 2)]
+        rows = [run(n, archive, warm, args.items, root / f"w{n}", args.services)
+                for n in (1, 2)]
     speedup = rows[1]["items_per_s"] / rows[0]["items_per_s"]
     result = {"runs": rows, "speedup": round(speedup, 2), "target": 1.6,
               "met": speedup >= 1.6}
