@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +12,7 @@ from mmbatch.settings import Settings
 from store import jobs
 from store.migrate import upgrade
 from store.registry import register_model
+from tests.util import tar_bytes
 from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
 from worker.model_cache import models_of
@@ -40,16 +40,11 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 
 def _job(rt: Runtime, files: dict[str, bytes], kind: str = "embed",
          model_version_id: int | None = None) -> str:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    digest = rt.blobs.put_bytes(buf.getvalue())
+    archive = tar_bytes(files)
+    digest = rt.blobs.put_bytes(archive)
     with rt.db.session() as s:
         return jobs.create_job(s, kind=kind, archive_blob=digest, archive_name="t.tar",
-                               archive_bytes=len(buf.getvalue()),
+                               archive_bytes=len(archive),
                                model_version_id=model_version_id).id
 
 

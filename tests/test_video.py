@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import struct
-import tarfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +36,7 @@ from store import features as feature_cache
 from store import jobs
 from store.blobs import BlobStore
 from store.migrate import upgrade
+from tests.util import tar_bytes
 from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
 from worker.runtime import Runtime
@@ -51,16 +51,6 @@ def _picture(seed: int = 0, size: tuple[int, int] = (160, 120)) -> Image.Image:
 def _tone(seconds: float, rate: int = 16000, hz: float = 440.0) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 # --- vocabulary, settings, ingest ---------------------------------------------------------------
@@ -88,7 +78,7 @@ def test_video_is_a_modality_with_its_settings() -> None:
 def test_a_clip_pairs_with_its_caption_and_label_and_gives_its_sound(tmp_path) -> None:
     clip = picture_clip(_picture(), seconds=1.0)
     archive = tmp_path / "a.tar"
-    archive.write_bytes(_tar({"cat_001.MP4": clip, "cat_001.txt": b"a cat",
+    archive.write_bytes(tar_bytes({"cat_001.MP4": clip, "cat_001.txt": b"a cat",
                               "dog_002.webm": clip, "dog_002.wav": b"RIFF....WAVE",
                               "labels.csv": b"key,label\ncat_001,cat\ndog_002,dog\n"}))
     result = walk(archive, BlobStore(tmp_path / "blobs").put_stream)
@@ -253,7 +243,7 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 
 
 def _run(rt: Runtime, files: dict[str, bytes]) -> tuple[jobs.Job, dict[str, dict]]:
-    digest = rt.blobs.put_bytes(_tar(files))
+    digest = rt.blobs.put_bytes(tar_bytes(files))
     with rt.db.session() as s:
         job_id = jobs.create_job(s, kind="embed", archive_blob=digest, archive_name="v.tar",
                                  archive_bytes=1, model_version_id=None).id
