@@ -5,7 +5,9 @@
 Writes ``samples.far_sample`` (16 x 16 glyph images and made-up words in eight scripts, eight
 sources as ``group``), then runs the service's own train path (ingest, extraction, training,
 as plain functions on SQLite, no Celery) with ``mode=frozen``, ``mode=finetune`` and
-``mode=auto``. Both use
+``mode=auto``, each with ``strategy=concat`` (what is compared here is the encoders; the
+default train job's stacking of feature families is measured by ``bench.models_report
+--shifted``). Both use
 the same group-disjoint stratified split (no source on both sides). Prints validation accuracy
 and macro F1 of each, auto's choice per modality with its single-modality scores and seconds
 per epoch, then classifies the archive again with the auto model (the shift report).
@@ -77,7 +79,8 @@ def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 
             started = time.perf_counter()
             job_id = run_job(rt, archive, "train",
                              options={"name": f"far-{mode}", "epochs": epochs, "seed": seed,
-                                      "mode": mode, "budget": budget, "patience": 25})
+                                      "mode": mode, "budget": budget, "patience": 25,
+                                      "strategy": "concat"})
             model = _model_of(rt, job_id)
             model["wall_seconds"] = time.perf_counter() - started
             out[mode] = model

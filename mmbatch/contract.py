@@ -75,7 +75,21 @@ TASK_QUEUES: dict[str, str] = {
 
 # --- models -------------------------------------------------------------------------------------
 
-STRATEGIES: tuple[str, ...] = ("concat", "weighted", "gated", "attention", "hierarchical", "late")
+STRATEGIES: tuple[str, ...] = ("concat", "weighted", "gated", "attention", "hierarchical", "late",
+                               "stack")
+# What a train job fuses with when it names no strategy: per (modality, feature family) heads
+# stacked on out-of-fold predictions (models.stacking; docs/models.md says what it beat).
+DEFAULT_STRATEGY = "stack"
+# A fusion model's inputs ("columns") are modalities and feature families of a modality
+# (models.families): "image" is the pretrained encoder's features, "image:hog" a family's.
+COLUMN_SEPARATOR = ":"
+
+
+def column_modality(column: str) -> str:
+    """The modality an input column belongs to: ``"image:hog"`` -> ``"image"``."""
+    return column.split(COLUMN_SEPARATOR, 1)[0]
+
+
 LOSSES: tuple[str, ...] = ("ce", "weighted", "focal")
 # How a train job treats each modality's encoder (docs/models.md).
 ENCODER_MODES: tuple[str, ...] = ("frozen", "finetune", "scratch", "auto")

@@ -16,21 +16,25 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from mmbatch.contract import MODALITIES
 from mmbatch.scoring import scores
 from models.finetune import LR_FACTOR, pretrained_top
 from models.fusion import FusionClassifier, FusionConfig
 from models.losses import ClassificationLoss, balanced_order
 from models.scratch import ScratchConfig, build_scratch
+from models.stacking import fit_head_log_probs, fit_stack, group_folds
 from models.training import (
     BestEpoch,
     FeatureSet,
     OnEpoch,
+    Progress,
     TrainConfig,
     _fit_standardization,
     _one_modality,
@@ -359,6 +363,8 @@ class TrainingData:
     scratch_present: dict[str, list[bool]] = field(default_factory=dict)
     finetune: dict[str, torch.Tensor] = field(default_factory=dict)  # m -> (N, ...)
     finetune_present: dict[str, list[bool]] = field(default_factory=dict)
+    # per row, what keeps items together when folds are cut (None: the item alone)
+    groups: list[str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -386,11 +392,19 @@ class TrainedClassifier:
     scratch: dict[str, tuple[nn.Module, ScratchConfig]]
     finetuned: dict[str, nn.Module]
     adaptation: dict[str, Any] | None
+    # ``stack``: the training items' out-of-fold class probabilities (N_train, C)
+    oof: np.ndarray | None = None
 
     @property
     def modes(self) -> dict[str, str]:
+        """Each modality's encoder mode (its encoder's column; feature families have none)."""
         return {m: "scratch" if m in self.scratch else "finetune" if m in self.finetuned
-                else "frozen" for m in self.fusion.modalities}
+                else "frozen" for m in self.fusion.modalities if m in MODALITIES}
+
+
+# What an adapted encoder's column of a stack trains on: its inputs over the training and
+# validation splits, and its scratch config or finetuned top (the other one None).
+OwnColumn = tuple[InputSet, "InputSet | None", "ScratchConfig | None", "nn.Module | None"]
 
 
 def train_classifier(data: TrainingData, plan: TrainingPlan,
@@ -403,12 +417,14 @@ def train_classifier(data: TrainingData, plan: TrainingPlan,
     (:func:`choose_modes`). A mode whose inputs no item has falls back to frozen. ``on_epoch``
     hears of every epoch (the worker's heartbeat)."""
     cfg, tcfg, modes = plan.fusion, plan.training, plan.modes
+    if cfg.strategy == "stack" and all(mode == "frozen" for mode in modes.values()):
+        return _train_stack(data, plan, {}, None, on_epoch)
     if all(mode == "frozen" for mode in modes.values()):
         model, metrics = fit(data.train, data.val, cfg, tcfg, on_epoch)
         return TrainedClassifier(model, metrics, data.train, data.val, {}, {}, None)
     started = time.perf_counter()
-    dims = cfg.input_dims
-    columns = {m: i for i, m in enumerate(dims)}
+    dims = {m: d for m, d in cfg.input_dims.items() if m in modes}  # the encoders' columns
+    columns = {m: i for i, m in enumerate(cfg.input_dims)}
 
     def inputs_of(idx: list[int], features: FeatureSet, chosen: dict[str, str]) -> InputSet:
         """The items of ``idx``: per modality the inputs of its chosen mode."""
@@ -442,7 +458,7 @@ def train_classifier(data: TrainingData, plan: TrainingPlan,
         as_tuned = {m: "finetune" if available(m, "finetune") else "frozen" for m in dims}
         picked, trials, init = choose_modes(
             inputs_of(data.train_idx, data.train, as_scratch),
-            inputs_of(data.val_idx, data.val, as_scratch), dims,
+            inputs_of(data.val_idx, data.val, as_scratch), cfg.input_dims,
             {m: scratch_config(m) for m in auto if available(m, "scratch")}, cfg.num_classes,
             tcfg, plan.budget_seconds / 2, data.train, data.val, on_epoch=on_epoch,
             tops={m: pretrained_top(m) for m in auto if available(m, "finetune")},
@@ -456,6 +472,15 @@ def train_classifier(data: TrainingData, plan: TrainingPlan,
     scratch = {m: scratch_config(m) for m in dims if chosen[m] == "scratch"}
     tuned = {m: init[m] if m in init else pretrained_top(m) for m in dims
              if chosen[m] == "finetune"}
+    if cfg.strategy == "stack":
+        left = max(plan.budget_seconds - (time.perf_counter() - started), plan.budget_seconds / 4)
+        own_columns: dict[str, OwnColumn] = {
+            m: (inputs_of(data.train_idx, data.train, {m: chosen[m]}),
+                inputs_of(data.val_idx, data.val, {m: chosen[m]}) if data.val is not None
+                else None, scratch.get(m), tuned.get(m))
+            for m in [*scratch, *tuned]}
+        return _train_stack(data, replace(plan, budget_seconds=left), own_columns, report,
+                            on_epoch)
     if not scratch and not tuned:
         model, metrics = fit(data.train, data.val, cfg, tcfg, on_epoch)
         return TrainedClassifier(model, metrics, data.train, data.val, {}, {}, report)
@@ -475,6 +500,104 @@ def train_classifier(data: TrainingData, plan: TrainingPlan,
     return TrainedClassifier(adapted.fusion, metrics, train_feats, val_feats,
                              {m: (own[m], scratch[m]) for m in scratch},
                              {m: own[m] for m in tuned}, report)
+
+
+def _train_stack(data: TrainingData, plan: TrainingPlan, own: dict[str, OwnColumn],
+                 report: dict[str, Any] | None, on_epoch: OnEpoch | None
+                 ) -> TrainedClassifier:
+    """``strategy=stack`` (models.stacking) over the encoders' features and the feature
+    families. A modality whose encoder is trained (``own``: scratch or finetune) gets its
+    column's out-of-fold predictions honestly: per fold, its encoder trained on the other folds
+    alone (early stopping on the validation split, never on the held-out fold), a linear head
+    on those features, predictions for the held-out fold; then the encoder trained on the whole
+    training split gives the column's features. That costs folds + 1 trainings per such
+    modality, within the budget (an equal share each)."""
+    groups = ([data.groups[i] for i in data.train_idx] if data.groups is not None else None)
+    cfg, tcfg = plan.fusion, plan.training
+
+    def step(column: str) -> None:
+        if on_epoch is not None:
+            on_epoch(Progress(0, 0, None))
+
+    train, val = data.train, data.val
+    given: dict[str, np.ndarray] = {}
+    scratch_out: dict[str, tuple[nn.Module, ScratchConfig]] = {}
+    tuned_out: dict[str, nn.Module] = {}
+    dims = dict(cfg.input_dims)
+    if own:
+        folds = group_folds(train.labels.numpy(), groups, tcfg.seed)
+        share = plan.budget_seconds / (len(own) * (len(folds) + 1))
+        single = TrainConfig(**{**asdict(tcfg), "modality_dropout": 0.0, "select": "full",
+                                "stacking_folds": 0})
+        columns = list(cfg.modalities)
+        for m, (train_in, val_in, scfg, top) in own.items():
+            col = columns.index(m)
+            dim = scfg.dim if scfg is not None else cfg.input_dims[m]
+
+            def trained_encoder(rows: np.ndarray, m: str = m, train_in: InputSet = train_in,
+                                val_in: InputSet | None = val_in, col: int = col,
+                                scfg: ScratchConfig | None = scfg, top: nn.Module | None = top,
+                                dim: int = dim) -> nn.Module:
+                sub = _only(train_in.subset(rows), col, m)
+                held_val = _only(val_in, col, m) if val_in is not None else None
+                model, _ = fit_adapted(sub, held_val, FusionConfig({m: dim}, cfg.num_classes),
+                                       single, {m: scfg} if scfg is not None else {},
+                                       finetune={m: top} if top is not None else None,
+                                       budget_seconds=share, on_epoch=on_epoch)
+                return model.encoders[m]
+
+            oof = np.full((len(train), cfg.num_classes), np.log(1.0 / cfg.num_classes))
+            present = train_in.mask[:, col].numpy()  # where its media decoded again
+            for fold_train, held in folds:
+                fit_rows = fold_train[present[fold_train]]
+                held_rows = held[present[held]]
+                if len(held_rows) == 0 or len(np.unique(train.labels.numpy()[fit_rows])) < 2:
+                    continue
+                encoder = trained_encoder(fit_rows)
+                feats = _encode(encoder, train_in.inputs[m], dim).numpy()
+                oof[held_rows] = fit_head_log_probs(feats[fit_rows],
+                                                    train.labels.numpy()[fit_rows],
+                                                    feats[held_rows], cfg.num_classes, tcfg)
+            given[m] = oof
+            encoder = trained_encoder(np.arange(len(train)))
+            train = _with_column(train, m, _encode(encoder, train_in.inputs[m], dim), col,
+                                 train_in.mask[:, col])
+            if val is not None and val_in is not None:
+                val = _with_column(val, m, _encode(encoder, val_in.inputs[m], dim), col,
+                                   val_in.mask[:, col])
+            dims[m] = dim
+            if scfg is not None:
+                scratch_out[m] = (encoder, scfg)
+            else:
+                tuned_out[m] = encoder
+    stack_cfg = replace(cfg, input_dims=dims)
+    result = fit_stack(train, val, stack_cfg, tcfg, groups, budget_seconds=plan.budget_seconds,
+                       on_step=step, given=given)
+    kept = list(result.model.modalities)
+    columns = list(stack_cfg.modalities)
+
+    def narrowed(fs: FeatureSet | None) -> FeatureSet | None:
+        if fs is None:
+            return None
+        return FeatureSet({c: fs.features[c] for c in kept},
+                          fs.mask[:, [columns.index(c) for c in kept]], fs.labels)
+
+    kept_train = narrowed(train)
+    assert kept_train is not None
+    return TrainedClassifier(result.model, result.metrics, kept_train, narrowed(val),
+                             {m: v for m, v in scratch_out.items() if m in kept},
+                             {m: v for m, v in tuned_out.items() if m in kept}, report,
+                             result.oof)
+
+
+def _with_column(data: FeatureSet, column: str, x: torch.Tensor, index: int,
+                 present: torch.Tensor) -> FeatureSet:
+    """``data`` with ``column`` (mask column ``index``) replaced by features ``x`` (N, D')
+    present where ``present`` (N,) says, zeros elsewhere."""
+    mask = data.mask.clone()
+    mask[:, index] = present
+    x = torch.where(present[:, None], x, 0.0)
+    return FeatureSet({**data.features, column: x}, mask, data.labels)
 
 
 def _final_metrics(model: FusionClassifier, train: FeatureSet, val: FeatureSet | None,

@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mmbatch import scoring
+from mmbatch.contract import column_modality
 from models.fusion import FusionClassifier
 from models.training import FeatureSet, evaluate, forward_eval
 
@@ -111,14 +112,18 @@ def modality_ablation(model: FusionClassifier, data: FeatureSet) -> dict[str, An
     full = accuracy_with_mask(model, data, data.mask)
     alone: dict[str, float] = {}
     without: dict[str, float] = {}
-    for i, m in enumerate(model.modalities):
+    # a modality's columns go together: its encoder's and its feature families' (stack)
+    groups: dict[str, list[int]] = {}
+    for i, column in enumerate(model.modalities):
+        groups.setdefault(column_modality(column), []).append(i)
+    for m, cols in groups.items():
         only = torch.zeros_like(data.mask)
-        only[:, i] = data.mask[:, i]
+        only[:, cols] = data.mask[:, cols]
         alone[m] = accuracy_with_mask(model, data, only)
         dropped = data.mask.clone()
-        dropped[:, i] = False
+        dropped[:, cols] = False
         without[m] = accuracy_with_mask(model, data, dropped)
-    present = {m: int(data.mask[:, i].sum()) for i, m in enumerate(model.modalities)}
+    present = {m: int(data.mask[:, cols].any(dim=1).sum()) for m, cols in groups.items()}
     return {"all": full, "alone": alone, "without": without, "items": len(data),
             "items_with": present}
 

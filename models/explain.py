@@ -15,6 +15,7 @@ WEIGHT_KINDS: dict[str, str] = {
     "attention": "summary-token attention (last layer, mean over heads)",
     "hierarchical": "attention pooling over modalities and pairs (a pair's weight split evenly)",
     "late": "learned decision weights",
+    "stack": "each input column's share of what its vote moves the meta-model's logits by",
 }
 
 

@@ -16,6 +16,10 @@ The strategies differ in how the projections are combined:
 - ``late``: decision-level fusion, one classifier per modality, their log-probabilities combined
   as ``Σ_i w_i log p_i(c)`` with learned softmax weights over the present modalities (trained
   jointly with the classifiers, or stacked on out-of-fold predictions: models/training.py).
+- ``stack``: one linear classifier per input column (a modality's encoder features, or one of
+  its feature families: ``"image:hog"``, models.families), their centred log-probabilities
+  concatenated into a linear meta-model; fitted by models.stacking on out-of-fold predictions,
+  not by gradient descent here. A missing column contributes exactly zero (a uniform vote).
 
 All of them take any subset of modalities per item, and a masked modality's features cannot
 change any output, NaN included: masked positions are replaced (``torch.where``) before use, and
@@ -31,19 +35,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbatch.contract import MODALITIES, STRATEGIES
+from mmbatch.contract import MODALITIES, STRATEGIES, column_modality
 
 # Strategies whose forward pass yields per-item modality weights (gate, attention, ...).
 WEIGHTED_STRATEGIES: frozenset[str] = frozenset(STRATEGIES) - {"concat"}
+# ``stack``: a column's log-probabilities are floored here (log 1e-6), so that one
+# overconfident head cannot outvote every other column by itself.
+LOG_PROB_FLOOR = math.log(1e-6)
 
 
 @dataclass(frozen=True)
 class FusionConfig:
     """Shape and hyper-parameters of a :class:`FusionClassifier`.
 
-    ``input_dims`` maps each modality the model takes to its feature size; it is stored in
-    ``MODALITIES`` order, whatever order it was given in, because that order is the column order
-    of the mask. ``num_heads`` and ``num_layers`` shape the ``attention`` strategy only.
+    ``input_dims`` maps each input column the model takes to its feature size: a modality (its
+    encoder's features) or ``"<modality>:<family>"`` (a feature family of it, models.families).
+    It is stored in ``MODALITIES`` order, a modality's own column before its families (in the
+    order given), whatever order it was given in, because that order is the column order of the
+    mask. ``num_heads`` and ``num_layers`` shape the ``attention`` strategy only.
+    ``count_columns``: columns whose inputs are term counts (hashed character n-grams), turned
+    into sublinear TF-IDF with IDF weights the model keeps, instead of standardised.
     """
 
     input_dims: dict[str, int]
@@ -54,19 +65,28 @@ class FusionConfig:
     dropout: float = 0.2
     num_heads: int = 4
     num_layers: int = 1
+    count_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_dims, dict) or not self.input_dims:
             raise ValueError("input_dims must be a non-empty dict of modality -> feature dim")
-        unknown = sorted(set(self.input_dims) - set(MODALITIES))
+        unknown = sorted(c for c in self.input_dims
+                         if not isinstance(c, str) or column_modality(c) not in MODALITIES)
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}: expected a subset of {MODALITIES}")
+            raise ValueError(f"unknown modalities {unknown}: expected a subset of {MODALITIES} "
+                             "(or <modality>:<family>)")
         for name, dim in self.input_dims.items():
             if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
                 raise ValueError(f"input_dims[{name!r}] must be a positive int, got {dim!r}")
         # A private copy in canonical order: the caller's dict may change later.
-        ordered = {m: self.input_dims[m] for m in MODALITIES if m in self.input_dims}
-        object.__setattr__(self, "input_dims", ordered)
+        given = list(self.input_dims)
+        order = sorted(given, key=lambda c: (MODALITIES.index(column_modality(c)),
+                                             c != column_modality(c), given.index(c)))
+        object.__setattr__(self, "input_dims", {c: self.input_dims[c] for c in order})
+        counts = tuple(self.count_columns)
+        if not set(counts) <= set(self.input_dims):
+            raise ValueError(f"count_columns {counts} must be among the inputs")
+        object.__setattr__(self, "count_columns", counts)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
             raise ValueError(f"num_classes must be an int, got {self.num_classes!r}")
         if self.num_classes < 2:
@@ -95,6 +115,7 @@ class FusionConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["input_dims"] = dict(self.input_dims)
         out["dropout"] = float(self.dropout)
+        out["count_columns"] = list(self.count_columns)
         return out
 
     @classmethod
@@ -113,7 +134,8 @@ class FusionConfig:
         input_dims = d["input_dims"]
         if not isinstance(input_dims, dict):
             raise ValueError("input_dims must be a dict")
-        return cls(**{**d, "input_dims": dict(input_dims)})
+        return cls(**{**d, "input_dims": dict(input_dims),
+                      "count_columns": tuple(d.get("count_columns", ()))})
 
 
 @dataclass
@@ -143,6 +165,23 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std  # (B, D)
+
+
+class TfIdf(nn.Module):
+    """Term counts -> sublinear TF-IDF, L2-normalised: ``(1 + log tf) * idf``, as
+    scikit-learn's ``TfidfTransformer(sublinear_tf=True)``, with the IDF weights fixed at
+    training time (a buffer, so they travel with the checkpoint)."""
+
+    idf: torch.Tensor  # (D,)
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("idf", torch.ones(dim))  # (D,)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        tf = torch.where(counts > 0, 1.0 + torch.log(counts.clamp_min(1e-12)), 0.0)  # (B, D)
+        x = tf * self.idf
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (B, D)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,14 +261,24 @@ class FusionClassifier(nn.Module):
         self.cfg = cfg
         self.modalities: tuple[str, ...] = cfg.modalities
         m_count, p, c = len(self.modalities), cfg.proj_dim, cfg.num_classes
-        self.norms = nn.ModuleDict({m: Standardize(d) for m, d in cfg.input_dims.items()})
+        strategy = cfg.strategy
+        dense = {m: d for m, d in cfg.input_dims.items() if m not in cfg.count_columns}
+        self.norms = nn.ModuleDict({m: Standardize(d) for m, d in dense.items()})
+        self.tfidf = nn.ModuleDict({m: TfIdf(cfg.input_dims[m]) for m in cfg.count_columns})
+        if strategy == "stack":
+            # a linear head per column on its standardised (or TF-IDF) inputs, then a linear
+            # meta-model over their centred log-probabilities: (M * C) -> C
+            self.column_heads = nn.ModuleDict(
+                {m: nn.Linear(d, c) for m, d in cfg.input_dims.items()})
+            self.meta = nn.Linear(m_count * c, c)
+            self.fused_dim = m_count * c
+            return
         self.projections = nn.ModuleDict(
             {
                 m: nn.Sequential(nn.Linear(d, p), nn.LayerNorm(p), nn.GELU())
                 for m, d in cfg.input_dims.items()
             }
         )
-        strategy = cfg.strategy
         if strategy == "concat":
             self.fused_dim = m_count * (p + 1)
         elif strategy == "weighted":
@@ -301,10 +350,29 @@ class FusionClassifier(nn.Module):
         mask = mask.bool()
         parts = []
         for i, m in enumerate(self.modalities):
-            x = self.norms[m](features[m].float())  # (B, D_m)
+            x = self.inputs(m, features[m])  # (B, D_m)
             # where(), not a product: exactly zero even if missing features hold NaN or inf.
             parts.append(torch.where(mask[:, i : i + 1], self.projections[m](x), 0.0))  # (B, P)
         return torch.stack(parts, dim=1), mask  # (B, M, P), (B, M)
+
+    def inputs(self, column: str, x: torch.Tensor) -> torch.Tensor:
+        """A column's features as its head sees them: standardised, or TF-IDF for counts."""
+        if column in self.tfidf:
+            return self.tfidf[column](x.float())  # (B, D_m)
+        return self.norms[column](x.float())  # (B, D_m)
+
+    def column_log_probs(self, features: dict[str, torch.Tensor], mask: torch.Tensor
+                         ) -> torch.Tensor:
+        """``stack``: each column's head's log-probabilities, centred over the classes, exactly
+        0 where the column is missing (a uniform vote): (B, M, C)."""
+        mask = mask.bool()
+        out = []
+        for i, m in enumerate(self.modalities):
+            present = mask[:, i : i + 1]  # (B, 1)
+            x = torch.where(present, self.inputs(m, features[m]), 0.0)  # (B, D_m)
+            lp = torch.log_softmax(self.column_heads[m](x), dim=-1).clamp_min(LOG_PROB_FLOOR)
+            out.append(torch.where(present, lp - lp.mean(dim=-1, keepdim=True), 0.0))
+        return torch.stack(out, dim=1)  # (B, M, C)
 
     def fuse(self, features: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """features[m]: (B, D_m); mask: (B, M) bool -> fused (B, F)."""
@@ -318,8 +386,10 @@ class FusionClassifier(nn.Module):
 
     def forward_details(self, features: dict[str, torch.Tensor], mask: torch.Tensor) -> FusionOutput:
         """features[m]: (B, D_m) for every modality of the config; mask: (B, M) bool."""
-        proj, mask = self._project(features, mask)  # (B, M, P), (B, M)
         strategy = self.cfg.strategy
+        if strategy == "stack":
+            return self._stack(features, mask)
+        proj, mask = self._project(features, mask)  # (B, M, P), (B, M)
         if strategy == "concat":
             fused = torch.cat([proj.flatten(1), mask.float()], dim=1)  # (B, M * P + M)
             return FusionOutput(self.head(fused), fused)
@@ -385,6 +455,25 @@ class FusionClassifier(nn.Module):
             share[u, i] = share[u, j] = 0.5
         weights = unit_weights @ share  # (B, M)
         return FusionOutput(self.head(fused), fused, weights)
+
+    def _stack(self, features: dict[str, torch.Tensor], mask: torch.Tensor) -> FusionOutput:
+        if mask.ndim != 2 or mask.shape[1] != len(self.modalities):
+            raise ValueError(f"mask must be (B, {len(self.modalities)}) for {self.modalities}, "
+                             f"got {tuple(mask.shape)}")
+        missing = [m for m in self.modalities if m not in features]
+        if missing:
+            raise ValueError(f"features lack modalities {missing}")
+        votes = self.column_log_probs(features, mask)  # (B, M, C)
+        fused = votes.flatten(1)  # (B, M * C)
+        logits = self.meta(fused)  # (B, C)
+        # A column's weight: the size of what its vote adds to the logits, over the item's
+        # present columns (rows sum to 1; an item with nothing present is all zeros).
+        c = self.cfg.num_classes
+        blocks = self.meta.weight.view(c, len(self.modalities), c).transpose(0, 1)  # (M, C, C)
+        moved = torch.einsum("bmk,mck->bmc", votes, blocks).norm(dim=-1)  # (B, M)
+        total = moved.sum(dim=1, keepdim=True)
+        weights = torch.where(total > 0, moved / total.clamp_min(1e-12), 0.0)  # (B, M)
+        return FusionOutput(logits, fused, weights)
 
     def _late(self, proj: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
         unimodal = torch.stack(

@@ -187,8 +187,11 @@ def _check(data: FeatureSet, cfg: FusionConfig, what: str) -> None:
 
 
 def _fit_standardization(model: FusionClassifier, train: FeatureSet) -> None:
-    """Set each modality's mean/std from the training items that have it."""
+    """Set each modality's mean/std from the training items that have it (term-count columns
+    are TF-IDF'd instead, with the model's IDF)."""
     for i, m in enumerate(model.modalities):
+        if m in model.cfg.count_columns:
+            continue
         present = train.features[m][train.mask[:, i]].float()  # (n_m, D_m)
         if present.shape[0] < 2:
             continue  # too few to estimate: keep the identity

@@ -41,7 +41,8 @@ def model_for(strategy: str, seed: int = 0, **kw: object) -> FusionClassifier:
 
 
 def test_strategies_are_the_documented_ones() -> None:
-    assert STRATEGIES == ("concat", "weighted", "gated", "attention", "hierarchical", "late")
+    assert STRATEGIES == ("concat", "weighted", "gated", "attention", "hierarchical", "late",
+                          "stack")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

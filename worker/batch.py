@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 from media.decode import read_text
-from mmbatch.contract import AUDIO_SOURCE_VIDEO, MODALITIES, TRAINING_KINDS
+from mmbatch.contract import AUDIO_SOURCE_VIDEO, DEFAULT_STRATEGY, MODALITIES, TRAINING_KINDS
 from models.align import embed_items, item_vector
 from models.explain import explain
+from models.families import BY_COLUMN, FAMILIES, Family, dense
 from models.registry import SPECS
 from models.spec import Encoder
 from models.training import predict, stack_features
@@ -36,7 +37,7 @@ from store import jobs
 from store import search as search_store
 from store.registry import ModelRow, get_model
 from store.schema import NO_MODEL
-from worker.encoding import MediaRef, Part, Parts, encode_media
+from worker.encoding import READY, WHOLE, MediaRef, Part, Parts, encode_media
 from worker.model_cache import ModelCache, models_of
 from worker.runtime import Runtime
 from worker.shift import record_job_shift
@@ -61,11 +62,14 @@ class BatchReport:
 
 @dataclass
 class Batch:
-    """What a batch works on: the job's kind, its items, and the model that classifies them."""
+    """What a batch works on: the job's kind, its items, the model that classifies them, and
+    the feature families to compute and cache beside the encoders (a stacked model's, or every
+    family for a train job that stacks)."""
 
     kind: str
     items: list[jobs.ItemRow]
     model: ModelRow | None
+    families: tuple[Family, ...] = ()
 
 
 class BatchProcessor:
@@ -136,9 +140,15 @@ class BatchProcessor:
                          len(ids))
                 return None
             model = None
+            families: tuple[Family, ...] = ()
             if job.model_version_id is not None and job.kind not in TRAINING_KINDS:
                 model = ModelRow.of(get_model(s, job.model_version_id))
-            return Batch(job.kind, jobs.batch_items(s, job, ids), model)
+                families = tuple(BY_COLUMN[c] for c, e in model.encoders.items()
+                                 if e.get("mode") == "family" and c in BY_COLUMN)
+            elif job.kind == "train" and ((job.options or {}).get("strategy")
+                                          or DEFAULT_STRATEGY) == "stack":
+                families = FAMILIES
+            return Batch(job.kind, jobs.batch_items(s, job, ids), model, families)
 
     def encode(self, batch: Batch) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, str]]:
         """Per item, the features of each modality present, or the error that failed it.
@@ -160,13 +170,23 @@ class BatchProcessor:
             cached = {m: feature_cache.get_features(s, versions[m],
                                                     {f.blob for f in files.values()})
                       for m, files in wanted.items() if files}
+            known = {fam.column: feature_cache.get_features(
+                         s, fam.version, {f.blob for f in wanted[fam.modality].values()})
+                     for fam in batch.families if wanted.get(fam.modality)}
+        # a file is read when its encoder's features or one of its families' are not cached;
         # audio from a clip's sound track takes the "track" decoder
-        missing = [MediaRef(m, f.blob, f.name,
-                            "track" if f.source == AUDIO_SOURCE_VIDEO else m)
-                   for m in MODALITIES
-                   for f in wanted[m].values() if f.blob not in cached.get(m, {})]
-        fresh, failed, absent, frames = self.encode_files(missing, own)
-        if fresh or frames:
+        missing = []
+        for m in MODALITIES:
+            for f in wanted[m].values():
+                columns = tuple(fam.column for fam in batch.families
+                                if fam.modality == m and f.blob not in known[fam.column])
+                new_vector = f.blob not in cached.get(m, {})
+                if new_vector or columns:
+                    missing.append(MediaRef(m, f.blob, f.name,
+                                            "track" if f.source == AUDIO_SOURCE_VIDEO else m,
+                                            columns, new_vector))
+        fresh, failed, absent, frames, ready = self.encode_files(missing, own)
+        if fresh or frames or ready:
             with self.rt.db.session() as s:
                 for m in MODALITIES:
                     new = {blob: vec for (modality, blob), vec in fresh.items() if modality == m}
@@ -174,6 +194,12 @@ class BatchProcessor:
                         feature_cache.put_features(s, versions[m], new)
                 for version, vectors in frames.items():
                     feature_cache.put_features(s, version, vectors)
+                for fam in batch.families:
+                    new = {blob: got[fam.column] for (modality, blob), got in ready.items()
+                           if fam.column in got}
+                    if new:
+                        feature_cache.put_features(s, fam.version, new)
+                        known[fam.column].update(new)
         features: dict[int, dict[str, np.ndarray]] = {}
         errors: dict[int, str] = {}
         for m in ERROR_ORDER:
@@ -189,6 +215,15 @@ class BatchProcessor:
                     vec = cached[m].get(f.blob) if m in cached else None
                     features.setdefault(item_id, {})[m] = (vec if vec is not None
                                                            else fresh[(m, f.blob)])
+        # the families a model takes, as its columns' inputs (a sparse family expanded)
+        takes = set(batch.model.encoders) if batch.model is not None else set()
+        for fam in batch.families:
+            if fam.column not in takes:
+                continue
+            for item_id, f in wanted[fam.modality].items():
+                vec = known[fam.column].get(f.blob)
+                if item_id in features and fam.modality in features[item_id] and vec is not None:
+                    features[item_id][fam.column] = dense(fam, vec)
         for it in batch.items:
             if it.id not in errors and it.id not in features:
                 # every modality the item had was absent from its clip: the first one's reason
@@ -200,15 +235,18 @@ class BatchProcessor:
 
     def encode_files(self, refs: Sequence[MediaRef], own: dict[str, Encoder]
                      ) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], str],
-                                set[tuple[str, str]], dict[str, dict[str, np.ndarray]]]:
+                                set[tuple[str, str]], dict[str, dict[str, np.ndarray]],
+                                dict[tuple[str, str], dict[str, np.ndarray]]]:
         """Read, decode and preprocess in the decode threads, ahead of the encoders, which take
         each modality in chunks of its batch size; (modality, blob) -> features, or -> error,
-        the errors that say a clip lacks a stream, and each clip frame's features by cache key
-        (models.video.frame_version) and clip. ``own``: a model's own encoders, used instead of
-        the frozen ones for their modality; a clip's frames always take the frozen image
-        encoder (a video's features are frozen)."""
+        the errors that say a clip lacks a stream, each clip frame's features by cache key
+        (models.video.frame_version) and clip, and (modality, blob) -> {column: features} of
+        the feature families each ref asked for (computed in the decode threads from the same
+        decoded file). ``own``: a model's own encoders, used instead of the frozen ones for
+        their modality; a clip's frames always take the frozen image encoder (a video's
+        features are frozen)."""
         if not refs:
-            return {}, {}, set(), {}
+            return {}, {}, set(), {}, {}
         # "track": audio read from a clip's sound track
         decoders = {m: self.models.decoder(m) for m in {ref.decoder or ref.modality for ref in refs}}
         # loaded here, in the model thread
@@ -228,7 +266,11 @@ class BatchProcessor:
                 return Parts(tuple(Part(frame_encoder, f.time,
                                         image_encoder.preprocess(Image.fromarray(f.rgb)))
                                    for f in raw.frames))
-            return encoders[ref.modality].preprocess(raw)
+            whole = encoders[ref.modality].preprocess(raw) if ref.encode else None
+            if not ref.families:
+                return whole
+            return Parts(((Part(ref.modality, WHOLE, whole),) if ref.encode else ())
+                         + family_parts(ref, raw))
 
         result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
                               batch_sizes=self.models.batch_sizes, pool=self.models.pool,
@@ -248,7 +290,7 @@ class BatchProcessor:
                 errors[(modality, blob)] = (f"video {name}: no video stream (an audio-only "
                                             "file)")
                 result.absent.add((modality, blob))
-        return vectors, errors, result.absent, frames
+        return vectors, errors, result.absent, frames, result.ready
 
     def outcomes(self, batch: Batch, features: dict[int, dict[str, np.ndarray]],
                  errors: dict[int, str]) -> list[jobs.ItemOutcome]:
@@ -340,6 +382,19 @@ class BatchProcessor:
             record_job_shift(self.rt, self.job_id, model)
         except Exception:
             log.exception("shift_report_failed job=%s model=%s", self.job_id, model.id)
+
+
+def family_parts(ref: MediaRef, raw: Any) -> tuple[Part, ...]:
+    """The feature families ``ref`` asked for, from its decoded file. A family that fails on a
+    file is logged and left out (the item goes on without that column, as without a modality);
+    the file's own encoder decides whether it is readable."""
+    out = []
+    for column in ref.families:
+        try:
+            out.append(Part(READY, column, BY_COLUMN[column].features(raw)))
+        except Exception:  # noqa: BLE001 - one family's bug must not fail the file
+            log.exception("family_failed column=%s name=%s", column, ref.name)
+    return tuple(out)
 
 
 def wanted_of(wanted: dict[str, dict[int, jobs.MediaFile]], item_id: int) -> list[str]:

@@ -94,19 +94,25 @@ def prefetch(pool: Executor | None, fn: Callable[[T], Any], inputs: Iterable[T],
 
 @dataclass(frozen=True)
 class MediaRef:
-    """One media file to encode: its modality, content hash (the cache key), name, and the
-    decoder it takes (its modality's, but "track" for audio read from a clip)."""
+    """One media file to encode: its modality, content hash (the cache key), name, the
+    decoder it takes (its modality's, but "track" for audio read from a clip), the feature
+    families to compute from the decoded file (models.families columns) and whether its
+    encoder must run (not when only families were missing from the cache)."""
 
     modality: str
     blob: str
     name: str  # the file's name in its archive, for messages
     decoder: str = ""  # empty: its modality's
+    families: tuple[str, ...] = ()
+    encode: bool = True
 
 
 @dataclass(frozen=True)
 class Part:
-    """One encoder input of a file that makes several (a clip's frames): which encoder takes
-    it, what it is within its file (a frame's time), and the preprocessed input."""
+    """One encoder input of a file that makes several (a clip's frames; a file's encoder input
+    and its feature families): which encoder takes it (READY: none, ``value`` is features
+    already), what it is within its file (a frame's time, WHOLE for the file itself, a family's
+    column), and the preprocessed input."""
 
     encoder: str
     label: Any
@@ -121,11 +127,25 @@ class Parts:
     parts: tuple[Part, ...]
 
 
+READY = ""  # a Part that needs no encoder: its value is the features (a feature family's)
+
+
+class _Whole:
+    def __repr__(self) -> str:
+        return "WHOLE"
+
+
+WHOLE: Any = _Whole()  # a Part that is the file itself, not one of its frames
+
+
 @dataclass
 class EncodeResult:
     vectors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (modality, blob)
-    # a file prepared into Parts: (modality, blob) -> [(label, features)] in input order
+    # a file of a modality prepared into parts (PART_ENCODERS: a clip's frames):
+    # (modality, blob) -> [(label, features)] in input order
     parts: dict[tuple[str, str], list[tuple[Any, np.ndarray]]] = field(default_factory=dict)
+    # features computed while preparing (READY parts): (modality, blob) -> {label: features}
+    ready: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
     absent: set[tuple[str, str]] = field(default_factory=set)  # errors of kind "absent"
     model_seconds: float = 0.0  # time the model thread spent in encoders
@@ -157,7 +177,7 @@ def encode_media(
     unique.sort(key=lambda r: MODALITY_ORDER.index(r.modality) if r.modality in MODALITY_ORDER
                 else len(MODALITY_ORDER))
     out = EncodeResult()
-    # encoder -> its open chunk: (ref, part label or _WHOLE, preprocessed input)
+    # encoder -> its open chunk: (ref, part label or WHOLE, preprocessed input)
     chunks: dict[str, list[tuple[MediaRef, Any, Any]]] = {}
 
     def flush(name: str) -> None:
@@ -171,7 +191,7 @@ def encode_media(
         if observe is not None:
             observe(name, len(chunk), seconds)
         for (ref, label, _), vec in zip(chunk, feats, strict=True):
-            if label is _WHOLE:
+            if label is WHOLE:
                 out.vectors[(ref.modality, ref.blob)] = vec.astype("<f4")
             else:
                 out.parts.setdefault((ref.modality, ref.blob), []).append((label,
@@ -198,10 +218,16 @@ def encode_media(
                 if getattr(prepared.error, "kind", None) == "absent":
                     out.absent.add((ref.modality, ref.blob))
                 continue
-            entries = [(ref.modality, _WHOLE, prepared.value)]
+            entries = [(ref.modality, WHOLE, prepared.value)]
             if isinstance(prepared.value, Parts):
-                out.parts.setdefault((ref.modality, ref.blob), [])
-                entries = [(p.encoder, p.label, p.value) for p in prepared.value.parts]
+                key = (ref.modality, ref.blob)
+                if ref.modality in PART_ENCODERS:
+                    out.parts.setdefault(key, [])
+                entries = [(p.encoder, p.label, p.value) for p in prepared.value.parts
+                           if p.encoder != READY]
+                for p in prepared.value.parts:
+                    if p.encoder == READY:
+                        out.ready.setdefault(key, {})[p.label] = p.value
             for name, label, value in entries:
                 chunk = chunks.setdefault(name, [])
                 chunk.append((ref, label, value))
@@ -212,9 +238,6 @@ def encode_media(
     finally:
         stream.close()
     return out
-
-
-_WHOLE = object()  # a chunk entry that is a whole file, not one of its parts
 
 
 def _message(ref: MediaRef, exc: Exception) -> str:

@@ -24,6 +24,7 @@ from mmbatch.settings import Settings
 from models.align import Aligner, load_aligner
 from models.checkpoint import load_checkpoint
 from models.device import pick_device
+from models.families import BY_COLUMN
 from models.fusion import FusionClassifier
 from models.registry import SPECS, build_encoder
 from models.scratch import ScratchConfig, ScratchFeatureEncoder, load_encoder
@@ -180,6 +181,13 @@ class ModelCache:
         for modality, trained in sorted(model.encoders.items()):
             if trained.get("mode") == "scratch":
                 continue  # the model's own encoder, shipped with it
+            if trained.get("mode") == "family":  # a feature family (models.families)
+                family = BY_COLUMN.get(modality)
+                if family is None or family.version != trained.get("version"):
+                    return (f"model {model.id} was trained on the {modality} features "
+                            f"{trained.get('version')!r}; this worker has "
+                            f"{family.version if family else None!r}: retrain the model")
+                continue
             # A finetuned top runs over this worker's pretrained bottom: the same one.
             current = SPECS[modality].version
             if trained.get("mode") == "finetune":

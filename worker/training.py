@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from celery.worker import state as worker_state
 
-from mmbatch.contract import DEFAULT_BUDGET_SECONDS, MODALITIES, OptionError, TrainOptions
+from mmbatch.contract import (
+    DEFAULT_BUDGET_SECONDS,
+    DEFAULT_STRATEGY,
+    MODALITIES,
+    OptionError,
+    TrainOptions,
+    column_modality,
+)
 from mmbatch.scoring import score_labels
 from models.adapt import (
     TrainedClassifier,
@@ -30,6 +37,7 @@ from models.adapt import (
 )
 from models.checkpoint import save_checkpoint
 from models.evaluation import confusion_png, evaluation_report
+from models.families import BY_COLUMN, dense, families_of
 from models.finetune import finetune_version, save_top
 from models.fusion import FusionConfig
 from models.label_issues import design_matrix, label_issues, out_of_fold_probabilities
@@ -115,11 +123,15 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
     budget = options.budget or DEFAULT_BUDGET_SECONDS
     if "auto" in modes.values() and not val_idx:
         raise TrainingError("mode auto chooses on the validation split, and it is empty")
+    strategy = options.strategy or DEFAULT_STRATEGY
+    columns = {m: SPECS[m].dim for m in present}
+    if strategy == "stack":  # the feature families of every present modality beside it
+        columns.update({f.column: f.dim for m in present for f in families_of(m)})
     try:
         plan = TrainingPlan(
-            FusionConfig(input_dims={m: SPECS[m].dim for m in present},
-                         num_classes=len(classes),
-                         strategy=options.strategy or FusionConfig.strategy),
+            FusionConfig(input_dims=columns, num_classes=len(classes), strategy=strategy,
+                         count_columns=tuple(c for c in columns
+                                             if c in BY_COLUMN and BY_COLUMN[c].sparse)),
             TrainConfig(epochs=options.epochs or rt.settings.train_epochs, seed=seed,
                         **_training_options(options)),
             modes, budget)
@@ -128,6 +140,7 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
     pulse = Pulse(rt, job_id, plan.training.epochs)
     data = _training_data(rt, rows, [classes.index(label) for label in labels], plan,
                           train_idx, val_idx, pulse)
+    data.groups = fold_groups(rows)
     log.info("training job=%s items=%d train=%d val=%d classes=%d strategy=%s loss=%s "
              "balanced=%s modes=%s", job_id, len(rows), len(train_idx), len(val_idx),
              len(classes), plan.fusion.strategy, plan.training.loss, plan.training.balanced,
@@ -143,10 +156,13 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
     metrics["split"] = split_source
     metrics["groups"] = split_groups([r.group for r in rows], train_idx, val_idx)
     try:
-        issues = _label_issues(data, rows, labels, classes, seed)
+        issues = _label_issues(data, trained, rows, labels, classes, seed)
         metrics["label_issues"] = {"found": len(issues), "items": len(rows),
-                                   "method": "confident learning (cleanlab) on out-of-fold "
-                                             "logistic regression over the cached features"}
+                                   "method": "confident learning (cleanlab) on " + (
+                                       "the stack's out-of-fold predictions (validation items: "
+                                       "the model's)" if trained.oof is not None else
+                                       "out-of-fold logistic regression over the cached "
+                                       "features")}
     except ValueError as exc:  # too few items per class for even two folds
         issues = []
         metrics["label_issues"] = {"found": None, "items": len(rows), "error": str(exc)}
@@ -163,10 +179,13 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
         png = confusion_png(report["confusion"], classes,
                             title=f"{name}: validation ({len(trained.val)} items)")
         metrics["confusion_png"] = rt.blobs.put_bytes(png)
-    metrics["shift"] = store_training_summary(rt, _present(trained.train),
-                                              _present(trained.val))
+    # the encoders' features only: a family's columns can be wide (16,384 hashed n-grams)
+    # and are summarised by the encoder of their modality; a stack that dropped an encoder's
+    # column still watches its features
+    metrics["shift"] = store_training_summary(rt, _encoder_features(trained.train, data.train),
+                                              _encoder_features(trained.val, data.val))
     data_bytes, config = save_checkpoint(trained.fusion.cpu())
-    gate = (_promotion_gate(rt, job_id, trained, data, classes)
+    gate = (_promotion_gate(rt, job_id, trained, data, classes, rows)
             if stored.get("holdout") == "verified" else None)
     if gate is not None:
         metrics["promotion"] = gate
@@ -195,7 +214,7 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
 
 
 def _promotion_gate(rt: Runtime, job_id: str, trained: TrainedClassifier, data: TrainingData,
-                    classes: list[str]) -> dict[str, Any] | None:
+                    classes: list[str], rows: list[ItemRow]) -> dict[str, Any] | None:
     """Whether a version trained on a verified holdout should become the default by itself: it
     does when its macro F1 on the holdout is no worse than the current default's on the same
     items (over the union of both models' classes and the holdout's labels)."""
@@ -206,7 +225,7 @@ def _promotion_gate(rt: Runtime, job_id: str, trained: TrainedClassifier, data: 
     if current_row is None or trained.val is None or data.val is None:
         return None  # the first model is the default anyway; without a holdout, no gate
     adapted = sorted(m for m, e in current_row.encoders.items()
-                     if e.get("mode", "frozen") != "frozen")
+                     if e.get("mode", "frozen") not in ("frozen", "family"))
     if adapted:
         return {"gate": "skipped", "against": current_row.id,
                 "why": f"the default model's {', '.join(adapted)} encoders are adapted: its "
@@ -214,9 +233,18 @@ def _promotion_gate(rt: Runtime, job_id: str, trained: TrainedClassifier, data: 
     truth = [classes[int(t)] for t in data.val.labels]
     probs, _ = predict(trained.fusion, trained.val.features, trained.val.mask)
     mine = [classes[int(i)] for i in probs.argmax(dim=1)]
-    columns = list(data.val.features)
-    feats = [{m: data.val.features[m][i].numpy() for j, m in enumerate(columns)
-              if data.val.mask[i, j]} for i in range(len(truth))]
+    # the default's own inputs for the holdout items, read from the cache: it may take
+    # feature families this job did not compute, or not take some that it did
+    holdout = [rows[i] for i in data.val_idx]
+    wanted = {c: e["version"] for c, e in current_row.encoders.items()}
+    with rt.db.session() as s:
+        vectors = {c: feature_cache.get_features(
+                       s, version, [r.media[column_modality(c)].blob for r in holdout
+                                    if column_modality(c) in r.media])
+                   for c, version in wanted.items()}
+    feats = [{c: column_input(c, vectors[c][r.media[m].blob]) for c in wanted
+              for m in [column_modality(c)]
+              if m in r.media and r.media[m].blob in vectors[c]} for r in holdout]
     theirs_probs, _, _ = classify(models_of(rt), current_row, feats)
     theirs = [current_row.classes[int(i)] for i in theirs_probs.argmax(axis=1)]
     union = sorted({*classes, *current_row.classes, *truth})
@@ -235,20 +263,30 @@ def _promotion_gate(rt: Runtime, job_id: str, trained: TrainedClassifier, data: 
                                    "candidate; promote it by hand to use it anyway")}
 
 
-def _label_issues(data: TrainingData, rows: list[ItemRow], labels: list[str],
-                  classes: list[str], seed: int) -> list[tuple[int, str, str, float]]:
+def _label_issues(data: TrainingData, trained: TrainedClassifier, rows: list[ItemRow],
+                  labels: list[str], classes: list[str], seed: int
+                  ) -> list[tuple[int, str, str, float]]:
     """The rows whose given label looks wrong (``models.label_issues``), worst first: (item id,
-    given label, suggested label, quality)."""
-    parts = [(data.train, data.train_idx)]
-    if data.val is not None:
-        parts.append((data.val, data.val_idx))
-    order = [i for _, idx in parts for i in idx]
-    features = {m: np.concatenate([fs.features[m].numpy() for fs, _ in parts])
-                for m in data.train.features}
-    present = np.concatenate([fs.mask.numpy() for fs, _ in parts])
+    given label, suggested label, quality). A stacked model brings its training items'
+    out-of-fold probabilities (computed once, by the stacking), and the validation items are
+    out of sample for it anyway; otherwise a logistic regression is cross-fitted here."""
+    order = data.train_idx + (data.val_idx if data.val is not None else [])
     targets = [classes.index(labels[i]) for i in order]
-    probs = out_of_fold_probabilities(design_matrix(features, present), targets, len(classes),
-                                      [rows[i].group for i in order], seed)
+    if trained.oof is not None:
+        parts = [trained.oof]
+        if trained.val is not None:
+            val_probs, _ = predict(trained.fusion, trained.val.features, trained.val.mask)
+            parts.append(val_probs.numpy())
+        probs = np.concatenate(parts)
+    else:
+        sets = [data.train] + ([data.val] if data.val is not None else [])
+        primary = [m for m in data.train.features if m in MODALITIES]
+        features = {m: np.concatenate([fs.features[m].numpy() for fs in sets])
+                    for m in primary}
+        present = np.concatenate([fs.mask.numpy()[:, [list(fs.features).index(m)
+                                                       for m in primary]] for fs in sets])
+        probs = out_of_fold_probabilities(design_matrix(features, present), targets,
+                                          len(classes), [rows[i].group for i in order], seed)
     return [(rows[order[x.row]].id, labels[order[x.row]], classes[x.suggested], x.quality)
             for x in label_issues(targets, probs)]
 
@@ -264,12 +302,13 @@ def _training_data(rt: Runtime, rows: list[ItemRow], targets: list[int], plan: T
     """The items' cached frozen features, split, and the raw inputs their modes need."""
     dims = plan.fusion.input_dims
     with rt.db.session() as s:
-        vectors = {m: feature_cache.get_features(s, SPECS[m].version,
+        vectors = {c: feature_cache.get_features(s, column_version(c),
                                                  [r.media[m].blob for r in rows if m in r.media])
-                   for m in dims}
+                   for c in dims for m in [column_modality(c)]}
     # a clip without a sound track has no audio features: the item trains without audio
-    feats = [{m: vectors[m][r.media[m].blob] for m in dims
-              if m in r.media and r.media[m].blob in vectors[m]} for r in rows]
+    feats = [{c: column_input(c, vectors[c][r.media[m].blob]) for c in dims
+              for m in [column_modality(c)]
+              if m in r.media and r.media[m].blob in vectors[c]} for r in rows]
 
     def subset(idx: list[int]) -> FeatureSet | None:
         if not idx:
@@ -296,6 +335,9 @@ def _save_encoders(rt: Runtime, trained: TrainedClassifier, present: list[str]
     sections: dict[str, dict[str, Any]] = {"scratch": {}, "finetune": {}}
     registry = {m: {"name": SPECS[m].name, "version": SPECS[m].version, "dim": SPECS[m].dim}
                 for m in present}
+    registry.update({c: {"name": BY_COLUMN[c].name, "version": BY_COLUMN[c].version,
+                         "dim": BY_COLUMN[c].dim, "mode": "family"}
+                     for c in trained.fusion.modalities if c in BY_COLUMN})
     for m, (module, cfg) in trained.scratch.items():
         blob = rt.blobs.put_bytes(save_encoder(module))
         sections["scratch"][m] = {"config": cfg.to_dict(), "weights_blob": blob}
@@ -308,6 +350,39 @@ def _save_encoders(rt: Runtime, trained: TrainedClassifier, present: list[str]
         registry[m] = {"name": base.name, "version": finetune_version(base.version, blob),
                        "dim": base.dim, "mode": "finetune", "base_version": base.version}
     return {k: v for k, v in sections.items() if v}, registry
+
+
+def column_version(column: str) -> str:
+    """The feature cache key of a fusion input column: its encoder's or its family's."""
+    return BY_COLUMN[column].version if column in BY_COLUMN else SPECS[column].version
+
+
+def column_input(column: str, cached: np.ndarray) -> np.ndarray:
+    """A cached vector as the column's input (a sparse family's counts expanded)."""
+    return dense(BY_COLUMN[column], cached) if column in BY_COLUMN else cached
+
+
+def fold_groups(rows: list[ItemRow]) -> list[str | None]:
+    """What keeps items together when training folds are cut: ``labels.csv``'s group where it
+    gives one; else items that share a file (the same picture under two keys, say) are one
+    group, so that neither vouches for the other from across a fold. Near-duplicates that are
+    not byte-identical are not joined (say so in docs/models.md)."""
+    if any(r.group is not None for r in rows):
+        return [r.group for r in rows]
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        for f in r.media.values():
+            j = first.setdefault(f.blob, i)
+            parent[root(i)] = root(j)
+    return [f"\0dup{root(i)}" for i in range(len(rows))]
 
 
 class Pulse:
@@ -364,6 +439,15 @@ def _present(data: FeatureSet | None) -> dict[str, np.ndarray]:
     if data is None:
         return {}
     return {m: x[data.mask[:, i]].numpy() for i, (m, x) in enumerate(data.features.items())}
+
+
+def _encoder_features(trained: FeatureSet | None, given: FeatureSet | None
+                      ) -> dict[str, np.ndarray]:
+    """The encoders' features of the model's items (its own encoders' where it trained some),
+    without the feature families."""
+    out = {m: x for m, x in _present(given).items() if m in MODALITIES}
+    out.update({m: x for m, x in _present(trained).items() if m in MODALITIES})
+    return out
 
 
 def jsonable(value: Any) -> Any:
