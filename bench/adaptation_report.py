@@ -31,15 +31,16 @@ from samples.far_sample import write_far_sample
 from store import jobs
 from store.migrate import upgrade
 from store.registry import get_model
+from worker.adaptation import train_step
 from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
 from worker.runtime import Runtime
-from worker.training import train_job
 
 
 def run_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
             options: dict[str, Any] | None = None) -> str:
-    """Create a job and run it to the end in this process, as the worker would."""
+    """Create a job and run it to the end in this process, as the worker would (a train job's
+    training, a classify job's adaptation with ``adapt``)."""
     digest = rt.blobs.put_bytes(archive.read_bytes())
     with rt.db.session() as s:
         job_id = jobs.create_job(s, kind=kind, archive_blob=digest, archive_name=archive.name,
@@ -48,7 +49,7 @@ def run_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
     for batch in ingest_job(rt, job_id):
         report = BatchProcessor(rt, job_id, batch).run()
         if report.next_step == "train":
-            train_job(rt, job_id)
+            train_step(rt, job_id)
     return job_id
 
 

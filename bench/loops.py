@@ -23,10 +23,11 @@ from PIL import Image
 
 from media import decode as media
 from mmbatch.settings import Settings
+from models.families import BY_COLUMN, Family, dense
 from models.registry import build_encoder
 from store.registry import ModelRow
-from worker.batch import classify
-from worker.encoding import MediaRef, encode_media
+from worker.batch import classify, family_parts
+from worker.encoding import WHOLE, MediaRef, Part, Parts, encode_media
 from worker.model_cache import models_of
 from worker.runtime import Runtime
 
@@ -76,6 +77,7 @@ def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: ModelRow | Non
     pool, depth = models.pool, rt.settings.prefetch_items
     if model is not None:
         models.classifier(model)  # as a warm worker
+    families = model_families(model)
     items = model_s = wait_s = head_s = 0.0
     started = time.perf_counter()
     for batch in archive_batches(archive, batch_size):
@@ -85,13 +87,22 @@ def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: ModelRow | Non
 
         def prepare(ref: MediaRef, data: dict[tuple[str, str], bytes] = data) -> Any:
             raw = _decode(rt.settings, ref.modality, data[(ref.modality, ref.blob)], ref.name)
-            return encoders[ref.modality].preprocess(raw)
+            whole = encoders[ref.modality].preprocess(raw)
+            if not ref.families:
+                return whole
+            return Parts((Part(ref.modality, WHOLE, whole),) + family_parts(ref, raw))
 
-        refs = [MediaRef(m, key, f"{key}.{m}") for key, files in batch for m in files]
+        refs = [MediaRef(m, key, f"{key}.{m}",
+                         families=tuple(f.column for f in families if f.modality == m))
+                for key, files in batch for m in files]
         result = encode_media(refs, prepare=prepare, encoder=encoders.__getitem__,
                               batch_sizes=models.batch_sizes, pool=pool, depth=depth)
         feats = [{m: result.vectors[(m, key)] for m in files if (m, key) in result.vectors}
                  for key, files in batch]
+        for f, (key, files) in zip(feats, batch, strict=True):
+            for m in files:
+                for column, vec in result.ready.get((m, key), {}).items():
+                    f[column] = dense(BY_COLUMN[column], vec)
         t = time.perf_counter()
         if model is not None:
             classify(models, model, [f for f in feats if f])
@@ -104,6 +115,14 @@ def bare_loop(rt: Runtime, archive: Path, batch_size: int, model: ModelRow | Non
             "items_per_s": round(items / seconds, 2),
             "encoder_seconds": round(model_s, 2), "decode_wait_seconds": round(wait_s, 2),
             "head_seconds": round(head_s, 2)}
+
+
+def model_families(model: ModelRow | None) -> list[Family]:
+    """The feature families a model takes (a stacked model's), which every loop computes."""
+    if model is None:
+        return []
+    return [BY_COLUMN[c] for c, e in model.encoders.items()
+            if e.get("mode") == "family" and c in BY_COLUMN]
 
 
 def _decode_plain(settings: Settings, modality: str, data: bytes, name: str) -> Any:
@@ -127,6 +146,7 @@ def plain_loop(rt: Runtime, encoders: dict[str, Any], archive: Path,
     models = models_of(rt)
     if model is not None:
         models.classifier(model)
+    families = model_families(model)
     items = 0
     started = time.perf_counter()
     for batch in archive_batches(archive, 1):
@@ -135,8 +155,12 @@ def plain_loop(rt: Runtime, encoders: dict[str, Any], archive: Path,
         (key, files), = batch
         feats: dict[str, np.ndarray] = {}
         for m, raw in files.items():
-            x = encoders[m].preprocess(_decode_plain(rt.settings, m, raw, f"{key}.{m}"))
+            decoded = _decode_plain(rt.settings, m, raw, f"{key}.{m}")
+            x = encoders[m].preprocess(decoded)
             feats[m] = encoders[m].encode([x]).numpy()[0]
+            for family in families:
+                if family.modality == m:
+                    feats[family.column] = dense(family, family.features(decoded))
         if model is not None:
             classify(models, model, [feats])
         items += 1

@@ -30,7 +30,7 @@ from typing import IO, Any
 import torch
 
 from bench.report import save_json
-from mmbatch.contract import DERIVED_MODALITIES, MODALITIES, STRATEGIES, column_modality
+from mmbatch.contract import DERIVED_MODALITIES, MODALITIES, STRATEGIES
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
 from models.evaluation import accuracy_with_mask, calibration, modality_ablation
@@ -46,15 +46,15 @@ from models.training import (
     stratified_split,
 )
 from samples.shifted import write_shifted
-from store import features as feature_cache
 from store import jobs
 from store.migrate import upgrade
 from store.registry import ModelRow, get_model
+from worker.adaptation import train_step
 from worker.batch import BatchProcessor
 from worker.ingest import ingest_job
 from worker.model_cache import models_of
 from worker.runtime import Runtime
-from worker.training import column_input, column_version, train_job
+from worker.training import cached_inputs
 
 # Training used throughout: the service's defaults except fewer epochs (early stopping ends
 # runs well before 300 anyway).
@@ -352,7 +352,7 @@ def _timed_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
     for batch in ingest_job(rt, job_id):
         if BatchProcessor(rt, job_id, batch).run().next_step == "train":
             extracted = time.perf_counter()
-            train_job(rt, job_id)
+            train_step(rt, job_id)
             trained = time.perf_counter() - extracted
     total = time.perf_counter() - started
     return job_id, {"extract_seconds": round(total - trained, 1),
@@ -385,16 +385,9 @@ def _test_scores(rt: Runtime, job_id: str, model_id: int) -> dict[str, Any]:
                 rows.append(jobs.ItemRow.of(item))
             after = page[-1][0].id
         scored = score_labels(pairs, list(model.classes))
-        net = models_of(rt).classifier(model)
-        dims = net.cfg.input_dims
-        vectors = {c: feature_cache.get_features(
-                       s, column_version(c) if c not in model.encoders
-                       else model.encoders[c]["version"],
-                       [r.media[column_modality(c)].blob for r in rows
-                        if column_modality(c) in r.media]) for c in dims}
-    feats = [{c: column_input(c, vectors[c][r.media[m].blob]) for c in dims
-              for m in [column_modality(c)]
-              if m in r.media and r.media[m].blob in vectors[c]} for r in rows]
+    net = models_of(rt).classifier(model)
+    dims = net.cfg.input_dims
+    feats = cached_inputs(rt, rows, {c: model.encoders[c]["version"] for c in dims})
     tensors, mask = stack_features(dims, feats)
     labels = torch.tensor([list(model.classes).index(r.label) for r in rows])
     ablation = modality_ablation(net.cpu(), FeatureSet(tensors, mask, labels))

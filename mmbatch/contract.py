@@ -41,6 +41,17 @@ JOB_STAGES: tuple[str, ...] = ("extracting", "training")
 # Jobs whose batches only extract features, then a training (or evaluating) step follows.
 TRAINING_KINDS: tuple[str, ...] = ("train", "align")
 
+
+def training_step(kind: str, options: Mapping[str, Any] | None) -> str | None:
+    """The step that follows a job's extraction, by the job kind that names its task: "train"
+    (train jobs, and classify jobs with ``adapt``: their model is adapted to their own items
+    first, models.transduct), "align", or None (the job is done when its batches are)."""
+    if kind in TRAINING_KINDS:
+        return kind
+    if kind == "classify" and (options or {}).get("adapt"):
+        return "train"
+    return None
+
 # --- tasks and queues ---------------------------------------------------------------------------
 
 INGEST_QUEUE = "ingest"  # archive walking and housekeeping: no model, no torch
@@ -93,7 +104,15 @@ def column_modality(column: str) -> str:
 LOSSES: tuple[str, ...] = ("ce", "weighted", "focal")
 # How a train job treats each modality's encoder (docs/models.md).
 ENCODER_MODES: tuple[str, ...] = ("frozen", "finetune", "scratch", "auto")
-DEFAULT_BUDGET_SECONDS = 300.0  # auto's time budget when a train job names none
+DEFAULT_BUDGET_SECONDS = 300.0  # the most a train job's default time budget grows to
+
+
+def default_budget(items: int) -> float:
+    """A train job's time budget in seconds when it names none: a tenth of a second per
+    labelled item, between 60 and DEFAULT_BUDGET_SECONDS (3,000 items: 300 s). It bounds
+    ``mode=auto``'s trials and adapted encoders' trainings, and the stacking's search of each
+    head's regularisation; the budget option overrides it."""
+    return float(min(DEFAULT_BUDGET_SECONDS, max(60.0, items / 10)))
 # What a model version is: a fusion classifier (train jobs) or an aligner into one shared space
 # for every modality (align jobs). Defaults are per tenant and kind.
 MODEL_KINDS: tuple[str, ...] = ("classifier", "aligner")
@@ -162,7 +181,9 @@ class TrainOptions:
                                     choices=ENCODER_MODES)
     audio_mode: str | None = _option("choice", "how the audio encoder is trained",
                                      choices=ENCODER_MODES)
-    budget: float | None = _option("float", "mode=auto's time budget in seconds",
+    budget: float | None = _option("float", "the time budget in seconds of mode=auto's "
+                                            "trials, adapted encoders and the stacking's "
+                                            "search (default: 0.1 s per item, 60 to 300)",
                                    low=10.0, high=3600.0, unit="seconds")
     stacking_folds: int | None = _option(
         "int", "strategy=late only: 0 trains the per-modality classifiers and their weights "

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from mmbatch.contract import ACTIVE_STATES, TERMINAL_STATES, TRAINING_KINDS
+from mmbatch.contract import ACTIVE_STATES, TERMINAL_STATES, TRAINING_KINDS, training_step
 from store import joblog
 from store.schema import (
     JOB_ID_LENGTH,
@@ -83,6 +83,8 @@ def result_model(job: Job) -> int:
     """The model version a job's results are keyed by (a train job's are its features')."""
     if job.kind in TRAINING_KINDS or job.model_version_id is None:
         return NO_MODEL
+    if training_step(job.kind, job.options) and job.stage is not None:
+        return NO_MODEL  # adapting its model: features first, then the adapted model's results
     return job.model_version_id
 
 
@@ -281,12 +283,14 @@ class BatchCommit:
 
 
 def record_outcomes(session: Session, job_id: str, model_version_id: int,
-                    outcomes: Sequence[ItemOutcome], *, replace_failed: bool = False
-                    ) -> BatchCommit:
+                    outcomes: Sequence[ItemOutcome], *, replace_failed: bool = False,
+                    count: bool = True) -> BatchCommit:
     """Insert results and move the job's counters, in the caller's transaction.
 
     Only rows that were new count, so a batch delivered twice changes nothing the second time.
     ``replace_failed`` (reprocessing) overwrites an earlier failed result for the same model.
+    ``count=False``: results of items already counted (an adapted model's, after extraction
+    counted them), the counters stay.
     """
     rows = [{
         "item_id": o.item_id,
@@ -309,6 +313,8 @@ def record_outcomes(session: Session, job_id: str, model_version_id: int,
                           else None)
     new_failed = sum(1 for (status,) in inserted if status == "failed")
     new_done = len(inserted) - new_failed
+    if not count:
+        return BatchCommit(0, 0, False)
     if inserted:
         session.execute(update(Job).where(Job.id == job_id).values(
             done=Job.done + new_done, failed=Job.failed + new_failed, updated_at=utcnow()))

@@ -201,7 +201,7 @@ def _post(client: Any, form: dict[str, str]) -> Any:
     {"strategy": "late", "stacking_folds": "three"},
     {"strategy": "late", "stacking_folds": "2.5"},
     {"strategy": "gated", "stacking_folds": "3"},
-    {"stacking_folds": "3"},  # the default strategy is concat
+    {"stacking_folds": "3"},  # the default strategy is stack
 ])
 def test_bad_stacking_folds_are_400(api: Any, form: dict[str, str]) -> None:
     r = _post(api[0], form)

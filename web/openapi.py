@@ -533,6 +533,11 @@ def _paths(settings: Any) -> dict[str, Any]:
             "priority": {"type": "string", "enum": list(PRIORITIES),
                          "description": "who goes first when workers are shared (default "
                                         "normal; at most the key's max priority)"},
+            "adapt": {"type": "boolean",
+                      "description": "classify with a stacked model only: adapt the model to "
+                                     "this archive's own items first (a derived model "
+                                     "version, never the default by itself), and take the "
+                                     "results from it"},
             # a train job's options (mmbatch.contract.TrainOptions), train only
             **TrainOptions.schema(),
         },

@@ -186,7 +186,7 @@ def _model_shown(s: Session, job: Job, requested: Any) -> ModelVersion | None:
 
 
 # The fields of a job request besides its archive and a train job's options.
-JOB_FIELDS = ("kind", "model", "callback_url", "upload", "priority")
+JOB_FIELDS = ("kind", "model", "callback_url", "upload", "priority", "adapt")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 
 
@@ -427,6 +427,12 @@ def _job_request(svc: Services, mimetype: str, form: MultiDict[str, str],
     options = _options(kind, form)
     with svc.db.session() as s:
         model_id = _resolve_model(s, kind, form.get("model"))
+        if options.get("adapt"):
+            fusion = get_model(s, model_id).fusion if model_id is not None else None
+            if fusion != "stack":
+                raise ApiError(400, "invalid_adapt",
+                               "adapt=true adapts a stacked model (strategy=stack, the default "
+                               f"of train jobs); model {model_id} is {fusion!r}")
     return kind, archive, options, model_id, callback
 
 
@@ -632,10 +638,17 @@ def _archive(upload: FileStorage | None, missing: str) -> Any:
 
 
 def _options(kind: str, form: MultiDict[str, str]) -> dict[str, Any]:
-    """A train (or align) job's options, parsed and checked (400 ``invalid_<field>``); none
-    for others. An align job reads only ``ALIGN_OPTIONS`` of them."""
+    """A train (or align) job's options, parsed and checked (400 ``invalid_<field>``); a
+    classify job's ``adapt``; none for others. An align job reads only ``ALIGN_OPTIONS`` of
+    them."""
+    adapt = (form.get("adapt") or "").strip().lower()
+    if adapt:
+        if kind != "classify":
+            raise ApiError(400, "invalid_adapt", "adapt applies to classify jobs only")
+        if adapt not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ApiError(400, "invalid_adapt", "adapt must be true or false")
     if kind not in ("train", "align"):
-        return {}
+        return {"adapt": True} if adapt in ("true", "1", "yes", "on") else {}
     try:
         options = TrainOptions.parse(form).to_dict()
     except OptionError as exc:

@@ -24,7 +24,13 @@ import numpy as np
 from PIL import Image
 
 from media.decode import read_text
-from mmbatch.contract import AUDIO_SOURCE_VIDEO, DEFAULT_STRATEGY, MODALITIES, TRAINING_KINDS
+from mmbatch.contract import (
+    AUDIO_SOURCE_VIDEO,
+    DEFAULT_STRATEGY,
+    MODALITIES,
+    TRAINING_KINDS,
+    training_step,
+)
 from models.align import embed_items, item_vector
 from models.explain import explain
 from models.families import BY_COLUMN, FAMILIES, Family, dense
@@ -70,6 +76,8 @@ class Batch:
     items: list[jobs.ItemRow]
     model: ModelRow | None
     families: tuple[Family, ...] = ()
+    # what follows the batches: "train"/"align" (their batches only extract features), None
+    then: str | None = None
 
 
 class BatchProcessor:
@@ -96,13 +104,13 @@ class BatchProcessor:
         segment = (self.segment(batch, outcomes)
                    if batch.model is not None and batch.model.kind == "aligner" else None)
         with self.rt.db.session() as s:
-            report = commit(s, self.job_id, batch.kind, outcomes,
-                            batch.model.id if batch.model else NO_MODEL)
+            report = commit(s, self.job_id, batch.kind, batch.then, outcomes,
+                            batch.model.id if batch.model and not batch.then else NO_MODEL)
             if segment is not None and batch.model is not None:
                 report = self.append(s, batch.model, *segment, report)
         self.rt.metrics.items(batch.kind, report.new_done, report.new_failed)
         self.rt.metrics.batch(batch.kind, time.perf_counter() - started)
-        if report.completed and batch.model is not None:
+        if report.completed and batch.model is not None and not batch.then:
             self.record_shift(batch.model)
         return report
 
@@ -148,7 +156,8 @@ class BatchProcessor:
             elif job.kind == "train" and ((job.options or {}).get("strategy")
                                           or DEFAULT_STRATEGY) == "stack":
                 families = FAMILIES
-            return Batch(job.kind, jobs.batch_items(s, job, ids), model, families)
+            return Batch(job.kind, jobs.batch_items(s, job, ids), model, families,
+                         training_step(job.kind, job.options))
 
     def encode(self, batch: Batch) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, str]]:
         """Per item, the features of each modality present, or the error that failed it.
@@ -300,7 +309,7 @@ class BatchProcessor:
         if not ok:
             return outcomes
         info = {it.id: self.item_info(it, features[it.id]) for it in ok}
-        if batch.kind in TRAINING_KINDS:
+        if batch.then:  # features only: a training (or an adaptation) follows
             return outcomes + [jobs.ItemOutcome(it.id, label=it.label, info=info.get(it.id))
                                for it in ok]
         feats = [features[it.id] for it in ok]
@@ -431,17 +440,17 @@ def plain_embedding(feats: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def commit(s: Any, job_id: str, kind: str, outcomes: Sequence[jobs.ItemOutcome],
-           model_version_id: int) -> BatchReport:
-    """Write outcomes and counters; the batch that completes the job finishes it (a train
-    job's moves on to training)."""
+def commit(s: Any, job_id: str, kind: str, then: str | None,
+           outcomes: Sequence[jobs.ItemOutcome], model_version_id: int) -> BatchReport:
+    """Write outcomes and counters; the batch that completes the job finishes it, or moves it
+    on to the step ``then`` names (training: a train job's, an adapting classify job's)."""
     written = jobs.record_outcomes(s, job_id, model_version_id, outcomes,
                                    replace_failed=kind == "reprocess")
     next_step = None
     if written.completed:
-        if kind in TRAINING_KINDS:
+        if then:
             if jobs.enter_stage(s, job_id, "extracting", "training"):
-                next_step = kind
+                next_step = then
         else:
             jobs.finish_job(s, job_id)
     return BatchReport(written.new_done, written.new_failed, written.completed, next_step)
@@ -454,7 +463,8 @@ def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) ->
         if job.state != "running":
             return BatchReport()
         kind = job.kind
-        report = commit(s, job_id, kind, [jobs.ItemOutcome(i, error=error) for i in item_ids],
+        report = commit(s, job_id, kind, training_step(kind, job.options),
+                        [jobs.ItemOutcome(i, error=error) for i in item_ids],
                         jobs.result_model(job))
     rt.metrics.items(kind, report.new_done, report.new_failed)
     return report

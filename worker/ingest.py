@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from media.archive import ArchiveError, LabelRow, Limits, walk
-from mmbatch.contract import TRAINING_KINDS
+from mmbatch.contract import training_step
 from store import dispatch as plans
 from store import jobs
 from store.blobs import BlobNotFound
@@ -36,6 +36,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
         jobs.reset_items(s, job_id)
         kind, archive_blob = job.kind, job.archive_blob
+        step = training_step(kind, job.options)
         sources, holdout = job.options.get("from_jobs"), job.options.get("holdout")
         model = (get_model(s, job.model_version_id)
                  if job.model_version_id is not None and kind != "train" else None)
@@ -77,7 +78,7 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
         total = jobs.add_items(s, job_id, rows)
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
                                 report=found.report(), started_at=jobs.utcnow(),
-                                stage="extracting" if kind in TRAINING_KINDS else None,
+                                stage="extracting" if step else None,
                                 warnings=warnings)
         ids = jobs.item_ids(s, job_id) if moved else []
         plans.plan(s, job_id, ids, rt.settings.batch_size)  # with the items, in one commit

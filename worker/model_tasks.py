@@ -29,7 +29,8 @@ from worker.dispatch import dispatch
 from worker.index_build import build_index
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
 from worker.runtime import Runtime, runtime_for
-from worker.training import TrainingInterrupted, train_job
+from worker.adaptation import train_step
+from worker.training import TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _follow_up(task: Any, rt: Runtime, job_id: str, batch_id: int | None,
 
 @shared_task(name=TASK_TRAIN, bind=True, max_retries=MAX_RETRIES)
 def train(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
-    _training_task(self, job_id, train_job, "training")
+    _training_task(self, job_id, train_step, "training")
 
 
 @shared_task(name=TASK_ALIGN, bind=True, max_retries=MAX_RETRIES)

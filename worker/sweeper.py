@@ -15,7 +15,7 @@ from mmbatch.contract import (
     TASK_INGEST,
     TASK_TRAIN,
     TASK_WEBHOOKS,
-    TRAINING_KINDS,
+    training_step,
 )
 from store import dispatch as plans
 from store import jobs
@@ -43,15 +43,16 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
     cutoff = utcnow() - dt.timedelta(seconds=age)
     out = Revival()
     with rt.db.session() as s:
-        stale = [(j.id, j.state, j.kind, j.stage) for j in jobs.stale_jobs(s, cutoff)]
-    for job_id, state, kind, stage in stale:
+        stale = [(j.id, j.state, j.kind, j.stage, training_step(j.kind, j.options))
+                 for j in jobs.stale_jobs(s, cutoff)]
+    for job_id, state, kind, stage, then in stale:
         with rt.db.session() as s:
             jobs.touch(s, job_id)  # one revival per stale period, not one per sweep
             if state in ("queued", "ingesting"):
                 out.ingest.append(job_id)
                 continue
-            if kind in TRAINING_KINDS and stage == "training":
-                (out.align if kind == "align" else out.train).append(job_id)
+            if then and stage == "training":
+                (out.align if then == "align" else out.train).append(job_id)
                 continue
             pending = jobs.item_ids(s, job_id, pending_only=True)
             if pending and plans.planned(s, job_id):
@@ -59,9 +60,8 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
                 continue
             if not pending:
                 # every item has its result but the finishing step was lost
-                if kind in TRAINING_KINDS and jobs.enter_stage(s, job_id, "extracting",
-                                                               "training"):
-                    (out.align if kind == "align" else out.train).append(job_id)
+                if then and jobs.enter_stage(s, job_id, "extracting", "training"):
+                    (out.align if then == "align" else out.train).append(job_id)
                 elif jobs.finish_job(s, job_id):
                     out.finished.append(job_id)
                 continue

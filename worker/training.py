@@ -20,12 +20,12 @@ import torch
 from celery.worker import state as worker_state
 
 from mmbatch.contract import (
-    DEFAULT_BUDGET_SECONDS,
     DEFAULT_STRATEGY,
     MODALITIES,
     OptionError,
     TrainOptions,
     column_modality,
+    default_budget,
 )
 from mmbatch.scoring import score_labels
 from models.adapt import (
@@ -120,7 +120,7 @@ def _train(rt: Runtime, job_id: str, rows: list[ItemRow], stored: dict[str, Any]
     if not train_idx:
         raise TrainingError("the train split is empty")
     modes = options.encoder_modes(present)
-    budget = options.budget or DEFAULT_BUDGET_SECONDS
+    budget = options.budget or default_budget(len(rows))
     if "auto" in modes.values() and not val_idx:
         raise TrainingError("mode auto chooses on the validation split, and it is empty")
     strategy = options.strategy or DEFAULT_STRATEGY
@@ -235,16 +235,8 @@ def _promotion_gate(rt: Runtime, job_id: str, trained: TrainedClassifier, data: 
     mine = [classes[int(i)] for i in probs.argmax(dim=1)]
     # the default's own inputs for the holdout items, read from the cache: it may take
     # feature families this job did not compute, or not take some that it did
-    holdout = [rows[i] for i in data.val_idx]
-    wanted = {c: e["version"] for c, e in current_row.encoders.items()}
-    with rt.db.session() as s:
-        vectors = {c: feature_cache.get_features(
-                       s, version, [r.media[column_modality(c)].blob for r in holdout
-                                    if column_modality(c) in r.media])
-                   for c, version in wanted.items()}
-    feats = [{c: column_input(c, vectors[c][r.media[m].blob]) for c in wanted
-              for m in [column_modality(c)]
-              if m in r.media and r.media[m].blob in vectors[c]} for r in holdout]
+    feats = cached_inputs(rt, [rows[i] for i in data.val_idx],
+                          {c: e["version"] for c, e in current_row.encoders.items()})
     theirs_probs, _, _ = classify(models_of(rt), current_row, feats)
     theirs = [current_row.classes[int(i)] for i in theirs_probs.argmax(axis=1)]
     union = sorted({*classes, *current_row.classes, *truth})
@@ -360,6 +352,21 @@ def column_version(column: str) -> str:
 def column_input(column: str, cached: np.ndarray) -> np.ndarray:
     """A cached vector as the column's input (a sparse family's counts expanded)."""
     return dense(BY_COLUMN[column], cached) if column in BY_COLUMN else cached
+
+
+def cached_inputs(rt: Runtime, rows: list[ItemRow], versions: dict[str, str]
+                  ) -> list[dict[str, np.ndarray]]:
+    """Each row's cached inputs of the columns ``versions`` names (column -> feature cache
+    key, as a model version's ``encoders`` record them), a sparse family's expanded; a column
+    the row lacks, or whose features were never cached, is left out."""
+    with rt.db.session() as s:
+        vectors = {c: feature_cache.get_features(
+                       s, version, [r.media[column_modality(c)].blob for r in rows
+                                    if column_modality(c) in r.media])
+                   for c, version in versions.items()}
+    return [{c: column_input(c, vectors[c][r.media[m].blob]) for c in versions
+             for m in [column_modality(c)]
+             if m in r.media and r.media[m].blob in vectors[c]} for r in rows]
 
 
 def fold_groups(rows: list[ItemRow]) -> list[str | None]:
