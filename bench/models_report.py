@@ -30,7 +30,7 @@ from typing import IO, Any
 import torch
 
 from bench.report import save_json
-from mmbatch.contract import DERIVED_MODALITIES, MODALITIES, STRATEGIES
+from mmbatch.contract import DEFAULT_STRATEGY, DERIVED_MODALITIES, MODALITIES, STRATEGIES
 from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
 from models.evaluation import accuracy_with_mask, calibration, modality_ablation
@@ -331,9 +331,19 @@ def shifted_figures(data_dir: Path, n_train: int = 3200, n_test: int = 1200, see
                                                                           **options})
             model_id = _model_id(rt, job_id)
             classify, classify_times = _timed_job(rt, test_tar, "classify", model=model_id)
-            out["variants"][name] = {"options": options, **times,
-                                     "classify_seconds": classify_times["extract_seconds"],
-                                     **_test_scores(rt, classify, model_id)}
+            row = out["variants"][name] = {
+                "options": options, **times, "classify_seconds": classify_times["extract_seconds"],
+                **_test_scores(rt, classify, model_id)}
+            if (options.get("strategy") or DEFAULT_STRATEGY) == "stack":
+                # the same test archive again, the model adapted to it first (adapt=true)
+                adapted, adapt_times = _timed_job(rt, test_tar, "classify", model=model_id,
+                                                  options={"adapt": True})
+                derived = _model_id(rt, adapted)
+                scores = _test_scores(rt, adapted, derived)
+                row["adapt"] = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+                                "alone": scores["alone"], "model": derived,
+                                "seconds": adapt_times["extract_seconds"]
+                                + adapt_times["train_seconds"]}
         return out
     finally:
         rt.close()
@@ -363,7 +373,7 @@ def _model_id(rt: Runtime, job_id: str) -> int:
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         if job.state != "succeeded" or job.model_version_id is None:
-            raise RuntimeError(f"train job {job_id} {job.state}: {job.error}")
+            raise RuntimeError(f"job {job_id} {job.state}: {job.error}")
         return int(job.model_version_id)
 
 
@@ -406,11 +416,17 @@ def render_shifted(fig: dict[str, Any]) -> str:
               "| extraction s | training s |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in fig["variants"].items():
-        alone = r["alone"]
-        lines.append(f"| {name} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | "
-                     + " | ".join(_pct(alone[m]) if m in alone else "-"
-                                  for m in FILE_MODALITIES)
-                     + f" | {r['extract_seconds']:.0f} | {r['train_seconds']:.0f} |")
+        for label, row, seconds in ((name, r, (f"{r['extract_seconds']:.0f}",
+                                               f"{r['train_seconds']:.0f}")),
+                                    (f"{name}, classified with adapt=true", r.get("adapt"),
+                                     ("-", f"{(r.get('adapt') or {}).get('seconds', 0):.0f}"))):
+            if row is None:
+                continue
+            alone = row["alone"]
+            lines.append(f"| {label} | {_pct(row['accuracy'])} | {_pct(row['macro_f1'])} | "
+                         + " | ".join(_pct(alone[m]) if m in alone else "-"
+                                      for m in FILE_MODALITIES)
+                         + f" | {seconds[0]} | {seconds[1]} |")
     return "\n".join(lines)
 
 
