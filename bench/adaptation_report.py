@@ -78,10 +78,10 @@ def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 
         out: dict[str, Any] = {"per_group": per_group, "seed": seed, "budget": budget}
         for mode in modes:
             started = time.perf_counter()
-            job_id = run_job(rt, archive, "train",
-                             options={"name": f"far-{mode}", "epochs": epochs, "seed": seed,
-                                      "mode": mode, "budget": budget, "patience": 25,
-                                      "strategy": "concat"})
+            options = ({"name": "far-default", "seed": seed} if mode == "default" else
+                       {"name": f"far-{mode}", "epochs": epochs, "seed": seed, "mode": mode,
+                        "budget": budget, "patience": 25, "strategy": "concat"})
+            job_id = run_job(rt, archive, "train", options=options)
             model = _model_of(rt, job_id)
             model["wall_seconds"] = time.perf_counter() - started
             out[mode] = model
@@ -100,13 +100,16 @@ def _print(result: dict[str, Any]) -> None:
           f"{result['seed']}, budget {result['budget']:g} s")
     print("| mode | val acc | macro F1 | modes | groups train/val/shared | s/epoch | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for mode in [m for m in ("frozen", "finetune", "scratch", "auto") if m in result]:
+    for mode in [m for m in ("frozen", "finetune", "scratch", "auto", "default") if m in result]:
         m = result[mode]["metrics"]
         g = m["groups"]
         modes = ", ".join(f"{k} {v}" for k, v in m["encoder_modes"].items())
-        print(f"| {mode} | {100 * m['val_accuracy']:.1f} | {100 * m['val_macro_f1']:.1f} | "
+        per_epoch = (f"{m['seconds_per_epoch']:.3f}" if m.get("seconds_per_epoch") is not None
+                     else "-")
+        name = "default (stack)" if mode == "default" else f"{mode} (concat)"
+        print(f"| {name} | {100 * m['val_accuracy']:.1f} | {100 * m['val_macro_f1']:.1f} | "
               f"{modes} | {g['train']}/{g['val']}/{g['shared']} | "
-              f"{m['seconds_per_epoch']:.3f} | {result[mode]['wall_seconds']:.0f} |")
+              f"{per_epoch} | {result[mode]['wall_seconds']:.0f} |")
     adaptation = result["auto"]["metrics"].get("adaptation", {}).get("modalities", {})
     print("\n| modality | frozen alone F1 | finetune alone F1 | finetune s/epoch | "
           "scratch alone F1 | scratch s/epoch | chosen |")

@@ -60,6 +60,7 @@ class Family:
 PIXELS_SIDE = 16
 HOG_SIDE = 32
 _INK_THRESHOLD = 0.25  # of the range between background and the brightest ink
+WORKING_SIDE = 128  # larger images are reduced to this first (15 ms -> 1 ms a photograph)
 
 
 def normalized_gray(img: Image.Image, side: int) -> np.ndarray:
@@ -71,6 +72,10 @@ def normalized_gray(img: Image.Image, side: int) -> np.ndarray:
     which is background) and framing (a digit in the middle of a wide margin or filling the
     frame). A photograph's "ink" covers most of it, so it is only resized.
     """
+    if max(img.size) > WORKING_SIDE:  # a photograph: its ink crop needs no more than this
+        scale = WORKING_SIDE / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BOX, reducing_gap=2.0)
     gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0  # (H, W)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if np.median(border) > gray.mean():

@@ -33,7 +33,7 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 def trained(rt: Runtime, sample_dir: Any) -> dict[str, Any]:
     job_id = run_job(rt, sample_dir.train, "train",
                      options={"name": "tuned", "epochs": 6, "seed": 1, "patience": 10,
-                              "mode": "finetune", "budget": 120})
+                              "mode": "finetune", "budget": 120, "strategy": "concat"})
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         assert job.state == "succeeded", job.error

@@ -136,8 +136,11 @@ def test_train_then_classify(deployment: tuple[Client, Settings], sample_dir: An
     assert train["failed"] == 0
     assert {r["split"] for r in rows} == {"train", "val"}
     model = client.model(train["model"]["id"])
-    assert model["fusion"] == "concat" and len(model["classes"]) == 4
-    assert set(model["encoders"]) == {"image", "text", "audio"}
+    assert model["fusion"] == "stack" and len(model["classes"]) == 4  # the default
+    encoders = {c: e for c, e in model["encoders"].items() if ":" not in c}
+    assert set(encoders) == {"image", "text", "audio"}
+    assert {c for c in model["encoders"] if ":" in c} <= {  # the feature families it kept
+        "image:pixels", "image:hog", "text:chars", "audio:mfcc"}
     assert model["metrics"]["val_accuracy"] >= 0.6, model["metrics"]
     assert "validation" in model["metrics"] and "macro_f1" in model["metrics"]["validation"]
 
