@@ -37,6 +37,16 @@ from worker.ingest import ingest_job
 from worker.runtime import Runtime
 
 
+def embedded_runtime(data_dir: Path) -> Runtime:
+    """The service's runtime on a fresh SQLite database and blob store under ``data_dir``,
+    with no broker (jobs run as plain functions in this process)."""
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
+                                  "MMBATCH_BROKER_URL": "memory://",
+                                  "MMBATCH_BATCH_SIZE": "64"})
+    upgrade(settings.db_url)
+    return Runtime(settings)
+
+
 def run_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
             options: dict[str, Any] | None = None) -> str:
     """Create a job and run it to the end in this process, as the worker would (a train job's
@@ -68,11 +78,7 @@ def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 
             ) -> dict[str, Any]:
     """Train each of ``modes`` (frozen and auto at least) on the far sample; their metrics and
     the auto model's shift report on the training archive."""
-    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
-                                  "MMBATCH_BROKER_URL": "memory://",
-                                  "MMBATCH_BATCH_SIZE": "64"})
-    upgrade(settings.db_url)
-    rt = Runtime(settings)
+    rt = embedded_runtime(data_dir)
     try:
         archive = write_far_sample(data_dir / "sample", per_group, seed)
         out: dict[str, Any] = {"per_group": per_group, "seed": seed, "budget": budget}

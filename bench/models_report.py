@@ -29,10 +29,10 @@ from typing import IO, Any
 
 import torch
 
+from bench.adaptation_report import embedded_runtime
 from bench.report import save_json
 from mmbatch.contract import DEFAULT_STRATEGY, DERIVED_MODALITIES, MODALITIES, STRATEGIES
 from mmbatch.scoring import score_labels
-from mmbatch.settings import Settings
 from models.evaluation import accuracy_with_mask, calibration, modality_ablation
 from models.fusion import FusionConfig
 from models.registry import build_encoder
@@ -47,7 +47,6 @@ from models.training import (
 )
 from samples.shifted import write_shifted
 from store import jobs
-from store.migrate import upgrade
 from store.registry import ModelRow, get_model
 from worker.adaptation import train_step
 from worker.batch import BatchProcessor
@@ -317,11 +316,7 @@ def shifted_figures(data_dir: Path, n_train: int = 3200, n_test: int = 1200, see
     functions on SQLite, as bench.adaptation_report does), classify ``shifted_test.tar`` with
     it, and score: test accuracy and macro F1, each modality alone on the test items (the
     model with the others masked), extraction and training seconds."""
-    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(data_dir),
-                                  "MMBATCH_BROKER_URL": "memory://",
-                                  "MMBATCH_BATCH_SIZE": "64"})
-    upgrade(settings.db_url)
-    rt = Runtime(settings)
+    rt = embedded_runtime(data_dir)
     try:
         train_tar, test_tar = write_shifted(data_dir / "shifted", n_train, n_test, seed)
         out: dict[str, Any] = {"train": n_train, "test": n_test, "seed": seed, "variants": {}}

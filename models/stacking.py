@@ -380,32 +380,29 @@ def _to_module(cfg: FusionConfig, heads: dict[str, _Head], meta: LogisticRegress
     c_count = cfg.num_classes
     with torch.no_grad():
         for col, head in heads.items():
-            linear = model.column_heads[col]
-            weight = np.zeros((c_count, cfg.input_dims[col]))
-            bias = np.full(c_count, UNSEEN)  # classes the head never saw: never its vote
-            coef, intercept = head.lr.coef_, head.lr.intercept_
-            if len(head.lr.classes_) == 2:  # binary: scikit-learn keeps one row
-                coef = np.concatenate([-coef / 2, coef / 2])
-                intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-            weight[head.lr.classes_] = coef
-            bias[head.lr.classes_] = intercept
-            linear.weight.copy_(torch.from_numpy(weight).float())
-            linear.bias.copy_(torch.from_numpy(bias).float())
+            copy_linear(head.lr, model.column_heads[col], c_count)
             if head.idf is not None:
                 model.tfidf[col].idf.copy_(torch.from_numpy(head.idf).float())
             else:
                 assert head.mean is not None and head.std is not None
                 model.set_standardization(col, torch.from_numpy(head.mean).float(),
                                           torch.from_numpy(head.std).float())
-        k = len(heads)
-        weight = np.zeros((c_count, k * c_count))
-        bias = np.full(c_count, UNSEEN)
-        coef, intercept = meta.coef_, meta.intercept_
-        if len(meta.classes_) == 2:
-            coef = np.concatenate([-coef / 2, coef / 2])
-            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-        weight[meta.classes_] = coef
-        bias[meta.classes_] = intercept
-        model.meta.weight.copy_(torch.from_numpy(weight).float())
-        model.meta.bias.copy_(torch.from_numpy(bias).float())
+        copy_linear(meta, model.meta, c_count)
     return model.eval()
+
+
+def copy_linear(lr: LogisticRegression, linear: torch.nn.Linear, num_classes: int) -> None:
+    """A fitted logistic regression's weights into ``linear`` (C outputs): a class it never
+    saw gets zero weights and the logit UNSEEN (never its vote); a binary one's single row
+    becomes two opposite halves (the same probabilities through a softmax)."""
+    weight = np.zeros((num_classes, linear.in_features))
+    bias = np.full(num_classes, UNSEEN)
+    coef, intercept = lr.coef_, lr.intercept_
+    if len(lr.classes_) == 2:
+        coef = np.concatenate([-coef / 2, coef / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight[lr.classes_] = coef
+    bias[lr.classes_] = intercept
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight).float())
+        linear.bias.copy_(torch.from_numpy(bias).float())

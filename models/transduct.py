@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from mmbatch.contract import column_modality
 from models.fusion import FusionClassifier
-from models.stacking import COUNT_C, DENSE_C, UNSEEN
+from models.stacking import COUNT_C, DENSE_C, copy_linear
 from models.training import FeatureSet, forward_eval
 
 ROUNDS = 3
@@ -171,21 +171,9 @@ def _refit_column(model: FusionClassifier, column: str, index: int, train: Featu
     y = np.concatenate([y_train[have_train], pseudo[have_target]])
     if len(np.unique(y)) < 2:
         return
-    head = model.column_heads[column]
-    old = head.weight.detach().numpy()
     if strength is None:  # the stacking's first strength for such a column
         strength = COUNT_C[0] if column in model.cfg.count_columns else DENSE_C[0]
     with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         lr = LogisticRegression(C=strength, max_iter=300, random_state=seed).fit(x, y)
-    weight = np.zeros_like(old)
-    bias = np.full(c_count, UNSEEN)
-    coef, intercept = lr.coef_, lr.intercept_
-    if len(lr.classes_) == 2:
-        coef = np.concatenate([-coef / 2, coef / 2])
-        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight[lr.classes_] = coef
-    bias[lr.classes_] = intercept
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight).float())
-        head.bias.copy_(torch.from_numpy(bias).float())
+    copy_linear(lr, model.column_heads[column], c_count)
