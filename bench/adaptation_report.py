@@ -74,7 +74,8 @@ def _model_of(rt: Runtime, job_id: str) -> dict[str, Any]:
 
 
 def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 120.0,
-            epochs: int = 150, modes: tuple[str, ...] = ("frozen", "finetune", "auto"),
+            epochs: int = 150,
+            modes: tuple[str, ...] = ("frozen", "finetune", "auto", "default"),
             ) -> dict[str, Any]:
     """Train each of ``modes`` (frozen and auto at least) on the far sample; their metrics and
     the auto model's shift report on the training archive."""
@@ -91,11 +92,12 @@ def measure(data_dir: Path, per_group: int = 48, seed: int = 0, budget: float = 
             model = _model_of(rt, job_id)
             model["wall_seconds"] = time.perf_counter() - started
             out[mode] = model
-        classify = run_job(rt, archive, "classify", model=out["auto"]["id"])
-        with rt.db.session() as s:
-            job = jobs.get_job(s, classify)
-            out["classify"] = {"state": job.state, "shift": (job.report or {}).get("shift"),
-                               "done": job.done, "failed": job.failed}
+        if "auto" in out:
+            classify = run_job(rt, archive, "classify", model=out["auto"]["id"])
+            with rt.db.session() as s:
+                job = jobs.get_job(s, classify)
+                out["classify"] = {"state": job.state, "shift": (job.report or {}).get("shift"),
+                                   "done": job.done, "failed": job.failed}
         return out
     finally:
         rt.close()

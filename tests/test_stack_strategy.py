@@ -6,6 +6,7 @@ under their own versions, read back, the model refused where a family changed)."
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -17,17 +18,23 @@ from PIL import Image, ImageDraw
 
 from bench.adaptation_report import run_job
 from mmbatch.contract import DEFAULT_STRATEGY
-from models.adapt import TrainingData, TrainingPlan, train_classifier
+from mmbatch.settings import Settings
+from models.adapt import TrainingData, TrainingPlan, scratch_config, train_classifier
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.families import BY_COLUMN, FAMILIES, dense, families_of
 from models.fusion import FusionConfig
 from models.scratch import preprocess
 from models.stacking import fit_stack, group_folds
 from models.training import FeatureSet, TrainConfig, predict
+from models.transduct import adapt_stack
 from store import features as feature_cache
 from store import jobs
-from store.registry import ModelRow, get_model
-from tests.util import embedded_runtime
+from store.db import Database
+from store.keys import create_key
+from store.migrate import upgrade
+from store.registry import ModelRow, default_model, get_model, register_model
+from tests.util import embedded_runtime, tar_bytes
+from web.app import create_app
 from worker.model_cache import models_of
 from worker.runtime import Runtime
 
@@ -212,8 +219,6 @@ def test_stacking_takes_a_scratch_encoder_beside_frozen_features() -> None:
     cfg = FusionConfig({"image": 8, "text": 8}, classes, strategy="stack")
     data = FeatureSet({"image": image, "text": frozen}, torch.ones(n, 2, dtype=torch.bool),
                       torch.tensor(y))
-    from models.adapt import scratch_config
-
     raw = torch.stack([preprocess(scratch_config("text"), w) for w in words])
     train_idx, val_idx = list(range(90)), list(range(90, n))
     training = TrainingData(data.subset(train_idx), data.subset(val_idx), train_idx, val_idx,
@@ -332,8 +337,6 @@ def _accuracy(model: Any, data: FeatureSet) -> float:
 
 
 def test_co_training_learns_the_moved_view_from_the_others() -> None:
-    from models.transduct import adapt_stack
-
     gains = []
     for seed in (1, 2, 3):  # seeds 0-5 gave +0.3, +12.8, +4.3, +10.3, +6.9, +5.2 points
         train, val, target, cfg = _shifted_views(seed)
@@ -357,8 +360,6 @@ def test_co_training_learns_the_moved_view_from_the_others() -> None:
 
 
 def test_with_one_modality_only_the_statistics_adapt() -> None:
-    from models.transduct import adapt_stack
-
     train, val, target, _ = _shifted_views(seed=1)
 
     def only_image(d: FeatureSet) -> FeatureSet:
@@ -373,8 +374,6 @@ def test_with_one_modality_only_the_statistics_adapt() -> None:
 
 def test_a_classify_job_with_adapt_answers_from_a_derived_version(
         rt: Runtime, sample_dir: Any, stacked: dict[str, Any]) -> None:
-    from store.registry import default_model
-
     with rt.db.session() as s:
         before = default_model(s, None)
         default_before = before.id if before is not None else None
@@ -394,3 +393,36 @@ def test_a_classify_job_with_adapt_answers_from_a_derived_version(
         assert len(rows) == job.total and job.done + job.failed == job.total
         assert all(r is not None and r.model_version_id == derived.id for _, r in rows)
         assert all(r.status == "ok" and r.label in derived.classes for _, r in rows)
+
+
+def test_adapt_is_asked_of_a_classify_job_with_a_stacked_model(tmp_path: Any) -> None:
+    settings = Settings.from_env({"MMBATCH_DATA_DIR": str(tmp_path),
+                                  "MMBATCH_BROKER_URL": "memory://"})
+    upgrade(settings.db_url)
+    db = Database(settings.db_url)
+    with db.session() as s:
+        key = create_key(s, "mine")
+        ids = {fusion: register_model(s, name=fusion, fusion=fusion, classes=["a", "b"],
+                                      encoders={}, metrics={}, config={}, checkpoint_blob="0",
+                                      job_id=None, tenant_id=key.tenant_id).id
+               for fusion in ("concat", "stack")}
+    client = create_app(settings).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key.key}"
+
+    def post(**form: str) -> Any:
+        return client.post("/api/v1/jobs", data={
+            **form, "archive": (io.BytesIO(tar_bytes({"a.txt": b"x"})), "a.tar")})
+
+    for form in ({"kind": "train", "adapt": "true"},
+                 {"kind": "classify", "adapt": "maybe", "model": str(ids["stack"])},
+                 {"kind": "classify", "adapt": "true", "model": str(ids["concat"])}):
+        r = post(**form)
+        assert r.status_code == 400, (form, r.get_json())
+        assert r.get_json()["error"]["code"] == "invalid_adapt"
+    r = post(kind="classify", adapt="true", model=str(ids["stack"]))
+    assert r.status_code == 202, r.get_json()
+    with db.session() as s:
+        assert jobs.get_job(s, r.get_json()["id"]).options == {"adapt": True}
+    r = post(kind="classify", adapt="false", model=str(ids["stack"]))
+    assert r.status_code == 202, r.get_json()
+    db.dispose()
