@@ -219,14 +219,21 @@ def web(host: str | None, port: int | None) -> None:
               help="Upload in resumable chunks (tus), going on after a broken connection or "
                    "from where an earlier run of the same command stopped; --no-resume sends "
                    "the archive in one request.")
+@click.option("--adapt", is_flag=True,
+              help="classify: adapt the (stacked) model to this archive's own items first; "
+                   "the results come from the adapted version, which never becomes the "
+                   "default by itself (docs/models.md).")
 def submit(archive: Path, kind: str, model: int | None, name: str | None, wait: bool,
            idempotency_key: str | None, callback_url: str | None, url: str | None,
-           settings_: tuple[str, ...], priority: str | None, resume: bool) -> None:
+           settings_: tuple[str, ...], priority: str | None, resume: bool,
+           adapt: bool) -> None:
     """Upload ARCHIVE as a new job."""
     client = _client(url)
     extra = dict(_key_value(item) for item in settings_)
     if priority is not None:
         extra["priority"] = priority
+    if adapt:
+        extra["adapt"] = "true"
     if resume:
         state = UploadState(_settings().data_dir / "uploads.json")
         with _upload_bar(archive) as progress:

@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from bench.adaptation_report import run_job
+from cli import main as cli_main
+from cli.client import Client
 from mmbatch.contract import DEFAULT_STRATEGY
 from mmbatch.settings import Settings
 from models.adapt import TrainingData, TrainingPlan, scratch_config, train_classifier
@@ -426,3 +429,21 @@ def test_adapt_is_asked_of_a_classify_job_with_a_stacked_model(tmp_path: Any) ->
     r = post(kind="classify", adapt="false", model=str(ids["stack"]))
     assert r.status_code == 202, r.get_json()
     db.dispose()
+
+
+def test_the_command_line_asks_for_adaptation(tmp_path: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: dict[str, Any] = {}
+
+    def submit(self: Any, archive: Any, kind: str, **options: Any) -> dict[str, Any]:
+        sent.update(kind=kind, **options)
+        return {"id": "j1", "state": "queued"}
+
+    monkeypatch.setattr(Client, "submit", submit)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_bytes({"a.txt": b"x"}))
+    out = CliRunner().invoke(cli_main.main, ["submit", str(archive), "--kind", "classify",
+                                             "--adapt", "--no-resume", "--model", "3",
+                                             "--url", "http://127.0.0.1:9"])
+    assert out.exit_code == 0, out.output
+    assert sent["kind"] == "classify" and sent["adapt"] == "true" and sent["model"] == 3
