@@ -128,8 +128,8 @@ def test_upload_watch_progress_and_see_results(browser_context: Any, live: tuple
     assert rows.count() == 32
     images = page.locator("#results td.thumb img")
     assert images.count() >= 24  # about one item in ten has no image
-    page.evaluate("() => document.querySelectorAll('#results td.thumb img')"
-                  ".forEach(img => img.scrollIntoView())")
+    for i in range(images.count()):  # as a person scrolls: each lazy image comes into view
+        images.nth(i).scroll_into_view_if_needed()
     page.wait_for_function("() => [...document.querySelectorAll('#results td.thumb img')]"
                            ".every(img => img.complete && img.naturalWidth > 0)")
     widths = page.evaluate("() => [...document.querySelectorAll('#results td.thumb img')]"

@@ -347,7 +347,7 @@ def test_every_form_field_the_code_reads_is_documented(app: Any) -> None:
         "multipart/form-data"]["schema"]["properties"]
     options = {f.name for f in dataclasses.fields(TrainOptions)}
     assert set(form) == {"archive", "upload", "kind", "model", "callback_url", "priority",
-                         *options}
+                         "adapt", *options}
     assert {"name", "epochs", "seed", "strategy", "mode", "budget"} <= options
     balanced = {k: v for k, v in form["balanced"].items() if k != "description"}
     assert balanced == {"type": "boolean"} and form["strategy"]["enum"][0] == "concat"

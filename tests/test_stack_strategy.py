@@ -295,8 +295,14 @@ def test_a_classify_job_reads_the_families_back_and_explains_by_column(
         note = r.explanation
         assert note["strategy"] == "stack"
         present = [c for c in kept if c.split(":")[0] in item.media]
-        assert list(note["leave_one_out"]) == present
+        # by modality, families with their modality; each column's own share beside
+        assert list(note["leave_one_out"]) == list(dict.fromkeys(c.split(":")[0]
+                                                                  for c in present))
+        assert list(note["column_weights"]) == present
         assert sum(note["weights"].values()) == pytest.approx(1.0, abs=1e-4)
+        for m, w in note["weights"].items():
+            assert w == pytest.approx(sum(v for c, v in note["column_weights"].items()
+                                          if c.split(":")[0] == m), abs=1e-5)
     # a worker whose family has another version refuses the model, as for an encoder
     family = next(c for c in kept if c in BY_COLUMN)
     row = stacked["row"]
