@@ -174,9 +174,10 @@ def test_the_api_process_never_imports_torch() -> None:
 # comparison; web.service: the job's priority); 277 once the default model stacks feature
 # families (models.families: each family computed from the decoded file and cached, a sparse
 # one expanded; models.fusion: each column's head and the meta-model); 278 once a classify job
-# may adapt its model first (mmbatch.contract.training_step: what follows the batches). A change
-# that makes the path longer raises this on purpose.
-PATH_FUNCTIONS = 278
+# may adapt its model first (mmbatch.contract.training_step: what follows the batches); 281 once
+# an explanation groups a model's columns by modality (models.explain). A change that makes the
+# path longer raises this on purpose.
+PATH_FUNCTIONS = 281
 
 
 def _one_item_archive(tmp_path: Path) -> Path:
