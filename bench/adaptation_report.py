@@ -51,16 +51,28 @@ def run_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
             options: dict[str, Any] | None = None) -> str:
     """Create a job and run it to the end in this process, as the worker would (a train job's
     training, a classify job's adaptation with ``adapt``)."""
+    return run_timed_job(rt, archive, kind, model, options)[0]
+
+
+def run_timed_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
+                  options: dict[str, Any] | None = None) -> tuple[str, dict[str, float]]:
+    """:func:`run_job`, and the seconds of its stages: extraction (ingest and batches) and
+    what follows them (a training, an adaptation)."""
     digest = rt.blobs.put_bytes(archive.read_bytes())
     with rt.db.session() as s:
         job_id = jobs.create_job(s, kind=kind, archive_blob=digest, archive_name=archive.name,
                                  archive_bytes=archive.stat().st_size, model_version_id=model,
                                  options=options).id
+    started = time.perf_counter()
+    trained = 0.0
     for batch in ingest_job(rt, job_id):
-        report = BatchProcessor(rt, job_id, batch).run()
-        if report.next_step == "train":
+        if BatchProcessor(rt, job_id, batch).run().next_step == "train":
+            extracted = time.perf_counter()
             train_step(rt, job_id)
-    return job_id
+            trained = time.perf_counter() - extracted
+    total = time.perf_counter() - started
+    return job_id, {"extract_seconds": round(total - trained, 1),
+                    "train_seconds": round(trained, 1)}
 
 
 def _model_of(rt: Runtime, job_id: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import torch
 
-from bench.adaptation_report import embedded_runtime
+from bench.adaptation_report import embedded_runtime, run_timed_job
 from bench.report import save_json
 from mmbatch.contract import DEFAULT_STRATEGY, DERIVED_MODALITIES, MODALITIES, STRATEGIES
 from mmbatch.scoring import score_labels
@@ -48,9 +48,6 @@ from models.training import (
 from samples.shifted import write_shifted
 from store import jobs
 from store.registry import ModelRow, get_model
-from worker.adaptation import train_step
-from worker.batch import BatchProcessor
-from worker.ingest import ingest_job
 from worker.model_cache import models_of
 from worker.runtime import Runtime
 from worker.training import cached_inputs
@@ -321,17 +318,17 @@ def shifted_figures(data_dir: Path, n_train: int = 3200, n_test: int = 1200, see
         train_tar, test_tar = write_shifted(data_dir / "shifted", n_train, n_test, seed)
         out: dict[str, Any] = {"train": n_train, "test": n_test, "seed": seed, "variants": {}}
         for name, options in (variants or SHIFTED_VARIANTS).items():
-            job_id, times = _timed_job(rt, train_tar, "train", options={"name": "shifted",
+            job_id, times = run_timed_job(rt, train_tar, "train", options={"name": "shifted",
                                                                           "seed": seed,
                                                                           **options})
             model_id = _model_id(rt, job_id)
-            classify, classify_times = _timed_job(rt, test_tar, "classify", model=model_id)
+            classify, classify_times = run_timed_job(rt, test_tar, "classify", model=model_id)
             row = out["variants"][name] = {
                 "options": options, **times, "classify_seconds": classify_times["extract_seconds"],
                 **_test_scores(rt, classify, model_id)}
             if (options.get("strategy") or DEFAULT_STRATEGY) == "stack":
                 # the same test archive again, the model adapted to it first (adapt=true)
-                adapted, adapt_times = _timed_job(rt, test_tar, "classify", model=model_id,
+                adapted, adapt_times = run_timed_job(rt, test_tar, "classify", model=model_id,
                                                   options={"adapt": True})
                 derived = _model_id(rt, adapted)
                 scores = _test_scores(rt, adapted, derived)
@@ -342,26 +339,6 @@ def shifted_figures(data_dir: Path, n_train: int = 3200, n_test: int = 1200, see
         return out
     finally:
         rt.close()
-
-
-def _timed_job(rt: Runtime, archive: Path, kind: str, model: int | None = None,
-               options: dict[str, Any] | None = None) -> tuple[str, dict[str, float]]:
-    """Run a job to its end in this process; its id and its stages' seconds."""
-    digest = rt.blobs.put_bytes(archive.read_bytes())
-    with rt.db.session() as s:
-        job_id = jobs.create_job(s, kind=kind, archive_blob=digest, archive_name=archive.name,
-                                 archive_bytes=archive.stat().st_size, model_version_id=model,
-                                 options=options).id
-    started = time.perf_counter()
-    trained = 0.0
-    for batch in ingest_job(rt, job_id):
-        if BatchProcessor(rt, job_id, batch).run().next_step == "train":
-            extracted = time.perf_counter()
-            train_step(rt, job_id)
-            trained = time.perf_counter() - extracted
-    total = time.perf_counter() - started
-    return job_id, {"extract_seconds": round(total - trained, 1),
-                    "train_seconds": round(trained, 1)}
 
 
 def _model_id(rt: Runtime, job_id: str) -> int:

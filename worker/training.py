@@ -293,14 +293,8 @@ def _training_data(rt: Runtime, rows: list[ItemRow], targets: list[int], plan: T
                    train_idx: list[int], val_idx: list[int], pulse: Pulse) -> TrainingData:
     """The items' cached frozen features, split, and the raw inputs their modes need."""
     dims = plan.fusion.input_dims
-    with rt.db.session() as s:
-        vectors = {c: feature_cache.get_features(s, column_version(c),
-                                                 [r.media[m].blob for r in rows if m in r.media])
-                   for c in dims for m in [column_modality(c)]}
     # a clip without a sound track has no audio features: the item trains without audio
-    feats = [{c: column_input(c, vectors[c][r.media[m].blob]) for c in dims
-              for m in [column_modality(c)]
-              if m in r.media and r.media[m].blob in vectors[c]} for r in rows]
+    feats = cached_inputs(rt, rows, {c: column_version(c) for c in dims})
 
     def subset(idx: list[int]) -> FeatureSet | None:
         if not idx:
