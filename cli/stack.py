@@ -95,9 +95,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Stack:
-    """A web process, a worker for batches (and ingest), a worker for training (so a long
-    training never holds the batches' worker), the search service, and optionally beat;
-    ``stop()`` ends them all."""
+    """A web process, a worker for batches, a torch-free worker for ingest (archives are walked
+    while the batches of their first items run), a worker for training (so a long training
+    never holds the batches' worker), the search service, and optionally beat; ``stop()``
+    ends them all."""
 
     def __init__(self, settings: Settings, host: str, port: int,
                  log_dir: Path | None = None, beat: bool = False,
@@ -112,7 +113,7 @@ class Stack:
         self.beat = beat
         self.worker_args = worker_args or []
         self.worker_app = worker_app
-        self.model_workers = model_workers  # the first also takes ingest; the others, batches
+        self.model_workers = model_workers
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -129,8 +130,10 @@ class Stack:
             self.spawn(name)
 
     def commands(self) -> dict[str, list[str]]:
-        commands = {"worker": worker_command(self.settings, f"{INGEST_QUEUE},{MODEL_QUEUE}",
+        commands = {"worker": worker_command(self.settings, MODEL_QUEUE,
                                              app=self.worker_app) + self.worker_args,
+                    "ingester": worker_command(self.settings, INGEST_QUEUE, "ingest",
+                                               app="worker.ingest_app"),
                     "trainer": worker_command(self.settings, TRAIN_QUEUE, "trainer",
                                               app=self.worker_app) + self.worker_args,
                     **{f"worker{i}": worker_command(self.settings, MODEL_QUEUE, f"model{i}",
@@ -158,10 +161,13 @@ class Stack:
     def _settings_of(self, name: str) -> Settings:
         """The settings a child starts with: the other worker processes on this machine serve
         their metrics beside the first worker's port: the trainer on + 1, model worker N on
-        + N."""
+        + N, the ingest worker after the last of them."""
         port = self.settings.worker_metrics_port
         if port and name == "trainer":
             return dataclasses.replace(self.settings, worker_metrics_port=port + 1)
+        if port and name == "ingester":
+            return dataclasses.replace(self.settings,
+                                       worker_metrics_port=port + self.model_workers + 1)
         if port and name.startswith("worker") and name != "worker":
             return dataclasses.replace(self.settings, worker_metrics_port=port + int(name[6:]))
         return self.settings

@@ -114,6 +114,11 @@ class Walk:
     members: int = 0
     unpacked_bytes: int = 0
     has_labels: bool = False
+    labels_revoked: bool = False  # labels.csv in a folder that does not hold every item
+    # Streaming (``walk(..., ready=...)``): the keys handed over as complete items, and those of
+    # them that gained a file afterwards (a tar whose members of one key are not adjacent).
+    emitted: set[str] = field(default_factory=set)
+    late: set[str] = field(default_factory=set)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped_count += 1
@@ -147,6 +152,19 @@ class Walk:
                 f"{self.skipped_count} files were skipped ({counted}; the job's report lists "
                 "them)")
 
+    def label_of(self, key: str) -> LabelRow | None:
+        """The row of ``labels.csv`` (read so far) that labels ``key``, if any."""
+        folder = self.labels_folder
+        if folder is not None:
+            return self.labels.get(key[len(folder) + 1:]) if key.startswith(folder + "/") \
+                else None
+        return self.labels.get(key)
+
+    def media_of(self, key: str) -> dict[str, dict[str, str]]:
+        """An item's files by modality, with the sound track of a clip as its audio when it has
+        no audio file of its own."""
+        return with_track(self.items[key])
+
     def place_labels(self) -> None:
         """labels.csv from a folder labels the items below it, when that one folder holds every
         item (the keys in it are relative to it); otherwise it labels nothing, and says so."""
@@ -160,6 +178,7 @@ class Walk:
             self.labels = placed
         else:
             self.labels = Labels()
+            self.labels_revoked = True
             self.skip(f"{folder}/{LABELS_FILE}", f"{LABELS_FILE} in folder {folder}/, but not "
                                                  "every file of the archive is in that folder")
 
@@ -256,11 +275,31 @@ class _MemberReader:
         return True
 
 
-def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = None) -> Walk:
-    """Read every member once, in archive order; ``store`` keeps a media file, returning its hash.
+def with_track(media: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """``media`` with a clip's sound track as the item's audio where it has no audio file."""
+    if "video" in media and "audio" not in media:
+        return {**media, "audio": {**media["video"], "source": AUDIO_SOURCE_VIDEO}}
+    return media
+
+
+Ready = Callable[[Walk, list[str]], None]
+
+
+def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = None,
+         ready: Ready | None = None, chunk: int = 32) -> Walk:
+    """Read every member once; ``store`` keeps a media file, returning its hash.
 
     ``store`` must not keep a partial blob when reading the stream it is given raises
     (``BlobStore.put_stream`` discards it).
+
+    Streaming: ``ready(walk, keys)`` is handed items as soon as they are complete, ``chunk``
+    at a time (the rest at the end), so that work on them starts while the walk goes on. A tar
+    is read in its own order, and an item is complete when the next key begins (WebDataset's
+    rule); a zip lists its members up front, so its members are read grouped by key (and
+    ``labels.csv`` first). A key that shows up again after it was handed over (a tar whose
+    members are not adjacent) still gains its file, and is listed in ``walk.late``: the caller
+    joins it again at the end. ``labels.csv`` may come at any point: ``walk.label_of`` says
+    what it gives an item at the time it is handed over.
     """
     limits = limits or Limits()
     result = Walk()
@@ -269,9 +308,22 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
     if kind is None:
         raise ArchiveError("not a zip, tar or tar.gz archive")
     budget = _Budget(limits)
+    pending: dict[str, None] = {}  # complete keys not yet handed over, in order
+    current: str | None = None
     try:
         for entry in _members(path, kind, result, limits, budget):
-            _take(result, entry, store, budget)
+            key = _take(result, entry, store, budget)
+            if key is None or ready is None:
+                continue
+            if key in result.emitted:
+                result.late.add(key)
+            elif key != current:
+                if current is not None:
+                    pending[current] = None
+                current = key
+                pending.pop(key, None)  # it was complete, and is not: still one item
+                if len(pending) >= chunk:
+                    _hand_over(result, pending, ready)
     except ArchiveError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, _Corrupt) as exc:
@@ -281,12 +333,23 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
         raise ArchiveError(f"cannot read the {kind} archive: {exc}") from exc
     finally:
         result.unpacked_bytes = budget.used
+    if ready is not None:
+        if current is not None:
+            pending[current] = None
+        _hand_over(result, pending, ready)
     result.place_labels()
-    for media in result.items.values():
+    for key, media in result.items.items():
         # an item with a clip and no audio file takes its audio from the clip's sound track
-        if "video" in media and "audio" not in media:
-            media["audio"] = {**media["video"], "source": AUDIO_SOURCE_VIDEO}
+        result.items[key] = with_track(media)
     return result
+
+
+def _hand_over(result: Walk, pending: dict[str, None], ready: Ready) -> None:
+    keys = list(pending)
+    pending.clear()
+    if keys:
+        result.emitted.update(keys)
+        ready(result, keys)
 
 
 def _members(path: Path, kind: str, result: Walk, limits: Limits, budget: _Budget
@@ -323,7 +386,7 @@ def _zip_members(path: Path, result: Walk, limits: Limits) -> Iterator[_Entry]:
     except Exception as exc:  # NotImplementedError, UnicodeDecodeError, struct.error, …
         raise ArchiveError(f"cannot read the zip archive: {type(exc).__name__}: {exc}") from exc
     with zf:
-        for info in zf.infolist():
+        for info in sorted(zf.infolist(), key=_zip_order):
             _count(result, limits)
             if info.is_dir():
                 continue
@@ -343,6 +406,15 @@ def _zip_members(path: Path, result: Walk, limits: Limits) -> Iterator[_Entry]:
                 limit, over = limits.max_member_bytes, _too_large(limits)
             yield _Entry(info.filename, info.file_size, lambda info=info: zf.open(info),
                          limit, over, corrupt_is_fatal=False)
+
+
+def _zip_order(info: zipfile.ZipInfo) -> tuple[int, str]:
+    """labels.csv files first (in the archive's order: the sort is stable), then the members
+    grouped by item key, so that each item is complete when the next begins."""
+    name = safe_name(info.filename) or info.filename
+    if posixpath.basename(name) == LABELS_FILE:
+        return (0, "")
+    return (1, posixpath.splitext(name)[0])
 
 
 def _zip_directory_size(f: IO[bytes]) -> tuple[int, int]:
@@ -519,29 +591,31 @@ def _too_large(limits: Limits) -> str:
 
 
 def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
-          budget: _Budget) -> None:
+          budget: _Budget) -> str | None:
+    """Take one member: store a media file under its item's key (which it returns), read
+    labels.csv, or skip it with the reason."""
     raw_name = entry.name
     try:
         raw_name.encode("utf-8")
     except UnicodeEncodeError:  # tarfile keeps undecodable bytes as surrogates
         result.skip(raw_name.encode("utf-8", "replace").decode("utf-8"),
                     "name is not valid UTF-8")
-        return
+        return None
     name = safe_name(raw_name)
     if name is None:
         result.skip(raw_name.replace("\\", "/"), "unsafe path")
-        return
+        return None
     if len(name) > MAX_NAME_CHARS:
         result.skip(name[:MAX_NAME_CHARS] + "…", f"path longer than {MAX_NAME_CHARS} characters")
-        return
+        return None
     if any(part.startswith(".") for part in name.split("/")) or name.startswith("__MACOSX/"):
         result.skip(name, "hidden file")
-        return
+        return None
     folder, _, base = name.rpartition("/")
     if base == LABELS_FILE and "/" not in folder:  # at the root, or in a top-level folder
         if result.has_labels:
             result.skip(name, f"a second {LABELS_FILE} (the first one counts)")
-            return
+            return None
         result.has_labels = True
         result.labels_folder = folder or None
         labels_entry = _Entry(name, entry.size, entry.opener, MAX_LABELS_BYTES,
@@ -555,27 +629,27 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
         except NotImplementedError as exc:  # zip: an unsupported compression method
             raise ArchiveError(f"{LABELS_FILE} cannot be unpacked ({exc})") from exc
         result.labels = parse_labels(data)
-        return
+        return None
     ext = posixpath.splitext(name)[1].lower()
     if ext in NESTED_ARCHIVE_EXTS:
         result.skip(name, "nested archive (archives inside archives are not unpacked)")
-        return
+        return None
     modality = modality_of(name)
     if modality is None:
         result.skip(name, "unsupported file type")
-        return
+        return None
     if entry.size == 0:
         result.skip(name, "empty file (0 bytes)")
-        return
+        return None
     if entry.size > entry.limit:
         result.skip(name, entry.over_limit)
-        return
+        return None
     key = posixpath.splitext(name)[0]
     media = result.items.get(key, {})
     if modality in media:
         result.skip(name, f"item {key} already has an {modality} file "
                           f"({media[modality]['name']})")
-        return
+        return None
     try:
         with entry.opener() as f:
             reader = _MemberReader(f, entry, budget)
@@ -583,22 +657,23 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
                 data = reader.read()
                 if _blank(data, name):
                     result.skip(name, "empty caption (whitespace only)")
-                    return
+                    return None
                 digest = store(io.BytesIO(data))
             else:
                 digest = store(reader)  # type: ignore[arg-type]
     except _TooLarge as exc:
         result.skip(name, str(exc))
-        return
+        return None
     except _Corrupt as exc:
         if entry.corrupt_is_fatal:
             raise
         result.skip(name, f"corrupt member ({exc})")
-        return
+        return None
     except NotImplementedError as exc:  # zip: an unsupported compression method
         result.skip(name, f"cannot unpack ({exc})")
-        return
+        return None
     result.items.setdefault(key, media)[modality] = {"blob": digest, "name": name}
+    return key
 
 
 def _blank(data: bytes, name: str) -> bool:

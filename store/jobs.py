@@ -11,13 +11,14 @@ import dataclasses
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from mmbatch.contract import ACTIVE_STATES, TERMINAL_STATES, TRAINING_KINDS, training_step
 from store import joblog
 from store.schema import (
     JOB_ID_LENGTH,
+    Batch,
     NO_MODEL,
     Item,
     Job,
@@ -62,10 +63,14 @@ class ItemRow:
 
     @classmethod
     def of(cls, item: Item) -> ItemRow:
-        return cls(item.id, item.key,
-                   {m: MediaFile(ref["blob"], ref["name"], ref.get("source", "file"))
-                    for m, ref in (item.media or {}).items()},
-                   item.label, item.split, item.group)
+        return cls(item.id, item.key, media_files(item.media), item.label, item.split,
+                   item.group)
+
+
+def media_files(media: dict[str, dict[str, str]] | None) -> dict[str, MediaFile]:
+    """An item's stored media (JSON) as files by modality."""
+    return {m: MediaFile(ref["blob"], ref["name"], ref.get("source", "file"))
+            for m, ref in (media or {}).items()}
 
 
 def get_job(session: Session, job_id: str, tenant_id: int | None = ANY_TENANT) -> Job:
@@ -149,22 +154,105 @@ def cancel_job(session: Session, job_id: str) -> bool:
                       stage=None)
 
 
-def reset_items(session: Session, job_id: str) -> None:
-    """Forget a half-finished ingest so that a redelivered ingest starts clean."""
-    session.execute(delete(Item).where(Item.job_id == job_id))
-
-
 def add_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) -> int:
     """Bulk-insert items (dicts with key, media, label, split); returns how many were new."""
-    count = 0
+    return len(insert_items(session, job_id, items))
+
+
+def insert_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) -> list[int]:
+    """Bulk-insert items; the ids of those that were new (a key the job has is left as it is)."""
+    ids: list[int] = []
     chunk: list[dict[str, Any]] = []
     for item in items:
         chunk.append({"job_id": job_id, **item})
         if len(chunk) >= INSERT_CHUNK:
-            count += len(insert_new(session, Item.__table__, chunk, ("job_id", "key"), ("id",)))
+            ids += [r[0] for r in insert_new(session, Item.__table__, chunk, ("job_id", "key"),
+                                             ("id",))]
             chunk = []
-    count += len(insert_new(session, Item.__table__, chunk, ("job_id", "key"), ("id",)))
-    return count
+    ids += [r[0] for r in insert_new(session, Item.__table__, chunk, ("job_id", "key"), ("id",))]
+    return sorted(ids)
+
+
+def drop_items(session: Session, job_id: str) -> None:
+    """A job whose archive failed part way through its walk keeps nothing of it: the items it
+    streamed, their results and planned batches go, and its counters return to zero."""
+    items = select(Item.id).where(Item.job_id == job_id)
+    session.execute(delete(Result).where(Result.item_id.in_(items)))
+    session.execute(delete(Batch).where(Batch.job_id == job_id))
+    session.execute(delete(Item).where(Item.job_id == job_id))
+    session.execute(update(Job).where(Job.id == job_id).values(total=0, done=0, failed=0))
+
+
+def grow(session: Session, job_id: str, count: int) -> None:
+    """An ingesting job has ``count`` more items (its total so far); it started when its first
+    items were in."""
+    session.execute(update(Job).where(Job.id == job_id).values(
+        total=Job.total + count, started_at=func.coalesce(Job.started_at, utcnow()),
+        updated_at=utcnow()))
+
+
+def relabel(session: Session, job_id: str, rows: dict[str, Any]) -> None:
+    """Set the label, split and group of the job's items by key (``rows``: key → an object
+    with ``label``, ``split``, ``group``, or None for no label): labels.csv read after them."""
+    ids = _ids_by_key(session, job_id, list(rows))
+    values = [{"item_id": ids[k], "label": r.label if r else None,
+               "split": r.split if r else None, "group": r.group if r else None}
+              for k, r in rows.items() if k in ids]
+    if values:
+        session.execute(update(Item.__table__).where(Item.__table__.c.id == bindparam("item_id"))
+                        .values(label=bindparam("label"), split=bindparam("split"),
+                                group=bindparam("group")), values)
+
+
+def _ids_by_key(session: Session, job_id: str, keys: Sequence[str]) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for i in range(0, len(keys), INSERT_CHUNK):
+        ids.update(session.execute(select(Item.key, Item.id).where(
+            Item.job_id == job_id, Item.key.in_(list(keys[i:i + INSERT_CHUNK])))).all())
+    return ids
+
+
+def unlabel_all(session: Session, job_id: str) -> None:
+    session.execute(update(Item).where(Item.job_id == job_id)
+                    .values(label=None, split=None, group=None))
+
+
+def media_by_key(session: Session, job_id: str) -> dict[str, dict[str, Any]]:
+    """Every item's media by key (a redelivered ingest compares what it walked again)."""
+    return dict(session.execute(select(Item.key, Item.media).where(Item.job_id == job_id)).all())
+
+
+def rejoin(session: Session, job_id: str, media: dict[str, dict[str, Any]]) -> list[int]:
+    """Items that gained files after they were handed to the workers: their media now, their
+    results forgotten (the counters with them) so that they are processed again; their ids."""
+    model = result_model(get_job(session, job_id))
+    ids = _ids_by_key(session, job_id, list(media))
+    if not ids:
+        return []
+    session.execute(update(Item.__table__).where(Item.__table__.c.id == bindparam("item_id"))
+                    .values(media=bindparam("media"), deliveries=0),  # new work, not a retry
+                    [{"item_id": i, "media": media[k]} for k, i in ids.items()])
+    done = failed = 0
+    every = sorted(ids.values())
+    for i in range(0, len(every), INSERT_CHUNK):
+        gone = session.execute(delete(Result).where(
+            Result.item_id.in_(every[i:i + INSERT_CHUNK]),
+            Result.model_version_id == model).returning(Result.status)).all()
+        failed += sum(1 for (status,) in gone if status == "failed")
+        done += sum(1 for (status,) in gone if status != "failed")
+    if done or failed:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            done=Job.done - done, failed=Job.failed - failed))
+    return every
+
+
+def current_media(session: Session, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The items' media now, their rows locked until the transaction ends (PostgreSQL): a
+    batch read while its job was still being walked writes results only for the files it read."""
+    stmt = select(Item.id, Item.media).where(Item.id.in_(list(ids)))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return dict(session.execute(stmt).all())
 
 
 def _members(job: Job) -> Any:

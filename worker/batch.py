@@ -28,6 +28,7 @@ from mmbatch.contract import (
     AUDIO_SOURCE_VIDEO,
     DEFAULT_STRATEGY,
     MODALITIES,
+    PROCESSING_STATES,
     TRAINING_KINDS,
     training_step,
 )
@@ -78,6 +79,21 @@ class Batch:
     families: tuple[Family, ...] = ()
     # what follows the batches: "train"/"align" (their batches only extract features), None
     then: str | None = None
+    walking: bool = False  # read while the job's archive was still being walked
+
+
+def read_same(s: Any, batch: Batch, outcomes: Sequence[jobs.ItemOutcome]
+              ) -> list[jobs.ItemOutcome]:
+    """The outcomes of a batch read while its job was being walked, for the items whose files
+    are still those it read: an item that gained a file meanwhile (a tar's late member) is
+    processed again, and a result from fewer files must not take its place."""
+    if not batch.walking:
+        return list(outcomes)
+    read = {it.id: it for it in batch.items}
+    now = {i: jobs.media_files(m) for i, m in
+           jobs.current_media(s, [o.item_id for o in outcomes]).items()}
+    return [o for o in outcomes if o.item_id in now
+            and now[o.item_id] == read[o.item_id].media]
 
 
 class BatchProcessor:
@@ -104,7 +120,7 @@ class BatchProcessor:
         segment = (self.segment(batch, outcomes)
                    if batch.model is not None and batch.model.kind == "aligner" else None)
         with self.rt.db.session() as s:
-            report = commit(s, self.job_id, batch.kind, batch.then, outcomes,
+            report = commit(s, self.job_id, batch.kind, batch.then, read_same(s, batch, outcomes),
                             batch.model.id if batch.model and not batch.then else NO_MODEL)
             if segment is not None and batch.model is not None:
                 report = self.append(s, batch.model, *segment, report)
@@ -120,7 +136,7 @@ class BatchProcessor:
         has killed workers too often, nothing when the job stopped or the batch is done)."""
         with self.rt.db.session() as s:
             job = jobs.get_job(s, self.job_id)
-            if job.state != "running":
+            if job.state not in PROCESSING_STATES:
                 return BatchReport()
             ids = jobs.pending_among(s, job, self.item_ids)
             if not ids:
@@ -143,7 +159,7 @@ class BatchProcessor:
     def read(self, ids: list[int]) -> Batch | None:
         with self.rt.db.session() as s:
             job = jobs.get_job(s, self.job_id)
-            if job.state != "running":
+            if job.state not in PROCESSING_STATES:
                 log.info("batch_skipped job=%s state=%s items=%d", self.job_id, job.state,
                          len(ids))
                 return None
@@ -157,7 +173,7 @@ class BatchProcessor:
                                           or DEFAULT_STRATEGY) == "stack":
                 families = FAMILIES
             return Batch(job.kind, jobs.batch_items(s, job, ids), model, families,
-                         training_step(job.kind, job.options))
+                         training_step(job.kind, job.options), job.state == "ingesting")
 
     def encode(self, batch: Batch) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, str]]:
         """Per item, the features of each modality present, or the error that failed it.
@@ -460,7 +476,7 @@ def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) ->
     """Record every item of a batch that could not be processed as failed, with the reason."""
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
-        if job.state != "running":
+        if job.state not in PROCESSING_STATES:
             return BatchReport()
         kind = job.kind
         report = commit(s, job_id, kind, training_step(kind, job.options),

@@ -1,28 +1,40 @@
-"""Ingest: walk a job's archive, store its media once, insert its items, plan its batches (rows
-that ``worker.dispatch`` sends a window at a time). A train
+"""Ingest: walk a job's archive, store its media once, insert its items and plan their batches
+(rows that ``worker.dispatch`` sends a window at a time) as the walk goes. A train
 job on earlier jobs' items (``from_jobs``) copies them instead, with their current labels."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
-from media.archive import ArchiveError, LabelRow, Limits, walk
-from mmbatch.contract import training_step
+from media.archive import ArchiveError, Limits, Walk, walk
+from mmbatch.contract import TASK_ALIGN, TASK_TRAIN, TASK_WEBHOOKS, training_step
 from store import dispatch as plans
 from store import jobs
 from store.blobs import BlobNotFound
 from store.labels import labelled_copies
 from store.registry import get_model
+from worker.dispatch import dispatch
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
+def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = None
+               ) -> list[list[int]]:
     """Turn the archive into items; returns the batches of item ids to process.
 
-    Safe to run twice: a redelivered ingest either starts over (still ingesting) or, once the
-    items are in, returns the batches that have no result yet.
+    Items are inserted and their batches planned as the walk finds them complete, so work on
+    them starts while the archive is still being walked: with ``send_task`` (the ingest task's)
+    each planned chunk fills the dispatch window at once, and the job's next step (training, or
+    its end) is sent here when its last batch finished before the walk did. The job stays
+    ``ingesting`` until the walk ends: only then does it know its total, its labels and its
+    late members, and only a ``running`` job can finish.
+
+    Safe to run twice: a redelivered ingest walks again, adding the items the first walk did
+    not reach (those it did keep their batches and results), or, once the items are in,
+    returns the batches that have no result yet.
     """
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
@@ -33,10 +45,11 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
             return _batches(rt, job_id, pending)
         if job.state not in ("queued", "ingesting"):
             return []
-        jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting")
-        jobs.reset_items(s, job_id)
+        again = job.state == "ingesting"  # a redelivered ingest: the first walk's items stay
         kind, archive_blob = job.kind, job.archive_blob
         step = training_step(kind, job.options)
+        jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting",
+                        stage="extracting" if step else None)
         sources, holdout = job.options.get("from_jobs"), job.options.get("holdout")
         model = (get_model(s, job.model_version_id)
                  if job.model_version_id is not None and kind != "train" else None)
@@ -44,10 +57,15 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
 
     if sources:
         return _copy_items(rt, job_id, sources, holdout)
+    stream = Stream(rt, job_id, send_task)
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
         with rt.blobs.local_path(archive_blob) as path:
-            found = walk(path, rt.blobs.put_stream, Limits.from_settings(rt.settings))
+            found = walk(path, rt.blobs.put_stream, Limits.from_settings(rt.settings),
+                         ready=stream.take, chunk=rt.settings.batch_size)
+    except Stopped:
+        log.info("ingest_stopped job=%s items=%d", job_id, stream.count)
+        return []
     except ArchiveError as exc:
         _fail(rt, job_id, str(exc))
         return []
@@ -69,22 +87,92 @@ def ingest_job(rt: Runtime, job_id: str) -> list[list[int]]:
             return []
     warnings = class_warnings(labels, *known) if known else []
 
-    unlabelled = LabelRow(None, None, None)  # type: ignore[arg-type]
-    rows = ({"key": key, "media": media, "label": row.label, "split": row.split,
-             "group": row.group}
-            for key, media in found.items.items()
-            for row in (found.labels.get(key, unlabelled),))
     with rt.db.session() as s:
-        total = jobs.add_items(s, job_id, rows)
+        late = stream.finish(s, found, again)
+        total = jobs.get_job(s, job_id).total  # (what grew with each chunk: logged with it)
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
-                                report=found.report(), started_at=jobs.utcnow(),
-                                stage="extracting" if step else None,
-                                warnings=warnings)
+                                report=found.report(), warnings=warnings)
         ids = jobs.item_ids(s, job_id) if moved else []
-        plans.plan(s, job_id, ids, rt.settings.batch_size)  # with the items, in one commit
+        following = _next_step(s, job_id, step) if moved else None
     if moved:
-        log.info("ingest_done job=%s items=%d skipped=%d", job_id, total, found.skipped_count)
+        log.info("ingest_done job=%s items=%d skipped=%d late=%d", job_id, len(ids),
+                 found.skipped_count, late)
+    stream.send(following)
     return _batches(rt, job_id, ids)
+
+
+class Stopped(Exception):
+    """The job was cancelled (or failed) while its archive was being walked."""
+
+
+class Stream:
+    """The items a walk hands over as they are complete: inserted with their labels so far,
+    planned as batches and sent, a chunk at a time; what the walk learns later (labels.csv
+    after the media, a file whose key comes back) is joined by ``finish``."""
+
+    def __init__(self, rt: Runtime, job_id: str, send_task: Callable[..., Any] | None) -> None:
+        self.rt, self.job_id, self.send_task = rt, job_id, send_task
+        self.unlabelled: list[str] = []  # handed over before labels.csv was read
+        self.count = 0
+
+    def take(self, found: Walk, keys: list[str]) -> None:
+        rows = []
+        for key in keys:
+            row = found.label_of(key)
+            if not found.has_labels:
+                self.unlabelled.append(key)
+            rows.append({"key": key, "media": found.media_of(key),
+                         "label": row.label if row else None, "split": row.split if row else None,
+                         "group": row.group if row else None})
+        with self.rt.db.session() as s:
+            if jobs.get_job(s, self.job_id).state != "ingesting":
+                raise Stopped()
+            ids = jobs.insert_items(s, self.job_id, rows)
+            jobs.grow(s, self.job_id, len(ids))
+            plans.plan(s, self.job_id, ids, self.rt.settings.batch_size)  # in the same commit
+        self.count += len(ids)
+        if self.send_task is not None:
+            dispatch(self.rt, self.send_task)
+
+    def finish(self, s: Any, found: Walk, again: bool) -> int:
+        """Join what the walk learnt after handing items over; how many items go again."""
+        if found.labels_revoked:
+            jobs.unlabel_all(s, self.job_id)
+        elif again:  # the first walk may have labelled differently what it reached
+            jobs.relabel(s, self.job_id, {k: found.labels.get(k) for k in found.items})
+        elif found.has_labels and self.unlabelled:
+            jobs.relabel(s, self.job_id, {k: found.labels.get(k) for k in self.unlabelled})
+        late = set(found.late)
+        if again:
+            late |= {k for k, media in jobs.media_by_key(s, self.job_id).items()
+                     if k in found.items and media != found.items[k]}
+        if late:
+            ids = jobs.rejoin(s, self.job_id, {k: found.items[k] for k in sorted(late)})
+            plans.plan(s, self.job_id, ids, self.rt.settings.batch_size)
+        return len(late)
+
+    def send(self, following: str | None) -> None:
+        if self.send_task is None:
+            return
+        dispatch(self.rt, self.send_task)
+        if following in STEP_TASKS:
+            self.send_task(STEP_TASKS[following], args=[self.job_id])
+        elif following == "finished":
+            self.send_task(TASK_WEBHOOKS)
+
+
+STEP_TASKS = {"train": TASK_TRAIN, "align": TASK_ALIGN}
+
+
+def _next_step(s: Any, job_id: str, step: str | None) -> str | None:
+    """When every item's batch finished before the walk did, what the last batch would have
+    done: move the job on to its training step, or finish it."""
+    job = jobs.get_job(s, job_id)
+    if job.done + job.failed < job.total:
+        return None
+    if step:
+        return step if jobs.enter_stage(s, job_id, "extracting", "training") else None
+    return "finished" if jobs.finish_job(s, job_id) else None
 
 
 def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | None
@@ -136,6 +224,10 @@ def class_warnings(labels: set[str], classes: list[str], model: str) -> list[str
 
 def _fail(rt: Runtime, job_id: str, error: str, report: dict[str, object] | None = None
           ) -> None:
+    """Fail the job with the reason; what its walk streamed before it failed goes (a batch
+    still running on it writes nothing: its items are gone)."""
     with rt.db.session() as s:
-        if jobs.fail_job(s, job_id, error) and report is not None:
-            jobs.get_job(s, job_id).report = report
+        if jobs.fail_job(s, job_id, error):
+            jobs.drop_items(s, job_id)
+            if report is not None:
+                jobs.get_job(s, job_id).report = report

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def ingest(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     rt = runtime_for(self.app)
     try:
-        batches = ingest_job(rt, job_id)
+        batches = ingest_job(rt, job_id, self.app.send_task)
     except TRANSIENT as exc:
         retry(self, exc)
     except Exception as exc:
