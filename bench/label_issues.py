@@ -1,18 +1,22 @@
 """How well a train job finds planted wrong labels, and what correcting them gives back.
 
-On the sample (and the far sample), 10 % of the training labels are flipped to another class
+On the sample and on the far sample, 10 % of the training labels are flipped to another class
 (seeded, ``samples.noise``). A train job on the noisy archive lists its label issues; of the first
 N (N = the number flipped) this prints the share of the flips found (recall) and the share that
-were flips (precision). On the sample it then trains twice more, on the noisy archive with the
-found flips corrected (what a reviewer who accepts the true label does) and on the clean archive,
-and prints validation accuracy and macro F1 of all three (the validation labels are never
-flipped) and the share of the noisy-to-clean gap the corrections recover. The far sample has no
-validation split of its own (its groups choose one), so only the finding is measured there.
+were flips (precision). It then trains twice more, on the noisy archive with the found flips
+corrected (what a reviewer who accepts the true label does) and on the clean archive, and prints
+validation accuracy and macro F1 of all three and the share of the noisy-to-clean gap the
+corrections recover.
+
+The three jobs of one sample are judged on the same validation items, whose labels are never
+flipped: the sample's labels.csv names its split; the far sample has none (a train job draws a
+group-disjoint one, from the labels, which noise would move, and flips would land in it), so the
+split a train job draws for the clean far archive is written into its labels.csv first.
 
 Everything runs in this process, as a worker would run it: ingest, batches through the real
 encoders, training; the second and third train jobs reuse the cached features.
 
-    python -m bench.label_issues [--n-train 320] [--share 0.1] [--json out.json]
+    python -m bench.label_issues [--n-train 320] [--per-group 48] [--share 0.1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from typing import Any
 
 from bench.report import save_json
 from mmbatch.settings import Settings
+from models.training import choose_split
 from samples.far_sample import write_far_sample
-from samples.noise import flip_labels
+from samples.noise import flip_labels, read_labels
 from samples.sample import write_sample
 from store import keys
 from store.migrate import upgrade
@@ -87,10 +92,59 @@ def scores(model: dict[str, Any]) -> dict[str, Any]:
     return {"val_accuracy": m.get("val_accuracy"), "val_macro_f1": m.get("val_macro_f1")}
 
 
+def close_the_loop(run: InProcess, clean: Path, work: Path, share: float, seed: int,
+                   epochs: int) -> dict[str, Any]:
+    """Flip ``share`` of ``clean``'s training labels, train, find, correct what was found,
+    train on the corrected and on the clean archive: the finding and the three models' scores."""
+    t0 = time.perf_counter()
+    noisy = work / f"{clean.stem}.noisy.tar.gz"
+    flipped = flip_labels(clean, noisy, share, seed=seed)
+    model = run.train(noisy, epochs)
+    issues = run.issues(model["id"])
+    found = finding(issues, flipped)
+    fixes = {i["key"]: flipped[i["key"]][0] for i in issues[:len(flipped)]
+             if i["key"] in flipped}
+    corrected = work / f"{clean.stem}.corrected.tar.gz"
+    flip_labels(clean, corrected, share, seed=seed, fix=fixes)
+    trained = {"noisy": scores(model),
+               "corrected": scores(run.train(corrected, epochs)),
+               "clean": scores(run.train(clean, epochs))}
+    gap = {}
+    for metric in ("val_accuracy", "val_macro_f1"):
+        lost = trained["clean"][metric] - trained["noisy"][metric]
+        back = trained["corrected"][metric] - trained["noisy"][metric]
+        # None: the noise cost nothing on validation, so there was no gap to recover
+        gap[metric] = round(back / lost, 3) if lost > 1e-9 else None
+    return {**found, "val_items": model["metrics"].get("val_size"), "trained": trained,
+            "gap_recovered": gap, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def with_fixed_split(run: InProcess, archive: Path, target: Path) -> Path:
+    """``archive`` (no split of its own) with the split a train job draws for it written into
+    its labels.csv: the same validation items for every job, whatever labels are flipped."""
+    rows = read_labels(archive)
+    _, val_idx, _ = choose_split([r["label"] for r in rows], [None] * len(rows),
+                                 [r.get("group") or None for r in rows],
+                                 run.rt.settings.train_seed)
+    flip_labels(archive, target, 0.0, val={rows[i]["key"] for i in val_idx})
+    return target
+
+
+def report(name: str, result: dict[str, Any]) -> None:
+    found = {k: result[k] for k in ("flipped", "listed", "found_in_top_n", "recall_at_n",
+                                    "precision_at_n")}
+    print(f"{name}: {found}")
+    for trained, s in result["trained"].items():
+        print(f"  trained on {trained:9s} labels: val accuracy {s['val_accuracy']:.3f}  "
+              f"macro F1 {s['val_macro_f1']:.3f}  ({result['val_items']} validation items)")
+    print(f"  share of the noisy-to-clean gap the corrections recover: "
+          f"{result['gap_recovered']}  ({result['seconds']} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=320)
-    parser.add_argument("--per-group", type=int, default=24, help="far sample items per group")
+    parser.add_argument("--per-group", type=int, default=48, help="far sample items per group")
     parser.add_argument("--share", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -100,43 +154,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run = InProcess(work / "data")
-        t0 = time.perf_counter()
         clean = write_sample(work / "sample", n_train=args.n_train, n_unlabelled=8,
                              seed=args.seed).train
-        noisy = work / "noisy.tar.gz"
-        flipped = flip_labels(clean, noisy, args.share, seed=args.seed)
-        model = run.train(noisy, args.epochs)
-        issues = run.issues(model["id"])
-        found = finding(issues, flipped)
-        fixes = {i["key"]: flipped[i["key"]][0] for i in issues[:len(flipped)]
-                 if i["key"] in flipped}
-        corrected = work / "corrected.tar.gz"
-        flip_labels(clean, corrected, args.share, seed=args.seed, fix=fixes)
-        trained = {"noisy": scores(model),
-                   "corrected": scores(run.train(corrected, args.epochs)),
-                   "clean": scores(run.train(clean, args.epochs))}
-        gap = {}
-        for metric in ("val_accuracy", "val_macro_f1"):
-            lost = trained["clean"][metric] - trained["noisy"][metric]
-            back = trained["corrected"][metric] - trained["noisy"][metric]
-            # None: the noise cost nothing on validation, so there was no gap to recover
-            gap[metric] = round(back / lost, 3) if lost > 1e-9 else None
-        out["sample"] = {"items": args.n_train, **found, "trained": trained,
-                         "gap_recovered": gap, "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"sample ({args.n_train} items): {found}")
-        for name, s in trained.items():
-            print(f"  trained on {name:9s} labels: val accuracy {s['val_accuracy']:.3f}  "
-                  f"macro F1 {s['val_macro_f1']:.3f}")
-        print(f"  share of the noisy-to-clean gap the corrections recover: {gap}")
-
-        t0 = time.perf_counter()
-        far_clean = write_far_sample(work / "far", per_group=args.per_group, seed=args.seed)
-        far_noisy = work / "far_noisy.tar.gz"
-        far_flipped = flip_labels(far_clean, far_noisy, args.share, seed=args.seed)
-        far_model = run.train(far_noisy, args.epochs)
-        far_found = finding(run.issues(far_model["id"]), far_flipped)
-        out["far_sample"] = {**far_found, "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"far sample: {far_found}")
+        out["sample"] = {"items": args.n_train,
+                         **close_the_loop(run, clean, work, args.share, args.seed, args.epochs)}
+        report(f"sample ({args.n_train} items)", out["sample"])
+        far = with_fixed_split(run, write_far_sample(work / "far", per_group=args.per_group,
+                                                     seed=args.seed),
+                               work / "far_clean.tar.gz")
+        out["far_sample"] = {"items": len(read_labels(far)),
+                             **close_the_loop(run, far, work, args.share, args.seed,
+                                              args.epochs)}
+        report(f"far sample ({out['far_sample']['items']} items)", out["far_sample"])
         run.rt.close()
     save_json(args.json, out)
 

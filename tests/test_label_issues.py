@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import numpy as np
 
 from models.label_issues import design_matrix, label_issues, out_of_fold_probabilities
+from samples.noise import flip_labels, read_labels
 
 
 def _clusters(seed: int, n: int = 400, classes: int = 4) -> tuple[dict[str, np.ndarray],
@@ -70,3 +75,25 @@ def test_a_class_with_one_item_gets_probabilities_not_an_error() -> None:
     y[0] = 2  # a third class, once
     probs = out_of_fold_probabilities(design_matrix(feats, present), y.tolist(), 3, seed=0)
     assert probs.shape == (30, 3) and np.allclose(probs.sum(axis=1), 1)
+
+
+def test_an_item_the_model_agrees_with_is_never_listed() -> None:
+    feats, present, y = _clusters(5)
+    noisy, _ = _flip(y, 0.1, 4, 6)
+    probs = out_of_fold_probabilities(design_matrix(feats, present), noisy.tolist(), 4, seed=0)
+    issues = label_issues(noisy.tolist(), probs)
+    assert issues and all(i.suggested != noisy[i.row] for i in issues)
+
+
+def test_flips_spare_the_validation_items_named(tmp_path: Path) -> None:
+    source = tmp_path / "a.tar.gz"
+    rows = "key,label,group\n" + "".join(f"k{i},{'ab'[i % 2]},g{i // 4}\n" for i in range(40))
+    with tarfile.open(source, "w:gz") as tf:
+        info = tarfile.TarInfo("labels.csv")
+        info.size = len(rows)
+        tf.addfile(info, io.BytesIO(rows.encode()))
+    val = {f"k{i}" for i in range(8)}
+    flipped = flip_labels(source, tmp_path / "b.tar.gz", 0.5, seed=1, val=val)
+    written = read_labels(tmp_path / "b.tar.gz")
+    assert len(flipped) == 16 and not set(flipped) & val  # half of the 32 training items
+    assert {r["key"] for r in written if r["split"] == "val"} == val
