@@ -32,8 +32,6 @@ JOB_STATES: tuple[str, ...] = ("queued", "ingesting", "running", "succeeded", "f
                                "cancelled")
 TERMINAL_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 ACTIVE_STATES: tuple[str, ...] = ("queued", "ingesting", "running")
-# A job whose batches may run: its archive is still being walked (ingest streams) or walked.
-PROCESSING_STATES: tuple[str, ...] = ("ingesting", "running")
 # Who goes first when workers are shared (worker.dispatch): interactive before normal before
 # bulk (reprocess jobs); within one, tenants in turn, then their jobs.
 PRIORITIES: tuple[str, ...] = ("interactive", "normal", "bulk")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from mmbatch.contract import PRIORITIES, PROCESSING_STATES, TERMINAL_STATES
+from mmbatch.contract import PRIORITIES, TERMINAL_STATES
 from store.schema import Batch, Job, utcnow
 
 LOCK_KEY = 0x6D6D6264  # the dispatcher's advisory lock on PostgreSQL ("mmbd")
@@ -93,8 +93,7 @@ def in_flight(session: Session) -> int:
     """Batches in the broker or a worker's hands, of jobs still running."""
     return int(session.scalar(select(func.count()).select_from(Batch)
                               .join(Job, Job.id == Batch.job_id)
-                              .where(Batch.state == "sent",
-                                     Job.state.in_(PROCESSING_STATES))) or 0)
+                              .where(Batch.state == "sent", Job.state == "running")) or 0)
 
 
 def claim(session: Session, window: int) -> list[Claimed]:
@@ -109,7 +108,7 @@ def claim(session: Session, window: int) -> list[Claimed]:
         return []
     waiting = session.execute(
         select(Job.id, Job.tenant_id, Job.priority, Job.created_at)
-        .where(Job.state.in_(PROCESSING_STATES),
+        .where(Job.state == "running",
                exists().where(Batch.job_id == Job.id, Batch.state == "planned"))).all()
     if not waiting:
         return []

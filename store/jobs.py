@@ -180,15 +180,37 @@ def drop_items(session: Session, job_id: str) -> None:
     session.execute(delete(Result).where(Result.item_id.in_(items)))
     session.execute(delete(Batch).where(Batch.job_id == job_id))
     session.execute(delete(Item).where(Item.job_id == job_id))
-    session.execute(update(Job).where(Job.id == job_id).values(total=0, done=0, failed=0))
+    session.execute(update(Job).where(Job.id == job_id).values(total=0, done=0, failed=0,
+                                                               walking=False))
 
 
-def grow(session: Session, job_id: str, count: int) -> None:
-    """An ingesting job has ``count`` more items (its total so far); it started when its first
-    items were in."""
+def set_total(session: Session, job_id: str, total: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(total=total, walking=False))
+
+
+def grow(session: Session, job_id: str, count: int) -> bool:
+    """A job whose archive is being walked has ``count`` more items: the first ones make it
+    ``running`` (and ``walking`` until ``walked``); False when it was stopped (cancelled)."""
+    job = get_job(session, job_id)
+    if job.state == "ingesting":  # (the job log says "running" when the walk is over: walked)
+        values: dict[str, Any] = {"state": "running", "started_at": utcnow(), "walking": True}
+    elif job.state == "running" and job.walking:
+        values = {}
+    else:
+        return False
     session.execute(update(Job).where(Job.id == job_id).values(
-        total=Job.total + count, started_at=func.coalesce(Job.started_at, utcnow()),
-        updated_at=utcnow()))
+        total=Job.total + count, updated_at=utcnow(), **values))
+    return True
+
+
+def walked(session: Session, job_id: str, **values: Any) -> bool:
+    """The walk of a running job's archive is over: it may finish now."""
+    moved = session.execute(update(Job).where(Job.id == job_id, Job.state == "running",
+                                              Job.walking.is_(True))
+                            .values(walking=False, updated_at=utcnow(), **values)).rowcount == 1
+    if moved:
+        joblog.note(session, job_id, "running", total=get_job(session, job_id).total)
+    return moved
 
 
 def relabel(session: Session, job_id: str, rows: dict[str, Any]) -> None:
@@ -407,7 +429,7 @@ def record_outcomes(session: Session, job_id: str, model_version_id: int,
         session.execute(update(Job).where(Job.id == job_id).values(
             done=Job.done + new_done, failed=Job.failed + new_failed, updated_at=utcnow()))
     completed = session.execute(
-        select(Job.id).where(Job.id == job_id, Job.state == "running",
+        select(Job.id).where(Job.id == job_id, Job.state == "running", Job.walking.is_(False),
                              Job.done + Job.failed >= Job.total)).first() is not None
     return BatchCommit(new_done, new_failed, completed and bool(inserted))
 
@@ -415,7 +437,8 @@ def record_outcomes(session: Session, job_id: str, model_version_id: int,
 def finish_job(session: Session, job_id: str) -> bool:
     """The one conditional UPDATE that ends a job whose counters reached its total."""
     stmt = (update(Job)
-            .where(Job.id == job_id, Job.state == "running", Job.done + Job.failed >= Job.total)
+            .where(Job.id == job_id, Job.state == "running", Job.walking.is_(False),
+                   Job.done + Job.failed >= Job.total)
             .values(state="succeeded", finished_at=utcnow(), updated_at=utcnow(), stage=None))
     finished = session.execute(stmt).rowcount == 1
     if finished:

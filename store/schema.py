@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -103,6 +104,8 @@ class Job(Base):
     archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # up to 4 GiB and more
     priority: Mapped[str] = mapped_column(String(16), default="normal")  # contract.PRIORITIES
     total: Mapped[int] = mapped_column(Integer, default=0)
+    # Running while its archive is still being walked (ingest streams): it cannot finish yet.
+    walking: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)

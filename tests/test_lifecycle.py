@@ -181,10 +181,10 @@ def test_cancel_mid_job_keeps_written_results(stack: dict[str, Any], tmp_path: P
 
 def test_sweeper_revives_a_job_whose_messages_were_lost(stack: dict[str, Any],
                                                          tmp_path: Path) -> None:
-    """Stop the worker, submit, delete the broker's queue, start a worker: the sweeper wins."""
+    """Stop the ingest worker, submit, delete the broker's queue, start it: the sweeper wins."""
     st: Stack = stack["stack"]
     settings: Settings = stack["settings"]
-    worker = st.procs["worker"]
+    worker = st.procs["ingester"]  # (up runs ingest in a process of its own)
     worker.terminate()
     worker.wait(60)
     job = stack["client"].submit(write_tar(tmp_path / "s.tar", _texts(6, "s")), "embed")
@@ -192,7 +192,7 @@ def test_sweeper_revives_a_job_whose_messages_were_lost(stack: dict[str, Any],
     queue = f"{settings.broker_prefix}ingest"
     assert r.llen(queue) >= 1  # the ingest message (and beat's housekeeping)
     r.delete(queue)  # the broker lost them all
-    st.spawn("worker")
+    st.spawn("ingester")
     job = stack["client"].wait(job["id"], timeout=300)
     assert job["state"] == "succeeded" and job["done"] == 6
 

@@ -59,7 +59,7 @@ class Broker:
             return
         job_id, ids, batch_id = args  # type: ignore[misc]
         with self.rt.db.session() as s:
-            if jobs.get_job(s, job_id).state == "ingesting":
+            if jobs.get_job(s, job_id).walking:
                 self.items_seen_while_walking += ids
         report = BatchProcessor(self.rt, job_id, ids).run()
         with self.rt.db.session() as s:
@@ -186,7 +186,7 @@ def test_a_train_job_trains_once_after_the_walk_even_when_its_batches_finished_f
     assert broker.named(TASK_TRAIN) == 1
 
 
-def test_cancelling_while_the_archive_is_walked_stops_the_walk(rt: Runtime) -> None:
+def test_cancelling_while_the_archive_is_walked_stops_its_work(rt: Runtime) -> None:
     files = {f"{i:02d}.txt": f"caption {i}".encode() for i in range(20)}
     job_id = _job(rt, tar_bytes(files))
 
@@ -201,8 +201,9 @@ def test_cancelling_while_the_archive_is_walked_stops_the_walk(rt: Runtime) -> N
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         assert job.state == "cancelled"
-        assert len(jobs.item_ids(s, job_id)) < 20  # the walk stopped at the next chunk
+        assert len(jobs.item_ids(s, job_id)) < 20  # nothing more inserted after the cancel
         assert job.done == 0  # the batch sent after the cancel skipped
+        assert job.total == 20  # the walk went on to count them
 
 
 def test_a_walk_that_fails_part_way_keeps_nothing(rt: Runtime) -> None:
@@ -235,7 +236,8 @@ def test_an_ingest_redelivered_mid_walk_adds_what_the_first_did_not_reach(
         ingest_job(rt, job_id, broker)
     monkeypatch.setattr(ingest.Stream, "take", take)
     with rt.db.session() as s:
-        assert jobs.get_job(s, job_id).state == "ingesting"
+        job = jobs.get_job(s, job_id)
+        assert (job.state, job.walking) == ("running", True)  # it cannot finish yet
         assert len(jobs.item_ids(s, job_id)) == BATCH
     ingest_job(rt, job_id, broker)
     broker.drain()

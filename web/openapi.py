@@ -113,6 +113,7 @@ def _schemas(settings: Any) -> dict[str, Schema]:
         "state": {"type": "string", "enum": list(JOB_STATES)},
         "stage": _nullable({"type": "string", "enum": list(JOB_STAGES)}),
         "total": {"type": "integer", "minimum": 0},
+        "walking": {"type": "boolean"},
         "done": {"type": "integer", "minimum": 0},
         "failed": {"type": "integer", "minimum": 0},
         "progress": {"type": "number", "minimum": 0, "maximum": 1},

@@ -30,6 +30,8 @@ def job_payload(s: Session, job: Job) -> dict[str, Any]:
     processed = job.done + job.failed
     report = job.report or {}
     throughput, eta = _rate(job, processed)
+    if job.walking:
+        eta = None  # of a total still growing
     training = report.get("training") if job.stage == "training" else None
     progress = round(processed / job.total, 4) if job.total else 0.0
     if job.kind == "train" and job.state == "running":  # half extraction, half training
@@ -44,6 +46,8 @@ def job_payload(s: Session, job: Job) -> dict[str, Any]:
         "state": job.state,
         "stage": job.stage,
         "total": job.total,
+        # the archive is still being walked: total grows, and the job cannot finish yet
+        "walking": job.walking,
         "done": job.done,
         "failed": job.failed,
         "progress": progress,

@@ -28,7 +28,6 @@ from mmbatch.contract import (
     AUDIO_SOURCE_VIDEO,
     DEFAULT_STRATEGY,
     MODALITIES,
-    PROCESSING_STATES,
     TRAINING_KINDS,
     training_step,
 )
@@ -136,7 +135,7 @@ class BatchProcessor:
         has killed workers too often, nothing when the job stopped or the batch is done)."""
         with self.rt.db.session() as s:
             job = jobs.get_job(s, self.job_id)
-            if job.state not in PROCESSING_STATES:
+            if job.state != "running":
                 return BatchReport()
             ids = jobs.pending_among(s, job, self.item_ids)
             if not ids:
@@ -159,7 +158,7 @@ class BatchProcessor:
     def read(self, ids: list[int]) -> Batch | None:
         with self.rt.db.session() as s:
             job = jobs.get_job(s, self.job_id)
-            if job.state not in PROCESSING_STATES:
+            if job.state != "running":
                 log.info("batch_skipped job=%s state=%s items=%d", self.job_id, job.state,
                          len(ids))
                 return None
@@ -173,7 +172,7 @@ class BatchProcessor:
                                           or DEFAULT_STRATEGY) == "stack":
                 families = FAMILIES
             return Batch(job.kind, jobs.batch_items(s, job, ids), model, families,
-                         training_step(job.kind, job.options), job.state == "ingesting")
+                         training_step(job.kind, job.options), job.walking)
 
     def encode(self, batch: Batch) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, str]]:
         """Per item, the features of each modality present, or the error that failed it.
@@ -476,7 +475,7 @@ def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) ->
     """Record every item of a batch that could not be processed as failed, with the reason."""
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
-        if job.state not in PROCESSING_STATES:
+        if job.state != "running":
             return BatchReport()
         kind = job.kind
         report = commit(s, job_id, kind, training_step(kind, job.options),

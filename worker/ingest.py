@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from media.archive import ArchiveError, Limits, Walk, walk
 from mmbatch.contract import TASK_ALIGN, TASK_TRAIN, TASK_WEBHOOKS, training_step
@@ -28,9 +28,9 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
     Items are inserted and their batches planned as the walk finds them complete, so work on
     them starts while the archive is still being walked: with ``send_task`` (the ingest task's)
     each planned chunk fills the dispatch window at once, and the job's next step (training, or
-    its end) is sent here when its last batch finished before the walk did. The job stays
-    ``ingesting`` until the walk ends: only then does it know its total, its labels and its
-    late members, and only a ``running`` job can finish.
+    its end) is sent here when its last batch finished before the walk did. The first items
+    make the job ``running``; it stays ``walking`` (and cannot finish) until the walk ends:
+    only then does it know its total, its labels and its late members.
 
     Safe to run twice: a redelivered ingest walks again, adding the items the first walk did
     not reach (those it did keep their batches and results), or, once the items are in,
@@ -38,17 +38,17 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
     """
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
-        if job.state == "running":
+        if job.state == "running" and not job.walking:
             pending = jobs.item_ids(s, job_id, pending_only=True)
             if not plans.planned(s, job_id):  # its batches were never planned (or all done)
                 plans.replan(s, job_id, pending, rt.settings.batch_size)
             return _batches(rt, job_id, pending)
-        if job.state not in ("queued", "ingesting"):
+        if job.state not in ("queued", "ingesting", "running"):
             return []
-        again = job.state == "ingesting"  # a redelivered ingest: the first walk's items stay
+        again = job.walking  # a redelivered ingest: the first walk's items stay
         kind, archive_blob = job.kind, job.archive_blob
         step = training_step(kind, job.options)
-        jobs.transition(s, job_id, ("queued", "ingesting"), "ingesting",
+        jobs.transition(s, job_id, ("queued",), "ingesting",
                         stage="extracting" if step else None)
         sources, holdout = job.options.get("from_jobs"), job.options.get("holdout")
         model = (get_model(s, job.model_version_id)
@@ -61,16 +61,18 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
         with rt.blobs.local_path(archive_blob) as path:
-            found = walk(path, rt.blobs.put_stream, Limits.from_settings(rt.settings),
+            found = walk(path, stream.store, Limits.from_settings(rt.settings),
                          ready=stream.take, chunk=rt.settings.batch_size)
-    except Stopped:
-        log.info("ingest_stopped job=%s items=%d", job_id, stream.count)
-        return []
     except ArchiveError as exc:
         _fail(rt, job_id, str(exc))
         return []
     except BlobNotFound:
         _fail(rt, job_id, "the job's archive is no longer in blob storage")
+        return []
+    if stream.stopped:
+        with rt.db.session() as s:  # cancelled while walking: it says how many items it had
+            jobs.set_total(s, job_id, len(found.items))
+        log.info("ingest_stopped job=%s items=%d of %d", job_id, stream.count, len(found.items))
         return []
     if not found.items:
         _fail(rt, job_id, found.why_empty(), found.report())
@@ -89,9 +91,7 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
 
     with rt.db.session() as s:
         late = stream.finish(s, found, again)
-        total = jobs.get_job(s, job_id).total  # (what grew with each chunk: logged with it)
-        moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
-                                report=found.report(), warnings=warnings)
+        moved = jobs.walked(s, job_id, report=found.report(), warnings=warnings)
         ids = jobs.item_ids(s, job_id) if moved else []
         following = _next_step(s, job_id, step) if moved else None
     if moved:
@@ -99,10 +99,6 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
                  found.skipped_count, late)
     stream.send(following)
     return _batches(rt, job_id, ids)
-
-
-class Stopped(Exception):
-    """The job was cancelled (or failed) while its archive was being walked."""
 
 
 class Stream:
@@ -114,8 +110,20 @@ class Stream:
         self.rt, self.job_id, self.send_task = rt, job_id, send_task
         self.unlabelled: list[str] = []  # handed over before labels.csv was read
         self.count = 0
+        # The job was cancelled while its archive was walked: the walk goes on only to count
+        # its items (the job's total), storing and inserting nothing more.
+        self.stopped = False
+
+    def store(self, f: IO[bytes]) -> str:
+        if not self.stopped:
+            return self.rt.blobs.put_stream(f)
+        while f.read(1 << 20):
+            pass
+        return ""
 
     def take(self, found: Walk, keys: list[str]) -> None:
+        if self.stopped:
+            return
         rows = []
         for key in keys:
             row = found.label_of(key)
@@ -124,12 +132,15 @@ class Stream:
             rows.append({"key": key, "media": found.media_of(key),
                          "label": row.label if row else None, "split": row.split if row else None,
                          "group": row.group if row else None})
-        with self.rt.db.session() as s:
-            if jobs.get_job(s, self.job_id).state != "ingesting":
-                raise Stopped()
-            ids = jobs.insert_items(s, self.job_id, rows)
-            jobs.grow(s, self.job_id, len(ids))
-            plans.plan(s, self.job_id, ids, self.rt.settings.batch_size)  # in the same commit
+        try:
+            with self.rt.db.session() as s:
+                ids = jobs.insert_items(s, self.job_id, rows)
+                if not jobs.grow(s, self.job_id, len(ids)):
+                    raise _Cancelled()  # (rolled back: nothing of this chunk is kept)
+                plans.plan(s, self.job_id, ids, self.rt.settings.batch_size)  # same commit
+        except _Cancelled:
+            self.stopped = True
+            return
         self.count += len(ids)
         if self.send_task is not None:
             dispatch(self.rt, self.send_task)
@@ -162,6 +173,10 @@ class Stream:
 
 
 STEP_TASKS = {"train": TASK_TRAIN, "align": TASK_ALIGN}
+
+
+class _Cancelled(Exception):
+    """The job was stopped while its archive was walked."""
 
 
 def _next_step(s: Any, job_id: str, step: str | None) -> str | None:

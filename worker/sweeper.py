@@ -43,12 +43,12 @@ def sweep(rt: Runtime, older_than_seconds: float | None = None) -> Revival:
     cutoff = utcnow() - dt.timedelta(seconds=age)
     out = Revival()
     with rt.db.session() as s:
-        stale = [(j.id, j.state, j.kind, j.stage, training_step(j.kind, j.options))
+        stale = [(j.id, j.state, j.walking, j.stage, training_step(j.kind, j.options))
                  for j in jobs.stale_jobs(s, cutoff)]
-    for job_id, state, kind, stage, then in stale:
+    for job_id, state, walking, stage, then in stale:
         with rt.db.session() as s:
             jobs.touch(s, job_id)  # one revival per stale period, not one per sweep
-            if state in ("queued", "ingesting"):
+            if state in ("queued", "ingesting") or walking:  # (its walk stopped part way)
                 out.ingest.append(job_id)
                 continue
             if then and stage == "training":
