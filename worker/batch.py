@@ -44,6 +44,7 @@ from store import search as search_store
 from store.registry import ModelRow, get_model
 from store.schema import NO_MODEL
 from worker.encoding import READY, WHOLE, MediaRef, Part, Parts, encode_media
+from worker.frame_index import Frames, IndexEntry, cached_frames, index_vectors
 from worker.model_cache import ModelCache, models_of
 from worker.runtime import Runtime
 from worker.shift import record_job_shift
@@ -355,23 +356,27 @@ class BatchProcessor:
 
     def segment(self, batch: Batch, outcomes: Sequence[jobs.ItemOutcome]
                 ) -> tuple[str, int] | None:
-        """An aligner's batch: its items' aligned vectors per modality as a segment blob
-        (written before the results commit; the same vectors make the same blob, so a batch
-        delivered twice appends nothing twice), and how many vectors it holds."""
+        """An aligner's batch: its items' aligned vectors per modality, a clip's frames each
+        with its time (worker.frame_index, from the frame features ``encode`` cached), as a
+        segment blob (written before the results commit; the same vectors make the same blob,
+        so a batch delivered twice appends nothing twice), and how many vectors it holds."""
         if batch.model is None or batch.model.kind != "aligner" or not self.aligned:
             return None
         ok = [o.item_id for o in outcomes if o.error is None]
-        per: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        for item_id, vectors in zip(ok, self.aligned, strict=True):
-            for m, v in vectors.items():
-                per.setdefault(m, ([], []))
-                per[m][0].append(item_id)
-                per[m][1].append(v)
-        if not per:
+        clips = {it.id: it.media["video"].blob for it in batch.items if "video" in it.media}
+        entries = [IndexEntry(item_id, vectors, clips.get(item_id))
+                   for item_id, vectors in zip(ok, self.aligned, strict=True)]
+        frames: dict[str, Frames] = {}
+        if any(e.clip for e in entries):
+            with self.rt.db.session() as s:
+                frames = cached_frames(s, [e.clip for e in entries if e.clip])
+        built = index_vectors(self.models.aligner(batch.model), entries, frames)
+        if built.missing:
+            log.warning("frames_missing job=%s clips=%d", self.job_id, built.missing)
+        if not built.arrays:
             return None
-        arrays = {m: (np.array(ids, dtype=np.int64), np.stack(vs)) for m, (ids, vs) in per.items()}
-        rows = sum(len(ids) for ids, _ in arrays.values())
-        return self.rt.blobs.put_bytes(segment_bytes(arrays)), rows
+        rows = sum(len(v[0]) for v in built.arrays.values())
+        return self.rt.blobs.put_bytes(segment_bytes(built.arrays)), rows
 
     def append(self, s: Any, model: ModelRow, blob: str, rows: int, report: BatchReport
                ) -> BatchReport:
