@@ -587,7 +587,8 @@ def search(text: str | None, k: int, file: Path | None, item: int | None, jobs: 
     console.print(f"aligner {m['name']} v{m['version']} (id {m['id']})")
     table = Table("#", "score", "modality", "key", "label", "item", "job")
     for rank, r in enumerate(page["results"], 1):
-        table.add_row(str(rank), f"{r['score']:.3f}", r["modality"], r["key"], r["label"] or "",
+        matched = r["modality"] + (f" at {r['time']:.2f} s" if "time" in r else "")  # a frame
+        table.add_row(str(rank), f"{r['score']:.3f}", matched, r["key"], r["label"] or "",
                       str(r["item"]), r["job"])
     console.print(table)
     if not page["results"]:
