@@ -237,7 +237,11 @@ def test_the_dashboard_searches_by_text_by_example_and_for_items_like_one(
     assert first == [r["key"] for r in a.search(caption, k=24)["results"]]
     page.wait_for_function("() => [...document.querySelectorAll('#hits img')].every("
                            "i => i.complete && i.naturalWidth > 0)")
-    assert page.locator("#hits img").count() == len(first)  # every paired item has a picture
+    # every paired item has a picture; a clip (the fixture's) has its player, from its second
+    assert page.locator("#hits img").count() + page.locator("#hits video").count() == len(first)
+    for clip in page.locator("#hits article.hit:has(video)").all():
+        assert "#t=" in (clip.locator("video").get_attribute("src") or "")
+        assert clip.locator(".hit-time").inner_text().endswith(" s")
     page.click("#search-more")
     second = shown()
     assert len(second) == 24 and not set(first) & set(second)
@@ -479,6 +483,9 @@ def test_a_clip_is_found_at_the_second_its_picture_shows(world: dict[str, Any],
     page = a.search(file=query, k=2, modality="video")["results"]
     assert sorted(r["item"] for r in page) == sorted(ids.values())
     assert abs(page[0]["score"] - page[1]["score"]) < 0.02  # the same two pictures
+    # a clip alone has an item vector (its frames' mean): items like it, the other clip first
+    like = a.similar(ids["clip_ab"], k=3, modality="video")["results"]
+    assert [r["key"] for r in like] == ["clip_ba"]
     # the CLI says the second that matched
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMBATCH_")}
     env.update(MMBATCH_API_KEY=world["keys"]["a"], MMBATCH_URL=a.base)

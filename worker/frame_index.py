@@ -45,6 +45,17 @@ class IndexVectors:
     arrays: dict[str, Vectors]  # per modality (ids, vectors[, times]): a segment's contents
     frames: int  # frame vectors among them
     missing: int  # clips whose frames were not cached (indexed by their pooled vector, if any)
+    clips: dict[int, np.ndarray]  # item id -> the normalised mean of its clip's frame vectors
+
+    def item_vectors(self, item_id: int, vectors: Mapping[str, np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+        """The item's aligned vectors for its one item vector (``models.align.item_vector``):
+        its clip's frames, averaged, stand for ``video`` where the aligner has no video head,
+        so that a clip alone still has an item vector ("items like this one")."""
+        mean = self.clips.get(item_id)
+        if mean is None or CLIP in vectors:
+            return dict(vectors)
+        return {**vectors, CLIP: mean}
 
 
 def cached_frames(s: Session, clips: Sequence[str]) -> dict[str, Frames]:
@@ -80,6 +91,7 @@ def index_vectors(aligner: Aligner, entries: Sequence[IndexEntry],
             vecs.append(v)
             times.append(np.nan)
         pending.extend((e.item_id, t, f) for t, f in got or ())
+    by_clip: dict[int, list[np.ndarray]] = {}
     if pending:
         aligned = embed_items(aligner, [{FRAME_SIDE: f} for _, _, f in pending])
         ids, vecs, times = per.setdefault(CLIP, ([], [], []))
@@ -87,12 +99,18 @@ def index_vectors(aligner: Aligner, entries: Sequence[IndexEntry],
             ids.append(item_id)
             vecs.append(a[FRAME_SIDE])
             times.append(t)
+            by_clip.setdefault(item_id, []).append(a[FRAME_SIDE])
     arrays: dict[str, Vectors] = {}
     for m, (ids, vecs, times) in per.items():
         arrays[m] = (np.array(ids, dtype=np.int64), np.stack(vecs).astype(np.float32))
         if m == CLIP:
             arrays[m] += (np.array(times, dtype=np.float32),)
-    return IndexVectors(arrays, len(pending), missing)
+    return IndexVectors(arrays, len(pending), missing,
+                        {i: _unit(np.mean(np.stack(v), axis=0)) for i, v in by_clip.items()})
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / max(float(np.linalg.norm(x)), 1e-12)).astype(np.float32)
 
 
 def clip_query(aligner: Aligner, frame_features: np.ndarray) -> np.ndarray | None:
@@ -103,5 +121,4 @@ def clip_query(aligner: Aligner, frame_features: np.ndarray) -> np.ndarray | Non
     if FRAME_SIDE not in aligner.modalities or len(frame_features) == 0:
         return None
     aligned = embed_items(aligner, [{FRAME_SIDE: f} for f in frame_features])
-    mean = np.mean(np.stack([a[FRAME_SIDE] for a in aligned]), axis=0)
-    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return _unit(np.mean(np.stack([a[FRAME_SIDE] for a in aligned]), axis=0))

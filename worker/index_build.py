@@ -74,7 +74,7 @@ def build_index(rt: Runtime, model_id: int) -> int | None:
         missing += built.missing
         results = []
         for (r, _), vectors in zip(kept, aligned, strict=True):
-            mean = item_vector(vectors)
+            mean = item_vector(built.item_vectors(r.item_id, vectors))
             if mean is not None:
                 results.append((r.item_id, r.job_id, mean.astype("<f4").tobytes()))
         index.add(built.arrays)
