@@ -553,7 +553,7 @@ def _score(value: float | None) -> str:
 @click.argument("text", required=False)
 @click.option("--k", type=click.IntRange(1, 100), default=10, show_default=True)
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Search by example: an image, audio or text file.")
+              default=None, help="Search by example: an image, audio, video or text file.")
 @click.option("--similar", "item", type=int, default=None, help="Items like this item id.")
 @click.option("--job", "jobs", multiple=True, help="Only items of this job (repeatable).")
 @click.option("--label", "labels", multiple=True, help="Only items with this label (repeatable).")
