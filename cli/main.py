@@ -553,7 +553,7 @@ def _score(value: float | None) -> str:
 @click.argument("text", required=False)
 @click.option("--k", type=click.IntRange(1, 100), default=10, show_default=True)
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Search by example: an image, audio or text file.")
+              default=None, help="Search by example: an image, audio, video or text file.")
 @click.option("--similar", "item", type=int, default=None, help="Items like this item id.")
 @click.option("--job", "jobs", multiple=True, help="Only items of this job (repeatable).")
 @click.option("--label", "labels", multiple=True, help="Only items with this label (repeatable).")
@@ -587,7 +587,8 @@ def search(text: str | None, k: int, file: Path | None, item: int | None, jobs: 
     console.print(f"aligner {m['name']} v{m['version']} (id {m['id']})")
     table = Table("#", "score", "modality", "key", "label", "item", "job")
     for rank, r in enumerate(page["results"], 1):
-        table.add_row(str(rank), f"{r['score']:.3f}", r["modality"], r["key"], r["label"] or "",
+        matched = r["modality"] + (f" at {r['time']:.2f} s" if "time" in r else "")  # a frame
+        table.add_row(str(rank), f"{r['score']:.3f}", matched, r["key"], r["label"] or "",
                       str(r["item"]), r["job"])
     console.print(table)
     if not page["results"]:

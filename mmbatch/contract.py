@@ -116,10 +116,9 @@ def default_budget(items: int) -> float:
 # What a model version is: a fusion classifier (train jobs) or an aligner into one shared space
 # for every modality (align jobs). Defaults are per tenant and kind.
 MODEL_KINDS: tuple[str, ...] = ("classifier", "aligner")
-# What a search may ask to match: one modality's vectors, or any. Clips are not indexed by
-# frame yet (docs/video.md), so video is not among them.
-SEARCH_MODALITIES: tuple[str, ...] = tuple(
-    m for m in MODALITIES if m not in DERIVED_MODALITIES) + ("any",)
+# What a search may ask to match: one modality's vectors, or any. ``video``: a clip's sampled
+# frames, each indexed with its time (docs/search.md).
+SEARCH_MODALITIES: tuple[str, ...] = MODALITIES + ("any",)
 # The train options an align job reads (the others are a classifier's).
 ALIGN_OPTIONS: tuple[str, ...] = ("name", "epochs", "seed")
 

@@ -29,7 +29,21 @@ def pool_frames(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(axis=0), x.std(axis=0)]).astype("<f4")  # (2D,)
 
 
+FRAME_PREFIX = f"{image.SPEC.version}@t="  # what every frame's cache key starts with
+
+
 def frame_version(seconds: float) -> str:
     """The feature cache's encoder key of one frame at ``seconds`` in its clip (the blob is the
     clip's): the image encoder's version and the frame's time, to the millisecond."""
-    return f"{image.SPEC.version}@t={seconds:.3f}"
+    return f"{FRAME_PREFIX}{seconds:.3f}"
+
+
+def frame_time(version: str) -> float | None:
+    """The time in seconds a frame's cache key names (``frame_version``'s inverse); None for a
+    key that is not a frame's of the current image encoder."""
+    if not version.startswith(FRAME_PREFIX):
+        return None
+    try:
+        return float(version[len(FRAME_PREFIX):])
+    except ValueError:
+        return None

@@ -29,6 +29,21 @@ def get_features(session: Session, encoder: str, blobs: Iterable[str]) -> dict[s
     return found
 
 
+def get_prefixed_features(session: Session, prefix: str, blobs: Iterable[str]
+                          ) -> dict[str, dict[str, np.ndarray]]:
+    """Per blob, every cached feature whose encoder key starts with ``prefix``, by that key (a
+    clip's frames: one key per frame time, models.video.frame_version)."""
+    wanted = sorted(set(blobs))
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for start in range(0, len(wanted), LOOKUP_CHUNK):
+        chunk = wanted[start:start + LOOKUP_CHUNK]
+        stmt = select(Feature.blob, Feature.encoder, Feature.vector).where(
+            Feature.blob.in_(chunk), Feature.encoder.startswith(prefix, autoescape=True))
+        for blob, encoder, vector in session.execute(stmt):
+            found.setdefault(blob, {})[encoder] = np.frombuffer(vector, dtype="<f4")
+    return found
+
+
 def put_features(session: Session, encoder: str, vectors: Mapping[str, np.ndarray]) -> int:
     rows = [{"blob": blob, "encoder": encoder, "dim": int(vec.shape[-1]),
              "vector": np.asarray(vec, dtype="<f4").tobytes(), "created_at": utcnow()}

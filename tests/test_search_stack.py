@@ -21,19 +21,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from cli.client import ApiError, Client
 from cli.stack import Stack
 from mmbatch.settings import Settings
+from samples.clips import audio_only, encode_clip
 from samples.paired import write_paired
 from store.db import Database
 from store.registry import register_model
 from store.schema import IndexSegment, Item, Job, SearchIndex
 from tests.conftest import make_key
 from tests.paired_features import read_archive
-from tests.util import free_port
+from tests.util import free_port, write_tar
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -66,9 +69,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         _wait_searchable(a)
         extra = a.wait(a.submit(paired.gallery, "embed", model=aligner)["id"], timeout=600)
         assert extra["state"] == "succeeded" and extra["failed"] == 0, extra
+        clips = _embed_clips(a, paired, aligner, job["id"], data_dir)
         yield {"a": a, "b": b, "settings": settings, "stack": stack, "paired": paired,
                "aligner": aligner, "train_job": job["id"], "extra_job": extra["id"],
-               "items": _items(settings), "keys": {"a": key_a, "b": key_b}}
+               "items": _items(settings), "keys": {"a": key_a, "b": key_b}, "clips": clips}
     finally:
         stack.stop()
 
@@ -85,6 +89,40 @@ def _wait_searchable(client: Client, wait: float = 120) -> None:
                     or time.monotonic() > deadline:
                 raise
         time.sleep(0.5)
+
+
+def _embed_clips(a: Client, paired: Any, aligner: int, train_job: str, out: Path
+                 ) -> dict[str, Any]:
+    """Two 4-second clips of two training pictures, A then B (``clip_ab``) and B then A
+    (``clip_ba``), embedded with the aligner; B is a picture its caption finds first among the
+    pictures, A the one that caption finds last. Waits until their frames are searchable."""
+    archive, _ = read_archive(paired.train)
+    captions = _captions(paired.captions)
+    bright = [k for k in sorted(archive)  # a dark picture would be skipped as a black frame
+              if np.asarray(Image.open(io.BytesIO(archive[k]["image"])).convert("L")).mean() > 60]
+    for b_key in bright:
+        ranked = [r for r in a.search(captions[b_key], k=100, modality="image")["results"]
+                  if r["job"] == train_job]
+        if ranked[0]["key"] == b_key:
+            break
+    a_key = next(r["key"] for r in reversed(ranked) if r["key"] in bright)
+
+    def still(key: str) -> list[np.ndarray]:
+        picture = np.asarray(Image.open(io.BytesIO(archive[key]["image"])).convert("RGB")
+                             .resize((192, 192)))
+        return [picture] * 16  # 2 s at 8 fps
+
+    ab = encode_clip(still(a_key) + still(b_key), fps=8)
+    ba = encode_clip(still(b_key) + still(a_key), fps=8)
+    path = write_tar(out / "clips.tar", {"clip_ab.mp4": ab, "clip_ba.mp4": ba})
+    job = a.wait(a.submit(path, "embed", model=aligner)["id"], timeout=300)
+    assert job["state"] == "succeeded" and job["failed"] == 0, job
+    deadline = time.monotonic() + 60
+    while len(a.search(captions[b_key], k=5, modality="video")["results"]) < 2:
+        assert time.monotonic() < deadline, "the clips' frames never became searchable"
+        time.sleep(0.5)
+    return {"job": job["id"], "ab": ab, "caption": captions[b_key], "a": a_key, "b": b_key,
+            "picture_b": archive[b_key]["image"]}
 
 
 def _items(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -199,7 +237,11 @@ def test_the_dashboard_searches_by_text_by_example_and_for_items_like_one(
     assert first == [r["key"] for r in a.search(caption, k=24)["results"]]
     page.wait_for_function("() => [...document.querySelectorAll('#hits img')].every("
                            "i => i.complete && i.naturalWidth > 0)")
-    assert page.locator("#hits img").count() == len(first)  # every paired item has a picture
+    # every paired item has a picture; a clip (the fixture's) has its player, from its second
+    assert page.locator("#hits img").count() + page.locator("#hits video").count() == len(first)
+    for clip in page.locator("#hits article.hit:has(video)").all():
+        assert "#t=" in (clip.locator("video").get_attribute("src") or "")
+        assert clip.locator(".hit-time").inner_text().endswith(" s")
     page.click("#search-more")
     second = shown()
     assert len(second) == 24 and not set(first) & set(second)
@@ -412,6 +454,65 @@ def test_reprocess_indexes_items_not_yet_embedded_with_the_aligner(
     assert len(a.search("a boat", k=20, jobs=[plain["id"]])["results"]) == 8
 
 
+def test_a_clip_is_found_at_the_second_its_picture_shows(world: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    a, clips = world["a"], world["clips"]
+    ids = {k: world["items"][k]["id"] for k in ("clip_ab", "clip_ba")}
+    # by text: each clip once (its best frame), at the second B shows: late in A-then-B
+    results = a.search(clips["caption"], k=10, modality="video")["results"]
+    assert sorted(r["item"] for r in results) == sorted(ids.values())
+    assert all(r["modality"] == "video" and r["links"]["thumbnail"] is None for r in results)
+    at = {r["key"]: r["time"] for r in results}
+    assert at["clip_ab"] >= 2.0 and at["clip_ba"] < 2.0, at
+    # pictures only: no clip; and a picture's hit has no time
+    pictures = a.search(clips["caption"], k=100, modality="image")["results"]
+    assert not set(ids.values()) & {r["item"] for r in pictures}
+    assert all("time" not in r for r in pictures)
+    # by B's picture, among every modality: B's item first, each clip once with B's second
+    photo = tmp_path / "b.jpg"
+    photo.write_bytes(clips["picture_b"])
+    everything = a.search(file=photo, k=100)["results"]
+    assert everything[0]["key"] == clips["b"] and everything[0]["modality"] == "image"
+    hits = [r for r in everything if r["item"] in ids.values()]
+    assert len(hits) == 2 and all(r["modality"] == "video" and r["score"] > 0.9 for r in hits)
+    at = {r["key"]: r["time"] for r in hits}
+    assert at["clip_ab"] >= 2.0 and at["clip_ba"] < 2.0, at
+    # by an uploaded clip: its frames' mean finds the clips of the same two pictures first
+    query = tmp_path / "query.mp4"
+    query.write_bytes(clips["ab"])
+    page = a.search(file=query, k=2, modality="video")["results"]
+    assert sorted(r["item"] for r in page) == sorted(ids.values())
+    assert abs(page[0]["score"] - page[1]["score"]) < 0.02  # the same two pictures
+    # a clip alone has an item vector (its frames' mean): items like it, the other clip first
+    like = a.similar(ids["clip_ab"], k=3, modality="video")["results"]
+    assert [r["key"] for r in like] == ["clip_ba"]
+    # the CLI says the second that matched
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMBATCH_")}
+    env.update(MMBATCH_API_KEY=world["keys"]["a"], MMBATCH_URL=a.base)
+    run = subprocess.run([sys.executable, "-m", "cli.main", "search", clips["caption"],
+                          "--modality", "video", "--k", "2"], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    line = next(line for line in run.stdout.splitlines() if "clip_ab" in line)
+    assert f"video at {at['clip_ab']:.2f} s" in line
+
+
+def test_bad_clips_to_search_by_are_400s(world: dict[str, Any], tmp_path: Path) -> None:
+    a = world["a"]
+    cases = {"garbage.mp4": (b"not a clip at all" * 20, "undecodable_file"),
+             "truncated.mp4": (world["clips"]["ab"][:len(world["clips"]["ab"]) // 3],
+                               "undecodable_file"),
+             "sound.mp4": (audio_only(np.zeros(16000, np.float32)), "undecodable_file"),
+             "clip.xyz": (b"whatever", "unsupported_file")}
+    for name, (data, code) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ApiError) as err:
+            a.search(file=path, k=3)
+        assert (err.value.status, err.value.code) == (400, code), name
+        assert name in err.value.message or code == "unsupported_file"
+
+
 def test_a_model_change_switches_the_index_with_no_gap(world: dict[str, Any]) -> None:
     """A second aligner, promoted: searches that name no model answer from the old index until
     the switch and from the new one after it, never from none (no 409, always k results)."""
@@ -451,3 +552,7 @@ def test_a_model_change_switches_the_index_with_no_gap(world: dict[str, Any]) ->
     assert set(models[:switched]) == {first} and set(models[switched:]) == {second}
     # the old aligner's index still answers when named
     assert a.search("a boat", k=3, model=first)["model"]["id"] == first
+    # the new index, built from the feature cache, holds the clips' frames with their times
+    clips = a.search(world["clips"]["caption"], k=10, modality="video")["results"]
+    assert {r["key"] for r in clips} == {"clip_ab", "clip_ba"}
+    assert all(0 <= r["time"] <= 4.0 for r in clips)

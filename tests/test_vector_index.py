@@ -140,3 +140,58 @@ def test_base_and_segments_round_trip_and_deduplicate(tmp_path: Path) -> None:
     assert len(loaded) == 200
     empty = load_index(blobs, None, [seg_blob], DIM, 100)
     assert len(empty) == 100 and empty.kinds == {"image": "exact"}
+
+
+def test_a_clip_is_one_hit_with_the_time_of_its_best_frame() -> None:
+    # 30 clips of 8 frames each (240 vectors) beside 20 pictures: a clip's frames are separate
+    # vectors of the video modality, each with its time; a search answers each clip once
+    frames = clustered(240, 11)
+    clip_ids = np.repeat(np.arange(101, 131, dtype=np.int64), 8)
+    times = np.tile(np.arange(8, dtype=np.float32) * 0.5 + 0.25, 30)
+    pictures = clustered(20, 12)
+    index = VectorIndex(DIM)
+    assert index.add({"video": (clip_ids, frames, times),
+                      "image": (np.arange(1, 21, dtype=np.int64), pictures)}) == 260
+    q = frames[8 * 7 + 5]  # clip 108's frame at 2.75 s
+    hits = index.search(q, 10, modality="video")
+    assert len(hits) == 10 and len({h.item for h in hits}) == 10  # not 10 frames of one clip
+    assert (hits[0].item, hits[0].modality, hits[0].time) == (108, "video", 2.75)
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+    truth = [int(clip_ids[i]) for i in brute(frames, q, 240)]
+    assert [h.item for h in hits] == list(dict.fromkeys(truth))[:10]  # each clip's best frame
+    both = index.search(q, 30)
+    assert {h.modality for h in both} == {"image", "video"}
+    assert all((h.time is None) == (h.modality == "image") for h in both)
+    # a filter keeping two clips: those two, each once
+    kept = index.search(q, 5, modality="video", allowed=np.array([103, 120], dtype=np.int64))
+    assert sorted(h.item for h in kept) == [103, 120]
+    # the same (clip, time) pairs again add nothing; a new time of a known clip is added
+    assert index.add({"video": (clip_ids[:8], frames[:8], times[:8])}) == 0
+    assert index.add({"video": (clip_ids[:1], frames[:1], np.array([9.0], np.float32))}) == 1
+
+
+@pytest.mark.parametrize("hnsw", [False, True])
+def test_frame_times_round_trip_through_segments_merges_and_bases(tmp_path: Path,
+                                                                  hnsw: bool) -> None:
+    frames = clustered(120, 13)
+    ids = np.repeat(np.arange(1, 31, dtype=np.int64), 4)
+    times = np.tile(np.array([0.125, 1.5, 2.875, 4.0], np.float32), 30)
+    seg = segment_bytes({"video": (ids, frames, times)})
+    order = np.arange(120)[::-1]  # the same vectors in another order: the same bytes
+    assert segment_bytes({"video": (ids[order], frames[order], times[order])}) == seg
+    parsed = read_segment(seg)
+    assert len(parsed["video"]) == 3
+    np.testing.assert_array_equal(parsed["video"][2][:4], times[:4])
+    assert len(read_segment(segment_bytes({"image": (ids[:3], frames[:3])}))["image"]) == 2
+
+    blobs = BlobStore(tmp_path)
+    blob = blobs.put_bytes(seg)
+    merged = load_index(blobs, None, [blob, blob], DIM, exact_limit=50 if hnsw else 1000)
+    merged.compact()
+    assert len(merged) == 120 and merged.kinds == {"video": "hnsw" if hnsw else "exact"}
+    base = VectorIndex.from_bytes(merged.to_bytes(), exact_limit=50 if hnsw else 1000)
+    again = load_index(blobs, blobs.put_bytes(base.to_bytes()), [blob], DIM, 1000)
+    assert len(again) == 120  # the segment over its own base adds nothing
+    for i in (6, 57, 118):
+        hit = again.search(frames[i], 1, modality="video")[0]
+        assert (hit.item, hit.time) == (int(ids[i]), float(times[i]))

@@ -360,6 +360,13 @@ def search_page():  # type: ignore[no-untyped-def]
                                       item_id=hit["item"]) if "image" in media else None,
                      "audio": url_for("dashboard.media", job_id=hit["job"], item_id=hit["item"],
                                       modality="audio") if "audio" in media else None,
+                     # a clip plays from the frame that matched (a media fragment, #t=seconds)
+                     "video": url_for("dashboard.media", job_id=hit["job"], item_id=hit["item"],
+                                      modality="video") + (f"#t={hit['time']:.3f}"
+                                                           if "time" in hit else "")
+                     if "video" in media else None,
+                     "poster": url_for("dashboard.poster", job_id=hit["job"], item_id=hit["item"])
+                     if "video" in media else None,
                      "caption": _caption(media.get("text")),
                      "job_page": url_for("dashboard.job_page", job_id=hit["job"]),
                      "similar": url_for("dashboard.search_page", item=hit["item"],

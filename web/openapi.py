@@ -317,7 +317,11 @@ def _search_schemas(model_ref: Schema) -> dict[str, Schema]:
                       "description": "cosine similarity in the aligned space"},
             "label": _nullable({"type": "string", "description": "the item's current label: "
                                 "given, else predicted"}),
-            "links": links}),
+            "time": {"type": "number", "minimum": 0,
+                     "description": "a clip's hit (modality video): the time in seconds of "
+                                    "its sampled frame that matched best; absent otherwise"},
+            "links": links}, required=["item", "job", "key", "modality", "score", "label",
+                                       "links"]),
         "SearchPage": _obj({
             "results": {"type": "array", "items": _ref("SearchResult"), "maxItems": 100},
             "next_cursor": _nullable({"type": "string"}),
@@ -374,8 +378,9 @@ def _search_paths(settings: Any) -> dict[str, Any]:
             "jobs": {"type": "string", "description": "job ids, comma-separated"},
             "labels": {"type": "string", "description": "labels, comma-separated"},
             "file": {"type": "string", "format": "binary",
-                     "description": "an image, audio or text file to search by (its kind by "
-                                    "its name's extension)"}}
+                     "description": "an image, audio, video or text file to search by (its "
+                                    "kind by its name's extension; a clip searches by the "
+                                    "mean of its sampled frames)"}}
     item = [_p("ItemId")]
     similar_params = item + [
         {"name": k, "in": "query", "required": False, "schema": v}

@@ -230,10 +230,11 @@ def search(svc: Services, req: SearchRequest, raw_cursor: Any = None) -> dict[st
 
 def hit_payload(item: Any, label: str | None, hit: dict[str, Any]) -> dict[str, Any]:
     """One search result: the item, its job, key, the modality that matched, the cosine, its
-    current label, and links."""
+    current label, links, and for a clip's frame the second it shows (``time``)."""
     media = item.media or {}
+    timed = {"time": float(hit["time"])} if hit.get("time") is not None else {}
     return {"item": item.id, "job": item.job_id, "key": item.key, "modality": hit["modality"],
-            "score": hit["score"], "label": label,
+            "score": hit["score"], "label": label, **timed,
             "links": {"item": url_for("search_api.get_item", item_id=item.id),
                       "job": url_for("api.get_job", job_id=item.job_id),
                       "thumbnail": url_for("search_api.item_thumbnail", item_id=item.id)

@@ -44,6 +44,13 @@ from store import search as search_store
 from store.registry import ModelRow, get_model
 from store.schema import NO_MODEL
 from worker.encoding import READY, WHOLE, MediaRef, Part, Parts, encode_media
+from worker.frame_index import (
+    Frames,
+    IndexEntry,
+    IndexVectors,
+    cached_frames,
+    index_vectors,
+)
 from worker.model_cache import ModelCache, models_of
 from worker.runtime import Runtime
 from worker.shift import record_job_shift
@@ -101,7 +108,7 @@ class BatchProcessor:
         self.job_id = job_id
         self.item_ids = list(item_ids)
         self.models: ModelCache = models_of(rt)
-        self.aligned: list[dict[str, np.ndarray]] = []  # an aligner batch's vectors, by ok item
+        self.indexed: IndexVectors | None = None  # an aligner batch's index vectors
 
     def run(self) -> BatchReport:
         started = time.perf_counter()
@@ -116,7 +123,7 @@ class BatchProcessor:
             return fail_batch(self.rt, self.job_id, [it.id for it in batch.items], mismatch)
         features, errors = self.encode(batch)
         outcomes = self.outcomes(batch, features, errors)
-        segment = (self.segment(batch, outcomes)
+        segment = (self.segment(batch)
                    if batch.model is not None and batch.model.kind == "aligner" else None)
         with self.rt.db.session() as s:
             report = commit(s, self.job_id, batch.kind, batch.then, read_same(s, batch, outcomes),
@@ -334,10 +341,11 @@ class BatchProcessor:
                                for it, f in zip(ok, feats)]
         model = batch.model
         if model.kind == "aligner":
-            self.aligned = embed_items(self.models.aligner(model), feats)
-            return outcomes + [jobs.ItemOutcome(it.id, embedding=item_vector(v),
-                                                info=info.get(it.id))
-                               for it, v in zip(ok, self.aligned, strict=True)]
+            aligned = embed_items(self.models.aligner(model), feats)
+            self.indexed = built = self.index_vectors(model, ok, aligned)
+            return outcomes + [jobs.ItemOutcome(it.id, embedding=item_vector(
+                                   built.item_vectors(it.id, v)), info=info.get(it.id))
+                               for it, v in zip(ok, aligned, strict=True)]
         probs, fused, notes = classify(self.models, model, feats, explained=True)
         top_k = self.rt.settings.top_k
         for it, p, f, note in zip(ok, probs, fused, notes):
@@ -368,25 +376,30 @@ class BatchProcessor:
                 info.setdefault("absent", []).append(m)
         return info or None
 
-    def segment(self, batch: Batch, outcomes: Sequence[jobs.ItemOutcome]
-                ) -> tuple[str, int] | None:
-        """An aligner's batch: its items' aligned vectors per modality as a segment blob
-        (written before the results commit; the same vectors make the same blob, so a batch
-        delivered twice appends nothing twice), and how many vectors it holds."""
-        if batch.model is None or batch.model.kind != "aligner" or not self.aligned:
+    def index_vectors(self, model: ModelRow, ok: Sequence[jobs.ItemRow],
+                      aligned: Sequence[dict[str, np.ndarray]]) -> IndexVectors:
+        """An aligner batch's index vectors: its items' aligned vectors, a clip's frames each
+        with its time (worker.frame_index, from the frame features ``encode`` cached)."""
+        entries = [IndexEntry(it.id, v, it.media["video"].blob if "video" in it.media else None)
+                   for it, v in zip(ok, aligned, strict=True)]
+        frames: dict[str, Frames] = {}
+        if any(e.clip for e in entries):
+            with self.rt.db.session() as s:
+                frames = cached_frames(s, [e.clip for e in entries if e.clip])
+        built = index_vectors(self.models.aligner(model), entries, frames)
+        if built.missing:
+            log.warning("frames_missing job=%s clips=%d", self.job_id, built.missing)
+        return built
+
+    def segment(self, batch: Batch) -> tuple[str, int] | None:
+        """An aligner's batch: its index vectors (``index_vectors``) as a segment blob (written
+        before the results commit; the same vectors make the same blob, so a batch delivered
+        twice appends nothing twice), and how many vectors it holds."""
+        if batch.model is None or batch.model.kind != "aligner" or self.indexed is None \
+                or not self.indexed.arrays:
             return None
-        ok = [o.item_id for o in outcomes if o.error is None]
-        per: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        for item_id, vectors in zip(ok, self.aligned, strict=True):
-            for m, v in vectors.items():
-                per.setdefault(m, ([], []))
-                per[m][0].append(item_id)
-                per[m][1].append(v)
-        if not per:
-            return None
-        arrays = {m: (np.array(ids, dtype=np.int64), np.stack(vs)) for m, (ids, vs) in per.items()}
-        rows = sum(len(ids) for ids, _ in arrays.values())
-        return self.rt.blobs.put_bytes(segment_bytes(arrays)), rows
+        rows = sum(len(v[0]) for v in self.indexed.arrays.values())
+        return self.rt.blobs.put_bytes(segment_bytes(self.indexed.arrays)), rows
 
     def append(self, s: Any, model: ModelRow, blob: str, rows: int, report: BatchReport
                ) -> BatchReport:

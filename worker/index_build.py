@@ -4,7 +4,8 @@ A new aligner (an align job's, or one promoted) gets its index from the tenant's
 frozen features are cached for its encoders: no encoder runs, only the aligner's heads over the
 feature cache, a page of items at a time. Each item indexed gets an ok result under the aligner
 (so the nightly reprocess leaves it alone); items whose features are not cached are embedded by
-the nightly reprocess (or ``POST /api/v1/reprocess`` with the aligner). The base goes to blob
+the nightly reprocess (or ``POST /api/v1/reprocess`` with the aligner). A clip's cached frames
+are indexed as separate ``video`` vectors with their times (``worker.frame_index``). The base goes to blob
 storage, and one transaction marks the index ready and, when the aligner is its tenant's
 default, makes it the one that answers (the old index serves until that commit, the new one
 from it: never none, never both). Segments that batches appended meanwhile stay unmerged: every
@@ -16,13 +17,12 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 from models.align import embed_items, item_vector
 from models.registry import SPECS
 from store import features as feature_cache
 from store import search as search_store
 from store.registry import ModelRow, get_model
+from worker.frame_index import FRAME_SIDE, IndexEntry, cached_frames, index_vectors
 from worker.model_cache import models_of
 from worker.runtime import Runtime
 from worker.vector_index import VectorIndex
@@ -47,33 +47,37 @@ def build_index(rt: Runtime, model_id: int) -> int | None:
             return index_id
     aligner = models_of(rt).aligner(model)
     index = VectorIndex(aligner.dim, rt.settings.index_exact_limit)
-    after, items = 0, 0
+    after, items, missing = 0, 0, 0
     while True:
         with rt.db.session() as s:
             page = search_store.tenant_items(s, model.tenant_id, after, PAGE)
             cached = {m: feature_cache.get_features(
                 s, SPECS[m].version, [r.media[m]["blob"] for r in page if m in r.media])
                 for m in aligner.modalities}
+            clips = [r.media["video"]["blob"] for r in page if "video" in r.media]
+            frames = (cached_frames(s, clips) if clips and FRAME_SIDE in aligner.modalities
+                      else {})
         if not page:
             break
         after = page[-1].item_id
         feats = [{m: cached[m][r.media[m]["blob"]] for m in aligner.modalities
                   if m in r.media and r.media[m]["blob"] in cached[m]} for r in page]
-        kept = [(r, f) for r, f in zip(page, feats, strict=True) if f]
+        # an item with something to index: a feature the aligner embeds, or a clip's frames
+        kept = [(r, f) for r, f in zip(page, feats, strict=True)
+                if f or (r.media.get("video") or {}).get("blob") in frames]
         if not kept:
             continue
         aligned = embed_items(aligner, [f for _, f in kept])
-        per: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        entries = [IndexEntry(r.item_id, vectors, (r.media.get("video") or {}).get("blob"))
+                   for (r, _), vectors in zip(kept, aligned, strict=True)]
+        built = index_vectors(aligner, entries, frames)
+        missing += built.missing
         results = []
         for (r, _), vectors in zip(kept, aligned, strict=True):
-            for m, v in vectors.items():
-                per.setdefault(m, ([], []))
-                per[m][0].append(r.item_id)
-                per[m][1].append(v)
-            mean = item_vector(vectors)
+            mean = item_vector(built.item_vectors(r.item_id, vectors))
             if mean is not None:
                 results.append((r.item_id, r.job_id, mean.astype("<f4").tobytes()))
-        index.add({m: (np.array(ids, dtype=np.int64), np.stack(vs)) for m, (ids, vs) in per.items()})
+        index.add(built.arrays)
         items += len(results)
         with rt.db.session() as s:
             search_store.write_results(s, model.id, results)
@@ -82,7 +86,7 @@ def build_index(rt: Runtime, model_id: int) -> int | None:
     with rt.db.session() as s:
         search_store.record_base(s, index_id, blob, len(index), [], ready=True)
         switched = search_store.activate_default(s, model.id)
-    log.info("index_built index=%s model=%s items=%d vectors=%d kinds=%s active=%s seconds=%.2f",
-             index_id, model.id, items, len(index), index.kinds, switched,
-             time.perf_counter() - started)
+    log.info("index_built index=%s model=%s items=%d vectors=%d kinds=%s active=%s "
+             "frames_missing=%d seconds=%.2f", index_id, model.id, items, len(index),
+             index.kinds, switched, missing, time.perf_counter() - started)
     return index_id

@@ -1,6 +1,6 @@
 """The search side of a worker machine: a process that keeps the encoders, the aligners and the
-tenants' indexes warm, turns a query (text, an image, audio or text file, or an item) into an
-aligned vector and searches the index with the query's filters inside the search.
+tenants' indexes warm, turns a query (text, an image, audio, video or text file, or an item)
+into an aligned vector and searches the index with the query's filters inside the search.
 
 :class:`Searcher` is plain Python (tests and the bench call it directly); ``worker.search_service``
 serves it over HTTP to the API, which never loads torch. A background thread refreshes the
@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from media.decode import MediaError, modality_of
+from media.video import Frame
 from mmbatch.contract import DERIVED_MODALITIES, MODALITIES, SEARCH_MODALITIES
 from mmbatch.settings import Settings
-from models.align import embed_items
+from models.align import Aligner, embed_items
+from models.video import pool_frames
 from store import search as search_store
 from store.registry import ModelNotFound, ModelRow, get_model
 from store.schema import MAX_ID
+from worker.frame_index import FRAME_SIDE, clip_query
 from worker.index_merge import load_index
 from worker.model_cache import ModelCache, models_of
 from worker.runtime import Runtime
@@ -195,7 +199,7 @@ class Searcher:
             hits = [h for h in hits if h.score >= q.min_score]
         page = hits[q.offset:q.offset + q.k]
         return {"hits": [{"item": h.item, "modality": h.modality, "score": round(h.score, 6)}
-                         for h in page],
+                         | ({"time": h.time} if h.time is not None else {}) for h in page],
                 "more": len(hits) > q.offset + q.k,
                 "query": {"modality": query_modality},
                 "seconds": {"encode": round(encoded - started, 4),
@@ -222,14 +226,16 @@ class Searcher:
         if file is not None:
             data, name = file
             modality = modality_of(name)
-            if modality is None or modality in DERIVED_MODALITIES:
+            if modality is None:
                 raise SearchError(400, "unsupported_file",
-                                  f"{name!r} is not an image, audio or text file by its name "
-                                  "(to search by a clip, search by one of its frames)")
+                                  f"{name!r} is not an image, audio, video or text file by its "
+                                  "name")
             try:
                 raw_media = self.models.decoder(modality)(data, name)
             except (MediaError, ValueError, OSError) as exc:
                 raise SearchError(400, "undecodable_file", f"{name}: {exc}") from None
+            if modality == "video":
+                return self.clip_vector(model, aligner, raw_media.frames, name), modality, ()
         else:
             modality, raw_media = "text", " ".join(str(q.text or "").split())
             if not raw_media:
@@ -241,3 +247,23 @@ class Searcher:
         with self._encode_locks[modality]:
             features = encoder.encode([encoder.preprocess(raw_media)])[0].numpy()
         return embed_items(aligner, [{modality: features}])[0][modality], modality, ()
+
+    def clip_vector(self, model: ModelRow, aligner: Aligner, frames: list[Frame], name: str
+                    ) -> np.ndarray:
+        """An uploaded clip's query vector: its sampled frames (decoded in the sandbox as the
+        worker decodes them) through the image encoder and the aligner's image side, averaged
+        (worker.frame_index.clip_query); an aligner without an image side but with a video
+        one takes the frames pooled as a clip's ``video`` features are."""
+        if not frames:
+            raise SearchError(400, "undecodable_file", f"{name}: no video frames")
+        if FRAME_SIDE not in aligner.modalities and "video" not in aligner.modalities:
+            raise SearchError(400, "modality_not_aligned",
+                              f"aligner {model.id} embeds neither images nor video")
+        encoder = self.models.encoder("image")
+        with self._encode_locks["image"]:
+            features = encoder.encode([encoder.preprocess(Image.fromarray(f.rgb))
+                                       for f in frames]).numpy()  # (K, D)
+        vector = clip_query(aligner, features)
+        if vector is None:
+            vector = embed_items(aligner, [{"video": pool_frames(features)}])[0]["video"]
+        return vector
