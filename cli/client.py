@@ -10,6 +10,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import requests
 
+from cli.direct import DirectUnavailable, endpoint_of, upload_direct
 from cli.resumable import UploadState, forget, upload
 
 
@@ -102,12 +103,18 @@ class Client:
                          model: int | None = None, idempotency_key: str | None = None,
                          progress: Callable[[int, int], None] | None = None,
                          **options: Any) -> dict[str, Any]:
-        """Upload ``archive`` resumably (tus, ``cli.resumable``; an earlier try of the same file
-        goes on where it stopped), then make the job from it. Without an Idempotency-Key the
-        upload's own id serves as one, so that a retry after a lost answer finds the job."""
-        endpoint = f"{self.base}/api/v1/uploads"
-        url = upload(self.http, endpoint, archive, state, progress=progress)
-        upload_id = url.rstrip("/").rsplit("/", 1)[1]
+        """Upload ``archive`` resumably, then make the job from it: straight to S3 in
+        presigned parts when the server keeps blobs there (``cli.direct``), through the API
+        with tus otherwise (``cli.resumable``); an earlier try of the same file goes on where
+        it stopped. Without an Idempotency-Key the upload's own id serves as one, so that a
+        retry after a lost answer finds the job."""
+        try:
+            endpoint = endpoint_of(self.base)
+            upload_id = upload_direct(self.http, self.base, archive, state, progress=progress)
+        except DirectUnavailable:
+            endpoint = f"{self.base}/api/v1/uploads"
+            url = upload(self.http, endpoint, archive, state, progress=progress)
+            upload_id = url.rstrip("/").rsplit("/", 1)[1]
         data = {"kind": kind, "upload": upload_id,
                 **{k: str(v) for k, v in options.items() if v is not None}}
         if model is not None:

@@ -216,9 +216,10 @@ def web(host: str | None, port: int | None) -> None:
 @click.option("--priority", type=click.Choice(PRIORITIES), default=None,
               help="Who goes first when workers are shared (default normal).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Upload in resumable chunks (tus), going on after a broken connection or "
-                   "from where an earlier run of the same command stopped; --no-resume sends "
-                   "the archive in one request.")
+              help="Upload resumably, going on after a broken connection or from where an "
+                   "earlier run of the same command stopped: straight to S3 in presigned parts "
+                   "when the server keeps blobs there, else in chunks through the API (tus); "
+                   "--no-resume sends the archive in one request.")
 @click.option("--adapt", is_flag=True,
               help="classify: adapt the (stacked) model to this archive's own items first; "
                    "the results come from the adapted version, which never becomes the "

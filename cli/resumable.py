@@ -101,12 +101,12 @@ def upload(http: requests.Session, endpoint: str, archive: Path, state: UploadSt
                 if r.status_code == 409 and "Upload-Offset" in r.headers:
                     offset = int(r.headers["Upload-Offset"])  # the server knows better
                     continue
-                if r.status_code == 429 or r.status_code >= 500 or _code(r) == "upload_busy":
+                if r.status_code == 429 or r.status_code >= 500 or error_code(r) == "upload_busy":
                     # (busy: a request of ours the link dropped still holds the upload, until
                     # the server gives up on its silence)
                     raise _Transient(float(r.headers.get("Retry-After") or 0))
                 if r.status_code != 204:
-                    raise UploadFailed(_message(r), r.status_code, _json(r))
+                    raise UploadFailed(message_of(r), r.status_code, json_of(r))
                 offset = int(r.headers["Upload-Offset"])
                 failures = 0
             except (requests.ConnectionError, requests.Timeout, _Transient) as exc:
@@ -147,7 +147,7 @@ def _create(http: requests.Session, endpoint: str, name: str, size: int) -> str:
     r = http.post(endpoint, timeout=TIMEOUT,  # a ConnectionError: the caller says what to do
                   headers={**TUS, "Upload-Length": str(size), "Upload-Metadata": meta})
     if r.status_code != 201 or "Location" not in r.headers:
-        raise UploadFailed(_message(r), r.status_code, _json(r))
+        raise UploadFailed(message_of(r), r.status_code, json_of(r))
     return requests.compat.urljoin(endpoint, r.headers["Location"])  # type: ignore[no-any-return]
 
 
@@ -169,22 +169,22 @@ def _offset(http: requests.Session, url: str | None, quiet: bool = False) -> int
     return None
 
 
-def _json(r: requests.Response) -> Any:
+def json_of(r: requests.Response) -> Any:
     try:
         return r.json()
     except ValueError:
         return None
 
 
-def _code(r: requests.Response) -> str | None:
-    body = _json(r)
+def error_code(r: requests.Response) -> str | None:
+    body = json_of(r)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body["error"].get("code")  # type: ignore[no-any-return]
     return None
 
 
-def _message(r: requests.Response) -> str:
-    body = _json(r)
+def message_of(r: requests.Response) -> str:
+    body = json_of(r)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return f"{r.status_code} {body['error'].get('code')}: {body['error'].get('message')}"
     return f"{r.status_code}: {r.text[:200]}"

@@ -41,6 +41,10 @@ class Settings:
     s3_region: str = ""
     s3_access_key_id: str = ""
     s3_secret_access_key: str = ""
+    # The endpoint that presigned URLs for direct uploads name (web.direct_uploads), when
+    # clients reach the object store by another address than the API does (a MinIO inside a
+    # compose network); empty: s3_endpoint_url.
+    s3_presign_endpoint_url: str = ""
     # Worker processes serve Prometheus metrics on this port (0: off); see docs/operations.md.
     worker_metrics_port: int = 0
     host: str = "127.0.0.1"
@@ -65,6 +69,9 @@ class Settings:
     # finish): about twice the model workers keeps each fed without queueing a flood ahead of
     # the next job.
     dispatch_window: int = 2
+    # Part size of a direct upload to S3 (presigned multipart; at least S3's 5 MiB, and larger
+    # when an archive would take more than S3's 10,000 parts).
+    direct_part_bytes: int = 64 * 1024**2
     upload_expire_hours: float = 24.0  # a resumable upload nobody finishes is removed after
     max_image_pixels: int = 64_000_000
     audio_max_seconds: float = 30.0
@@ -150,6 +157,9 @@ class Settings:
             raise SettingsError(f"{PREFIX}VIDEO_FRAMES must be at most {MAX_VIDEO_FRAMES}")
         if self.max_compression_ratio < 1:
             raise SettingsError(f"{PREFIX}MAX_COMPRESSION_RATIO must be at least 1")
+        if self.direct_part_bytes < 5 * 1024**2:
+            raise SettingsError(f"{PREFIX}DIRECT_PART_BYTES must be at least 5 MiB (S3's least "
+                                "part size)")
         if self.blob_url and not (self.blob_url.startswith("s3://")
                                   and self.blob_url[5:].strip("/")):
             raise SettingsError(f"{PREFIX}BLOB_URL must be s3://bucket[/prefix], "

@@ -329,7 +329,11 @@ class Upload(Base):
     """A resumable upload (the tus protocol, ``web.resumable``): an archive arriving in pieces.
     Its bytes so far are a file in the web machine's upload directory, whose size is the
     offset; a job is made from it once it is whole (``job_id``, ``archive_blob``), and one that
-    nobody finishes is removed after MMBATCH_UPLOAD_EXPIRE_HOURS."""
+    nobody finishes is removed after MMBATCH_UPLOAD_EXPIRE_HOURS.
+
+    A direct upload (``web.direct_uploads``) goes to S3 instead, in presigned parts of an S3
+    multipart upload (``multipart_id``, ``part_size``) at a staging key of its own; it is whole
+    once completed (``completed_at``), and the ingest worker makes its bytes a blob."""
 
     __tablename__ = "uploads"
 
@@ -344,6 +348,9 @@ class Upload(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     archive_blob: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[str | None] = mapped_column(String(32))
+    multipart_id: Mapped[str | None] = mapped_column(String(1024))  # S3's UploadId
+    part_size: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Batch(Base):

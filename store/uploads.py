@@ -1,24 +1,31 @@
 """Resumable uploads (``store.schema.Upload``): made, found within a tenant, marked with the job
 made from them, and forgotten once expired. Their bytes live in files that ``web.resumable``
-keeps; this module keeps the rows."""
+keeps, or, for a direct upload, at a staging key in S3 (``web.direct_uploads``); this module
+keeps the rows.
+
+A job made from a direct upload names it as its archive (``staged_archive``) until the ingest
+worker has made the staged bytes a blob (``adopt_archive``): the API never reads them."""
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.orm import Session
 
-from store.schema import Upload, utcnow
+from store.schema import Job, Upload, utcnow
 
 ID_CHARS = frozenset("0123456789abcdef")
+STAGED = "upload:"  # a job's archive_blob while it names a direct upload's staged object
+FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def create_upload(session: Session, upload_id: str, tenant_id: int, api_key_id: int | None,
-                  name: str, length: int, ttl: dt.timedelta) -> Upload:
+                  name: str, length: int, ttl: dt.timedelta, multipart_id: str | None = None,
+                  part_size: int | None = None) -> Upload:
     row = Upload(id=upload_id, tenant_id=tenant_id, api_key_id=api_key_id, name=name, length=length,
-                 expires_at=utcnow() + ttl)
+                 expires_at=utcnow() + ttl, multipart_id=multipart_id, part_size=part_size)
     session.add(row)
     session.flush()
     return row
@@ -36,11 +43,21 @@ def get_upload(session: Session, upload_id: str, tenant_id: int, lock: bool = Fa
     return row
 
 
-def expired_uploads(session: Session, now: dt.datetime | None = None) -> list[str]:
-    """Ids of the uploads nobody finished into a job before they expired, and of those made
-    into a job more than their lifetime ago (their row only says which job they made)."""
+def expired_uploads(session: Session, now: dt.datetime | None = None) -> list[Upload]:
+    """The uploads nobody finished into a job before they expired, and those made into a job
+    more than their lifetime ago (their row only says which job they made); except a direct
+    upload whose unfinished job has not made its staged bytes a blob yet (a queue that waited
+    longer than the expiry must not lose the job's archive)."""
     now = now or utcnow()
-    return list(session.scalars(select(Upload.id).where(Upload.expires_at <= now)))
+    waiting = and_(Upload.job_id.is_not(None), Upload.archive_blob.is_(None),
+                   Upload.multipart_id.is_not(None),
+                   select(Job.id).where(Job.id == Upload.job_id,
+                                        Job.state.not_in(FINISHED)).exists())
+    rows = list(session.scalars(select(Upload).where(Upload.expires_at <= now,
+                                                     ~waiting)))
+    for row in rows:
+        session.expunge(row)
+    return rows
 
 
 def delete_uploads(session: Session, upload_ids: list[str]) -> None:
@@ -85,3 +102,31 @@ def part_path(spool_dir: Path, upload_id: str) -> Path:
     """Where an upload's bytes so far are kept: beside the blob store's own temporary files
     (on its file system, so that a finished upload becomes a blob by a rename)."""
     return spool_dir / ".uploads" / upload_id
+
+
+def staged_archive(upload_id: str) -> str:
+    """What a job made from a direct upload has as its archive until ingest adopts it."""
+    return STAGED + upload_id
+
+
+def staged_upload(archive_blob: str) -> str | None:
+    """The direct upload a job's archive still is, if it is one."""
+    return archive_blob[len(STAGED):] if archive_blob.startswith(STAGED) else None
+
+
+def complete(session: Session, upload_id: str) -> dt.datetime:
+    """The direct upload is whole (S3 joined its parts)."""
+    now = utcnow()
+    session.execute(update(Upload).where(Upload.id == upload_id, Upload.completed_at.is_(None))
+                    .values(completed_at=now))
+    return now
+
+
+def adopt_archive(session: Session, job_id: str, upload_id: str, digest: str) -> bool:
+    """The job's direct upload is blob ``digest`` now: the job and the upload say so (the job
+    only while it still names the staged object). Whether the job's archive moved."""
+    moved = session.execute(update(Job).where(Job.id == job_id,
+                                              Job.archive_blob == staged_archive(upload_id))
+                            .values(archive_blob=digest)).rowcount
+    record_archive(session, upload_id, digest)
+    return bool(moved)

@@ -9,6 +9,7 @@ from store.blobstore import open_blob_store
 from store.db import Database
 from web import dashboard, errors, metrics
 from web.api import api, health
+from web.direct_uploads import direct_api
 from web.auth import RateLimiter
 from web.labels_api import labels_api
 from web.models_api import models_api
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(labels_api)
     app.register_blueprint(search_api)
     app.register_blueprint(uploads_api)
+    app.register_blueprint(direct_api)
     app.register_blueprint(openapi)  # /api/v1/openapi.json, no API key
     dashboard.init_app(app, settings)
     return app

@@ -40,7 +40,8 @@ ERROR_CODES = {
     400: "bad input; `error.code` names the field (`invalid_<field>`, `missing_archive`, …)",
     401: "no API key, or an unknown or revoked one (`unauthorized`)",
     404: "no such resource for this tenant (`not_found`)",
-    409: "the resource is not in a state that allows this",
+    409: "the resource is not in a state that allows this (`direct_upload_unavailable`: "
+         "blobs are not in S3, use tus)",
     412: "a resumable upload request without `Tus-Resumable: 1.0.0` "
          "(`unsupported_tus_version`)",
     413: "the request body exceeds MMBATCH_MAX_UPLOAD_BYTES (`request_entity_too_large`), or "
@@ -514,6 +515,79 @@ def _upload_paths(settings: Any) -> dict[str, Any]:
     }
 
 
+def _direct_schemas() -> dict[str, Schema]:
+    part = {"type": "integer", "minimum": 1, "maximum": 10_000}
+    return {
+        "DirectUpload": _obj({
+            "id": {"type": "string"}, "name": {"type": "string"},
+            "length": {"type": "integer", "minimum": 1},
+            "part_size": {"type": "integer", "minimum": 1,
+                          "description": "every part but the last is this long"},
+            "part_count": part,
+            "state": {"type": "string", "enum": ["uploading", "complete", "used"]},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "job": _nullable({"type": "string", "description": "the job made from it"}),
+            "parts": {"type": "array", "description": "the parts S3 has (while uploading)",
+                      "items": _obj({"part": part, "etag": {"type": "string"},
+                                     "size": {"type": "integer", "minimum": 0}})}}),
+        "PartUrls": _obj({
+            "urls": {"type": "array", "items": _obj({"part": part,
+                                                     "url": {"type": "string"}})},
+            "expires_in": {"type": "integer", "minimum": 1,
+                           "description": "seconds each URL works"}}),
+    }
+
+
+def _direct_paths() -> dict[str, Any]:
+    """Direct uploads to S3 in presigned parts (``web.direct_uploads``)."""
+    upload_id = {"name": "upload_id", "in": "path", "required": True,
+                 "schema": {"type": "string", "maxLength": 64}}
+    upload = _json(_ref("DirectUpload"), "the direct upload")
+
+    def body(schema: Schema) -> Schema:
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+    part = {"type": "integer", "minimum": 1, "maximum": 10_000}
+    return {
+        "/api/v1/direct-uploads": {"post": {
+            "operationId": "createDirectUpload", "tags": ["jobs"],
+            "summary": "Start a direct upload to S3 in presigned parts (S3 blob storage only: "
+                       "409 `direct_upload_unavailable` otherwise)",
+            "requestBody": body(_obj({"length": {"type": "integer", "minimum": 1},
+                                      "filename": {"type": "string"}}, required=["length"])),
+            "responses": {"201": {**upload, "headers": {"Location": {
+                "required": True, "schema": {"type": "string"},
+                "description": "the upload's URL"}}},
+                **_errors(400, 409, 413)}}},
+        "/api/v1/direct-uploads/{upload_id}": {
+            "get": {
+                "operationId": "getDirectUpload", "tags": ["jobs"],
+                "summary": "The upload and the parts S3 has of it (to resume)",
+                "parameters": [upload_id],
+                "responses": {"200": upload, **_errors(404, 409)}},
+            "delete": {
+                "operationId": "deleteDirectUpload", "tags": ["jobs"],
+                "summary": "Abandon the upload: its parts in S3 are aborted",
+                "parameters": [upload_id],
+                "responses": {"204": {"description": "gone"}, **_errors(404, 409)}}},
+        "/api/v1/direct-uploads/{upload_id}/urls": {"post": {
+            "operationId": "directUploadPartUrls", "tags": ["jobs"],
+            "summary": "Presigned URLs that take the given parts by HTTP PUT",
+            "parameters": [upload_id],
+            "requestBody": body(_obj({"parts": {"type": "array", "minItems": 1,
+                                                "maxItems": 100, "items": part}})),
+            "responses": {"200": _json(_ref("PartUrls"), "a URL per part"),
+                          **_errors(400, 404, 409)}}},
+        "/api/v1/direct-uploads/{upload_id}/complete": {"post": {
+            "operationId": "completeDirectUpload", "tags": ["jobs"],
+            "summary": "Join the parts (numbers and the ETags S3 answered) into the archive",
+            "parameters": [upload_id],
+            "requestBody": body(_obj({"parts": {"type": "array", "minItems": 1, "items": _obj(
+                {"part": part, "etag": {"type": "string"}})}})),
+            "responses": {"200": upload, **_errors(400, 404, 409)}}},
+    }
+
+
 def _paths(settings: Any) -> dict[str, Any]:
     location = {"Location": {"required": True, "schema": {"type": "string"},
                              "description": "the job's URL"}}
@@ -530,7 +604,9 @@ def _paths(settings: Any) -> dict[str, Any]:
             "archive": archive,
             "upload": {"type": "string", "maxLength": 64,
                        "description": "the id of a whole resumable upload "
-                                      "(`POST /api/v1/uploads`), instead of `archive`"},
+                                      "(`POST /api/v1/uploads`) or a completed direct one "
+                                      "(`POST /api/v1/direct-uploads`), instead of "
+                                      "`archive`"},
             "model": {"type": "integer", "minimum": 1,
                       "description": "embed/classify: a model version id (default: the "
                                      "default model); train: not allowed"},
@@ -740,6 +816,7 @@ def _paths(settings: Any) -> dict[str, Any]:
                           **_errors(400, 404, 413, 415)}}},
         **_search_paths(settings),
         **_upload_paths(settings),
+        **_direct_paths(),
     }
 
 
@@ -762,7 +839,7 @@ def document(settings: Any) -> dict[str, Any]:
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
                 "description": "an API key: `mmbatch keys create --name NAME`"}},
-            "schemas": _schemas(settings),
+            "schemas": {**_schemas(settings), **_direct_schemas()},
             "parameters": _params(settings),
             "responses": _responses(),
         },

@@ -35,7 +35,7 @@ from store import uploads
 from store.schema import Upload
 from web import auth
 from web.errors import ApiError
-from web.service import Services
+from web.service import Services, prune_uploads
 from web.uploads import clean_name
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def create_upload() -> Response:
                        "send Upload-Length: this server needs the size up front")
     length = _length(request.headers.get("Upload-Length"), svc.settings.max_upload_bytes)
     name = _filename(request.headers.get("Upload-Metadata", ""))
-    _prune(svc)
+    prune_uploads(svc)
     upload_id = uuid.uuid4().hex
     path = uploads.part_path(svc.blobs.spool_dir, upload_id)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def terminate(upload_id: str) -> Response:
     svc = _services()
     with svc.db.session() as s:
         row = uploads.get_upload(s, upload_id, auth.tenant_id(), lock=True)
-        if row is None:
+        if row is None or row.multipart_id is not None:
             raise ApiError(404, "not_found", f"no upload {upload_id}")
         uploads.delete_uploads(s, [upload_id])
     uploads.part_path(svc.blobs.spool_dir, upload_id).unlink(missing_ok=True)
@@ -199,7 +199,7 @@ def _read_timeout() -> None:
 def _upload_or_404(upload_id: str) -> Upload:
     with _services().db.session() as s:
         row = uploads.get_upload(s, upload_id, auth.tenant_id())
-        if row is None:
+        if row is None or row.multipart_id is not None:  # (a direct upload: not tus's)
             raise ApiError(404, "not_found", f"no upload {upload_id} (or it expired)")
         s.expunge(row)
         return row
@@ -221,17 +221,6 @@ def _offset_response(row: Upload, status: int, offset: int) -> Response:
                              "Upload-Expires": http_date(row.expires_at),
                              "Cache-Control": "no-store"})
     return response
-
-
-def _prune(svc: Services) -> None:
-    """Forget the expired uploads: their records and what arrived of them."""
-    with svc.db.session() as s:
-        gone = uploads.expired_uploads(s)
-        uploads.delete_uploads(s, gone)
-    for upload_id in gone:
-        uploads.part_path(svc.blobs.spool_dir, upload_id).unlink(missing_ok=True)
-    if gone:
-        log.info("uploads_expired count=%d", len(gone))
 
 
 def _length(raw: str | None, limit: int) -> int:

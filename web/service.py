@@ -45,10 +45,11 @@ from mmbatch.scoring import score_labels
 from mmbatch.settings import Settings
 from store import jobs, labels, reprocess, uploads
 from store import search as search_store
-from store.blobs import Blobs, file_digest
+from store.blobs import BlobNotFound, Blobs, BlobStoreUnavailable, file_digest
 from store.db import Database
 from store.registry import ModelNotFound, default_model, get_model, promote
-from store.schema import Item, Job, LabelEvent, ModelVersion
+from store.s3blobs import S3BlobStore
+from store.schema import Item, Job, LabelEvent, ModelVersion, Upload
 from web import auth
 from web.errors import ApiError
 from web.search_client import SearchClient
@@ -242,7 +243,10 @@ def _finished_upload(svc: Services, upload_id: str) -> Archive:
         if row is None:
             raise ApiError(400, "unknown_upload", f"no upload {upload_id!r} (or it expired): "
                                                   "make one with POST /api/v1/uploads")
-        upload_id, name, length, digest = row.id, row.name, row.length, row.archive_blob
+        s.expunge(row)
+    if row.multipart_id is not None:
+        return _direct_upload(svc, row)
+    upload_id, name, length, digest = row.id, row.name, row.length, row.archive_blob
     path = uploads.part_path(svc.blobs.spool_dir, upload_id)
     try:
         f = open(path, "rb")
@@ -273,6 +277,52 @@ def _finished_upload(svc: Services, upload_id: str) -> Archive:
         if path.exists():
             svc.blobs.adopt(path, digest)
     return Archive(digest, name, length, lambda: digest, upload_id)
+
+
+def _direct_upload(svc: Services, row: Upload) -> Archive:
+    """A completed direct upload (``web.direct_uploads``) as a job's archive: the job names the
+    staged object, and its ingest worker, which reads the bytes anyway, makes them a blob. The
+    API reads only the first bytes, to refuse what is no archive; the upload's id stands for
+    the archive in the request's fingerprint."""
+    if row.completed_at is None:
+        raise ApiError(409, "upload_incomplete", f"upload {row.id} is not complete: PUT its "
+                       f"parts, then POST /api/v1/direct-uploads/{row.id}/complete")
+    if not isinstance(svc.blobs, S3BlobStore):
+        raise ApiError(409, "direct_upload_unavailable", "this server keeps blobs on disk, not "
+                                                         "in S3 where the upload is")
+    if row.job_id is None and row.archive_blob is None:  # (once used, the staged object goes)
+        try:
+            head = svc.blobs.staged_head(row.id)
+        except BlobNotFound:
+            raise ApiError(404, "not_found", f"upload {row.id} is no longer in S3") from None
+        if sniff_archive(head) is None:
+            raise ApiError(415, "invalid_archive",
+                           "the upload is not a zip, tar or tar.gz archive")
+    staged = uploads.staged_archive(row.id)
+    return Archive(staged, row.name, row.length, lambda: staged, row.id)
+
+
+def prune_uploads(svc: Services) -> None:
+    """Forget the expired uploads (tus and direct): what arrived of them, then their records.
+    A direct upload's parts are aborted in S3 first; one S3 could not be asked about stays for
+    the next pruning."""
+    with svc.db.session() as s:
+        expired = uploads.expired_uploads(s)
+    gone = []
+    for row in expired:
+        if row.multipart_id is None:
+            uploads.part_path(svc.blobs.spool_dir, row.id).unlink(missing_ok=True)
+        elif isinstance(svc.blobs, S3BlobStore):
+            try:
+                svc.blobs.abort_staged(row.id, row.multipart_id)
+            except BlobStoreUnavailable as exc:
+                log.warning("upload_abort_failed upload=%s error=%s", row.id, exc)
+                continue
+        gone.append(row.id)
+    with svc.db.session() as s:
+        uploads.delete_uploads(s, gone)
+    if gone:
+        log.info("uploads_expired count=%d", len(gone))
 
 
 def _callback(svc: Services, raw: str | None) -> str | None:

@@ -4,17 +4,20 @@ job on earlier jobs' items (``from_jobs``) copies them instead, with their curre
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from media.archive import ArchiveError, Limits, Walk, walk
 from mmbatch.contract import TASK_ALIGN, TASK_TRAIN, TASK_WEBHOOKS, training_step
 from store import dispatch as plans
-from store import jobs
+from store import jobs, uploads
 from store.blobs import BlobNotFound
 from store.labels import labelled_copies
 from store.registry import get_model
+from store.s3blobs import S3BlobStore
 from worker.dispatch import dispatch
 from worker.runtime import Runtime
 
@@ -60,7 +63,7 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
     stream = Stream(rt, job_id, send_task)
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
-        with rt.blobs.local_path(archive_blob) as path:
+        with _archive_file(rt, job_id, archive_blob) as path:
             found = walk(path, stream.store, Limits.from_settings(rt.settings),
                          ready=stream.take, chunk=rt.settings.batch_size)
     except ArchiveError as exc:
@@ -99,6 +102,28 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
                  found.skipped_count, late)
     stream.send(following)
     return _batches(rt, job_id, ids)
+
+
+@contextlib.contextmanager
+def _archive_file(rt: Runtime, job_id: str, archive_blob: str) -> Iterator[Path]:
+    """The job's archive as a file on this machine. A job made from a direct upload names the
+    staged object in S3 (``store.uploads.staged_upload``) instead of a blob: its bytes become
+    one here, where they are read anyway (the API never reads them), hashed as they download
+    and copied inside S3 to their content-addressed key; the job then names the blob, and the
+    staged object goes. A redelivery before the job named the blob does it again."""
+    upload_id = uploads.staged_upload(archive_blob)
+    if upload_id is None:
+        with rt.blobs.local_path(archive_blob) as path:
+            yield path
+        return
+    if not isinstance(rt.blobs, S3BlobStore):
+        raise BlobNotFound(archive_blob)  # blobs moved off S3 since the upload
+    with rt.blobs.adopt_staged(upload_id) as (path, digest):
+        with rt.db.session() as s:
+            uploads.adopt_archive(s, job_id, upload_id, digest)
+        rt.blobs.abort_staged(upload_id, None)  # the blob is the archive now
+        log.info("upload_adopted job=%s upload=%s blob=%s", job_id, upload_id, digest)
+        yield path
 
 
 class Stream:
