@@ -63,7 +63,8 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
     stream = Stream(rt, job_id, send_task)
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
-        with _archive_file(rt, job_id, archive_blob) as path:
+        with (_adopted(rt, job_id, archive_blob) if archive_blob.startswith(uploads.STAGED)
+              else rt.blobs.local_path(archive_blob)) as path:
             found = walk(path, stream.store, Limits.from_settings(rt.settings),
                          ready=stream.take, chunk=rt.settings.batch_size)
     except ArchiveError as exc:
@@ -105,18 +106,14 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
 
 
 @contextlib.contextmanager
-def _archive_file(rt: Runtime, job_id: str, archive_blob: str) -> Iterator[Path]:
-    """The job's archive as a file on this machine. A job made from a direct upload names the
-    staged object in S3 (``store.uploads.staged_upload``) instead of a blob: its bytes become
-    one here, where they are read anyway (the API never reads them), hashed as they download
-    and copied inside S3 to their content-addressed key; the job then names the blob, and the
-    staged object goes. A redelivery before the job named the blob does it again."""
+def _adopted(rt: Runtime, job_id: str, archive_blob: str) -> Iterator[Path]:
+    """The archive of a job made from a direct upload, as a file on this machine: the job names
+    the staged object in S3 (``store.uploads.staged_archive``) instead of a blob, and its bytes
+    become one here, where they are read anyway (the API never reads them), hashed as they
+    download and copied inside S3 to their content-addressed key; the job then names the blob,
+    and the staged object goes. A redelivery before the job named the blob does it again."""
     upload_id = uploads.staged_upload(archive_blob)
-    if upload_id is None:
-        with rt.blobs.local_path(archive_blob) as path:
-            yield path
-        return
-    if not isinstance(rt.blobs, S3BlobStore):
+    if upload_id is None or not isinstance(rt.blobs, S3BlobStore):
         raise BlobNotFound(archive_blob)  # blobs moved off S3 since the upload
     with rt.blobs.adopt_staged(upload_id) as (path, digest):
         with rt.db.session() as s:
