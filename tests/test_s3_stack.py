@@ -4,6 +4,7 @@ HTTP while it runs, and the job_state lines of both processes' logs."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import time
@@ -11,15 +12,18 @@ import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 import requests
+from click.testing import CliRunner
 
+from cli import main as cli_main
 from cli.client import Client
 from cli.stack import Stack
 from mmbatch.settings import Settings
 from store.blobstore import open_blob_store
 from tests.conftest import make_key
-from tests.s3 import make_bucket, s3_env
+from tests.s3 import ACCESS_KEY, REGION, SECRET_KEY, make_bucket, s3_env
 from tests.test_metrics import samples
 from tests.util import free_port, write_tar
 
@@ -127,8 +131,40 @@ def test_a_job_runs_on_s3_blobs_and_the_worker_serves_metrics(
     assert samples(web, "mmbatch_http_requests_total")[
         (("method", "POST"), ("route", "/api/v1/jobs"), ("status", "202"))] == 1
 
-    # One job_state line per state change, with the job's id, across both processes' logs.
+    # One job_state line per state change, with the job's id, across the processes' logs
+    # (ingest runs in a worker of its own, the ingester).
     logs = "".join((settings.data_dir / "logs" / f"{name}.log").read_text()
-                   for name in ("web", "worker"))
+                   for name in ("web", "ingester", "worker"))
     states = re.findall(rf"job_state job={job['id']} state=(\w+)", logs)
     assert sorted(states) == sorted(["queued", "ingesting", "running", "succeeded"]), logs[-3000:]
+
+
+def test_the_command_line_uploads_straight_to_the_bucket(
+        stack: tuple[Stack, Settings, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mmbatch submit`` against S3 blobs: the archive goes to the bucket in presigned parts,
+    never through the API; the job runs from it and has one result per item."""
+    running, settings, key = stack
+    monkeypatch.setenv("MMBATCH_DATA_DIR", str(tmp_path / "cli"))
+    monkeypatch.setenv("MMBATCH_URL", running.url)
+    monkeypatch.setenv("MMBATCH_API_KEY", key)
+    archive = _archive(tmp_path / "direct.tar")
+    out = CliRunner().invoke(cli_main.main, ["submit", str(archive), "--kind", "embed"])
+    assert out.exit_code == 0, out.output
+    job_id = out.output.strip().splitlines()[-1].split()[1]
+    client = Client(running.url, api_key=key)
+    done = client.wait(job_id, timeout=300)
+    assert (done["state"], done["total"], done["done"], done["failed"]) == \
+        ("succeeded", 3, 3, 0), done
+    assert sorted(r["key"] for r in client.results(job_id)) == ["blue", "note", "red"]
+
+    web = samples(_metrics(running.url + "/metrics"), "mmbatch_http_requests_total")
+    routes = {dict(k)["route"] for k in web}
+    assert "/api/v1/direct-uploads/<upload_id>/complete" in routes
+    assert not [k for k in web if dict(k)["method"] in ("PUT", "PATCH")], web  # no bytes
+    bucket = settings.blob_url[5:].split("/")[0]
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=REGION,
+                      aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert not [k for k in keys if "/.uploads/" in k], keys  # the staged copy went
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() in set(open_blob_store(settings))
