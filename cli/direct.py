@@ -74,7 +74,7 @@ def upload_direct(http: requests.Session, base: str, archive: Path, state: Uploa
                 if n not in urls:
                     urls.update(_urls(http, url, todo[:URLS_PER_REQUEST]))
                 body = _Part(f, (n - 1) * part_size, length(n),
-                             lambda sent: report(done + sent, size))
+                             lambda sent, done=done: report(done + sent, size))
                 r = s3.put(urls[n], data=body, timeout=TIMEOUT)
                 if r.status_code == 403:  # the URL expired (or was refused): ask anew
                     urls.clear()
