@@ -277,3 +277,27 @@ def test_the_command_line_uploads_direct_and_resumes_a_stopped_run(
     assert not [m for m, _, _ in recorder.seen if m in ("PUT", "PATCH")]
     assert sum(size for _, _, size in recorder.seen) < 16 * 1024
     assert state.get(UploadState.key(archive, server + "/api/v1/direct-uploads")) is None
+
+
+def test_a_job_keeps_its_staged_archive_past_the_expiry_until_ingest_took_it(
+        s3_endpoint: str, tmp_path: Path) -> None:
+    client, settings, _, _ = _app(tmp_path, s3_endpoint, upload_expire_hours=1 / 3600)
+    small = tar_bytes({"a.txt": b"one caption", "b.txt": b"another"})
+    up = _start(client, small, "small.tar")
+    etag = _put(_urls(client, up["id"], [1])[1], small)
+    assert client.post(f"/api/v1/direct-uploads/{up['id']}/complete",
+                       json={"parts": [{"part": 1, "etag": etag}]}).status_code == 200
+    r = client.post("/api/v1/jobs", data={"kind": "embed", "upload": up["id"]})
+    assert r.status_code == 202, r.get_json()
+    time.sleep(1.2)
+    _start(client, BIG)  # prunes what expired: not the queued job's archive
+    rt = Runtime(settings)
+    try:
+        assert sum(len(b) for b in ingest_job(rt, r.get_json()["id"])) == 2
+        assert rt.blobs.read(hashlib.sha256(small).hexdigest()) == small
+    finally:
+        rt.close()
+    time.sleep(1.2)
+    _start(client, BIG)  # now the record goes
+    with client.application.extensions["mmbatch"].db.session() as s:
+        assert s.get(Upload, up["id"]) is None
