@@ -104,7 +104,12 @@ class Limits:
 
 @dataclass
 class Walk:
-    """What an archive holds, grouped: item key → {modality: member name}."""
+    """What an archive holds, grouped: item key → {modality: member name}.
+
+    A streamed walk (``walk(..., ready=...)``) holds in ``items`` only what it has not handed
+    over yet, so that its memory does not grow with the archive: what it handed over is the
+    caller's, and so are the counts its report gives (:meth:`report`'s ``held``).
+    """
 
     items: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     labels: Labels = field(default_factory=Labels)
@@ -115,25 +120,31 @@ class Walk:
     unpacked_bytes: int = 0
     has_labels: bool = False
     labels_revoked: bool = False  # labels.csv in a folder that does not hold every item
-    # Streaming (``walk(..., ready=...)``): the keys handed over as complete items, and those of
-    # them that gained a file afterwards (a tar whose members of one key are not adjacent).
-    emitted: set[str] = field(default_factory=set)
-    late: set[str] = field(default_factory=set)
+    # The top-level folder of the first item, and whether every item so far is below it: where
+    # labels.csv may sit (place_labels), known without keeping every key.
+    top: str | None = None
+    one_top: bool = True
+    handed: int = 0  # streaming: items handed over (a key that came back, again)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped_count += 1
         if len(self.skipped) < MAX_REPORTED:
             self.skipped.append({"name": name, "reason": reason})
 
-    def report(self) -> dict[str, Any]:
-        unknown = sorted(set(self.labels) - set(self.items))
+    def report(self, held: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The job's report; ``held``: the ``items``, ``labelled`` and ``labels_without_item``
+        of a streamed walk, which the caller counts (the items left the walk as they went)."""
+        if held is None:
+            held = {"items": len(self.items),
+                    "labelled": sum(1 for k in self.items if k in self.labels),
+                    "labels_without_item": sorted(set(self.labels) - set(self.items))}
         return {
             "members": self.members,
-            "items": len(self.items),
-            "labelled": sum(1 for k in self.items if k in self.labels),
+            "items": held["items"],
+            "labelled": held["labelled"],
             "skipped": self.skipped,
             "skipped_count": self.skipped_count,
-            "labels_without_item": unknown[:MAX_REPORTED],
+            "labels_without_item": held["labels_without_item"][:MAX_REPORTED],
             "duplicate_labels": self.labels.duplicates[:MAX_REPORTED],
         }
 
@@ -165,13 +176,22 @@ class Walk:
         no audio file of its own."""
         return with_track(self.items[key])
 
+    def note_item(self, key: str) -> None:
+        """A new item: is it below the same top-level folder as every item before it?"""
+        folder, slash, _ = key.partition("/")
+        top = folder if slash else ""
+        if self.top is None:
+            self.top = top
+        elif top != self.top:
+            self.one_top = False
+
     def place_labels(self) -> None:
         """labels.csv from a folder labels the items below it, when that one folder holds every
         item (the keys in it are relative to it); otherwise it labels nothing, and says so."""
         folder = self.labels_folder
         if folder is None:
             return
-        if all(key.startswith(folder + "/") for key in self.items):
+        if self.top is None or (self.one_top and self.top == folder):
             placed = Labels()
             placed.update({f"{folder}/{key}": row for key, row in self.labels.items()})
             placed.duplicates = self.labels.duplicates
@@ -282,6 +302,25 @@ def with_track(media: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return media
 
 
+def join_media(key: str, had: dict[str, dict[str, str]], new: dict[str, dict[str, str]],
+               again: bool) -> tuple[dict[str, dict[str, str]], list[tuple[str, str]]]:
+    """An item handed over again (a tar's late member): its files now, from those it ``had``
+    and the ``new`` ones, and the new files skipped, with the reason (it has that modality
+    already, as when the two were adjacent). ``again``: the walk is a redelivered one, and a
+    file exactly as it ``had`` it is the one the first walk stored, not a second one."""
+    files = {m: ref for m, ref in had.items() if ref.get("source") != AUDIO_SOURCE_VIDEO}
+    skipped = []
+    for modality, ref in new.items():
+        if ref.get("source") == AUDIO_SOURCE_VIDEO:
+            continue
+        if modality not in files:
+            files[modality] = ref
+        elif not (again and files[modality] == ref):
+            reason = f"item {key} already has an {modality} file ({files[modality]['name']})"
+            skipped.append((ref["name"], reason))
+    return with_track(files), skipped
+
+
 Ready = Callable[[Walk, list[str]], None]
 
 
@@ -296,9 +335,11 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
     at a time (the rest at the end), so that work on them starts while the walk goes on. A tar
     is read in its own order, and an item is complete when the next key begins (WebDataset's
     rule); a zip lists its members up front, so its members are read grouped by key (and
-    ``labels.csv`` first). A key that shows up again after it was handed over (a tar whose
-    members are not adjacent) still gains its file, and is listed in ``walk.late``: the caller
-    joins it again at the end. ``labels.csv`` may come at any point: ``walk.label_of`` says
+    ``labels.csv`` first). A handed-over item leaves ``walk.items`` once ``ready`` returns, so
+    the walk's memory stays flat however many members the archive has. A key that shows up
+    again after it was handed over (a tar whose members are not adjacent) is handed over again
+    with its new files only: the walk keeps no record of what it handed over, and the caller,
+    which has it, joins the two. ``labels.csv`` may come at any point: ``walk.label_of`` says
     what it gives an item at the time it is handed over.
     """
     limits = limits or Limits()
@@ -315,9 +356,7 @@ def walk(path: Path, store: Callable[[IO[bytes]], str], limits: Limits | None = 
             key = _take(result, entry, store, budget)
             if key is None or ready is None:
                 continue
-            if key in result.emitted:
-                result.late.add(key)
-            elif key != current:
+            if key != current:
                 if current is not None:
                     pending[current] = None
                 current = key
@@ -348,8 +387,10 @@ def _hand_over(result: Walk, pending: dict[str, None], ready: Ready) -> None:
     keys = list(pending)
     pending.clear()
     if keys:
-        result.emitted.update(keys)
         ready(result, keys)
+        result.handed += len(keys)
+        for key in keys:  # the caller has them now
+            del result.items[key]
 
 
 def _members(path: Path, kind: str, result: Walk, limits: Limits, budget: _Budget
@@ -672,6 +713,8 @@ def _take(result: Walk, entry: _Entry, store: Callable[[IO[bytes]], str],
     except NotImplementedError as exc:  # zip: an unsupported compression method
         result.skip(name, f"cannot unpack ({exc})")
         return None
+    if not media:
+        result.note_item(key)
     result.items.setdefault(key, media)[modality] = {"blob": digest, "name": name}
     return key
 

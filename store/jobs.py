@@ -8,7 +8,7 @@ the job's counters move only for rows that were new.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from sqlalchemy import and_, bindparam, delete, func, select, update
@@ -161,16 +161,23 @@ def add_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) ->
 
 def insert_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) -> list[int]:
     """Bulk-insert items; the ids of those that were new (a key the job has is left as it is)."""
-    ids: list[int] = []
+    return sorted(insert_new_items(session, job_id, items).values())
+
+
+def insert_new_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]
+                     ) -> dict[str, int]:
+    """Bulk-insert items; the key and id of each that was new: a key left out was the job's
+    already (a streamed walk learns so that an item came back, without keeping every key)."""
+    new: dict[str, int] = {}
     chunk: list[dict[str, Any]] = []
     for item in items:
         chunk.append({"job_id": job_id, **item})
         if len(chunk) >= INSERT_CHUNK:
-            ids += [r[0] for r in insert_new(session, Item.__table__, chunk, ("job_id", "key"),
-                                             ("id",))]
+            new.update(insert_new(session, Item.__table__, chunk, ("job_id", "key"),
+                                  ("key", "id")))
             chunk = []
-    ids += [r[0] for r in insert_new(session, Item.__table__, chunk, ("job_id", "key"), ("id",))]
-    return sorted(ids)
+    new.update(insert_new(session, Item.__table__, chunk, ("job_id", "key"), ("key", "id")))
+    return new
 
 
 def drop_items(session: Session, job_id: str) -> None:
@@ -213,17 +220,48 @@ def walked(session: Session, job_id: str, **values: Any) -> bool:
     return moved
 
 
-def relabel(session: Session, job_id: str, rows: dict[str, Any]) -> None:
-    """Set the label, split and group of the job's items by key (``rows``: key → an object
-    with ``label``, ``split``, ``group``, or None for no label): labels.csv read after them."""
-    ids = _ids_by_key(session, job_id, list(rows))
-    values = [{"item_id": ids[k], "label": r.label if r else None,
-               "split": r.split if r else None, "group": r.group if r else None}
-              for k, r in rows.items() if k in ids]
+def relabel(session: Session, job_id: str, rows: Mapping[str, Any]) -> None:
+    """Set the label, split and group of the job's items by key from ``rows`` (labels.csv's:
+    key → an object with ``label``, ``split``, ``group``), read after the items were inserted:
+    one UPDATE per row on the (job, key) index, for however many items the job has. Items with
+    no row keep theirs."""
+    item = Item.__table__
+    stmt = (update(item).where(item.c.job_id == job_id, item.c.key == bindparam("item_key"))
+            .values(label=bindparam("label"), split=bindparam("split"), group=bindparam("grp")))
+    values: list[dict[str, Any]] = []
+    for key, row in rows.items():
+        values.append({"item_key": key, "label": row.label, "split": row.split,
+                       "grp": row.group})
+        if len(values) >= INSERT_CHUNK * 10:
+            session.execute(stmt, values)
+            values = []
     if values:
-        session.execute(update(Item.__table__).where(Item.__table__.c.id == bindparam("item_id"))
-                        .values(label=bindparam("label"), split=bindparam("split"),
-                                group=bindparam("group")), values)
+        session.execute(stmt, values)
+
+
+def held(session: Session, job_id: str, label_keys: Iterable[str], limit: int
+         ) -> dict[str, Any]:
+    """What a streamed walk's report says of the job's items, counted here: how many, how
+    many labelled, and the first ``limit`` keys of labels.csv (in order) that name no item."""
+    items, labelled = session.execute(
+        select(func.count(), func.count(Item.label)).where(Item.job_id == job_id)).one()
+    keys = sorted(label_keys)
+    missing: list[str] = []
+    for i in range(0, len(keys), INSERT_CHUNK):
+        if len(missing) >= limit:
+            break
+        part = keys[i:i + INSERT_CHUNK]
+        found = set(session.scalars(select(Item.key).where(Item.job_id == job_id,
+                                                           Item.key.in_(part))))
+        missing += [k for k in part if k not in found]
+    return {"items": int(items), "labelled": int(labelled),
+            "labels_without_item": missing[:limit]}
+
+
+def classes(session: Session, job_id: str) -> set[str]:
+    """The labels the job's items have."""
+    return set(session.scalars(select(Item.label).where(Item.job_id == job_id,
+                                                         Item.label.is_not(None)).distinct()))
 
 
 def _ids_by_key(session: Session, job_id: str, keys: Sequence[str]) -> dict[str, int]:
@@ -239,9 +277,13 @@ def unlabel_all(session: Session, job_id: str) -> None:
                     .values(label=None, split=None, group=None))
 
 
-def media_by_key(session: Session, job_id: str) -> dict[str, dict[str, Any]]:
-    """Every item's media by key (a redelivered ingest compares what it walked again)."""
-    return dict(session.execute(select(Item.key, Item.media).where(Item.job_id == job_id)).all())
+def media_by_key(session: Session, job_id: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The media of the job's items by key, for those of ``keys`` it has."""
+    media: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(keys), INSERT_CHUNK):
+        media.update(session.execute(select(Item.key, Item.media).where(
+            Item.job_id == job_id, Item.key.in_(list(keys[i:i + INSERT_CHUNK])))).all())
+    return media
 
 
 def rejoin(session: Session, job_id: str, media: dict[str, dict[str, Any]]) -> list[int]:

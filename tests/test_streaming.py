@@ -9,6 +9,7 @@ batches finish while the walk goes on, as with a separate ingest process.
 from __future__ import annotations
 
 import io
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from media.archive import Walk, walk
+from media.archive import Limits, Walk, walk
 from mmbatch.contract import TASK_PROCESS_BATCH, TASK_TRAIN, TASK_WEBHOOKS
 from mmbatch.settings import Settings
 from store import dispatch as plans
@@ -98,14 +99,20 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _walk(tmp_path: Path, data: bytes, name: str, chunk: int = 2
+def _walk(tmp_path: Path, data: bytes, name: str, chunk: int = 2, media: dict[str, Any] | None = None
           ) -> tuple[Walk, list[tuple[list[str], int]]]:
-    """Walk ``data``; every hand-over with how many members had been read by then."""
+    """Walk ``data``; every hand-over with how many members had been read by then (and, in
+    ``media``, each key's modalities every time it was handed over)."""
     path = tmp_path / name
     path.write_bytes(data)
     calls: list[tuple[list[str], int]] = []
-    found = walk(path, lambda f: f.read().hex()[:16],
-                 ready=lambda w, keys: calls.append((keys, w.members)), chunk=chunk)
+
+    def ready(w: Walk, keys: list[str]) -> None:
+        calls.append((keys, w.members))
+        for key in keys:
+            (media if media is not None else {}).setdefault(key, []).append(set(w.media_of(key)))
+
+    found = walk(path, lambda f: f.read().hex()[:16], ready=ready, chunk=chunk)
     return found, calls
 
 
@@ -114,23 +121,45 @@ def test_a_tar_hands_items_over_as_they_complete(tmp_path: Path) -> None:
     found, calls = _walk(tmp_path, tar_bytes(files), "a.tar")
     assert [keys for keys, _ in calls] == [["k0", "k1"], ["k2", "k3"], ["k4"]]
     assert calls[0][1] < found.members  # before the walk was over
-    assert not found.late and set(found.items) == {f"k{i}" for i in range(5)}
+    assert found.handed == 5 and not found.items  # handed over, and no longer held
 
 
 def test_a_zip_is_read_grouped_by_key_with_labels_first(tmp_path: Path) -> None:
     files = {"b.txt": b"b", "a.txt": b"a", "b.png": b"B", "a.png": b"A",
              "labels.csv": b"a,x\nb,y\n"}
-    found, calls = _walk(tmp_path, _zip(files), "a.zip", chunk=1)
+    media: dict[str, Any] = {}
+    found, calls = _walk(tmp_path, _zip(files), "a.zip", chunk=1, media=media)
     assert [keys for keys, _ in calls] == [["a"], ["b"]]
-    assert set(found.items["a"]) == {"text", "image"} and not found.late
+    assert media["a"] == [{"text", "image"}]  # once, whole
     assert found.label_of("a").label == "x"  # type: ignore[union-attr]
 
 
-def test_a_key_that_comes_back_after_it_was_handed_over_is_late(tmp_path: Path) -> None:
+def test_a_key_that_comes_back_after_it_was_handed_over_is_handed_over_again(
+        tmp_path: Path) -> None:
+    """The walk keeps nothing of what it handed over: the caller, which has it, joins the
+    late file (ingest finds the key in the database: see the labels-after-the-media test)."""
     files = {"k0.png": b"0", "k1.png": b"1", "k2.png": b"2", "k0.txt": b"zero"}
-    found, calls = _walk(tmp_path, tar_bytes(files), "a.tar", chunk=1)
-    assert ["k0"] in [keys for keys, _ in calls]
-    assert found.late == {"k0"} and set(found.items["k0"]) == {"image", "text"}
+    media: dict[str, Any] = {}
+    found, calls = _walk(tmp_path, tar_bytes(files), "a.tar", chunk=1, media=media)
+    assert [keys for keys, _ in calls] == [["k0"], ["k1"], ["k2"], ["k0"]]
+    assert media["k0"] == [{"image"}, {"text"}] and not found.items
+
+
+def test_a_streamed_walk_holds_no_more_for_more_members(tmp_path: Path) -> None:
+    """What a streamed walk keeps does not grow with the archive: its items leave it as they
+    are handed over (ingest keeps nothing of them either)."""
+    peaks = {}
+    for n in (2_000, 20_000):
+        files = {f"t/{i:06d}.txt": f"caption {i}".encode() for i in range(n)}
+        path = tmp_path / f"{n}.tar"
+        path.write_bytes(tar_bytes(files))
+        tracemalloc.start()
+        found = walk(path, lambda f: f.read().hex()[:16], Limits(max_members=n),
+                     ready=lambda w, keys: None, chunk=32)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert found.handed == n and len(found.items) == 0
+    assert peaks[20_000] < 2 * peaks[2_000], peaks  # 10x the members, not 10x the memory
 
 
 def test_batches_run_while_the_walk_goes_on_and_the_job_then_finishes(rt: Runtime) -> None:

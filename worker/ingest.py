@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from media.archive import ArchiveError, Limits, Walk, walk
+from media.archive import MAX_REPORTED, ArchiveError, Limits, Walk, join_media, walk
 from mmbatch.contract import TASK_ALIGN, TASK_TRAIN, TASK_WEBHOOKS, training_step
 from store import dispatch as plans
 from store import jobs, uploads
@@ -26,7 +26,17 @@ log = logging.getLogger(__name__)
 
 def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = None
                ) -> list[list[int]]:
-    """Turn the archive into items; returns the batches of item ids to process.
+    """:func:`ingest`, then the batches of item ids still to process, for a caller that runs
+    them itself (tests, benches); the ingest task leaves them to the dispatcher and never lists
+    a big job's ids."""
+    if not ingest(rt, job_id, send_task):
+        return []
+    with rt.db.session() as s:
+        return _batches(rt, job_id, jobs.item_ids(s, job_id, pending_only=True))
+
+
+def ingest(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = None) -> bool:
+    """Turn the archive into items; whether the job has items to process.
 
     Items are inserted and their batches planned as the walk finds them complete, so work on
     them starts while the archive is still being walked: with ``send_task`` (the ingest task's)
@@ -37,17 +47,19 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
 
     Safe to run twice: a redelivered ingest walks again, adding the items the first walk did
     not reach (those it did keep their batches and results), or, once the items are in,
-    returns the batches that have no result yet.
+    plans again the items that have no result yet when their batches were lost.
     """
     with rt.db.session() as s:
         job = jobs.get_job(s, job_id)
         if job.state == "running" and not job.walking:
+            if plans.planned(s, job_id):
+                return True
+            # its batches were never planned (or all done)
             pending = jobs.item_ids(s, job_id, pending_only=True)
-            if not plans.planned(s, job_id):  # its batches were never planned (or all done)
-                plans.replan(s, job_id, pending, rt.settings.batch_size)
-            return _batches(rt, job_id, pending)
+            plans.replan(s, job_id, pending, rt.settings.batch_size)
+            return bool(pending)
         if job.state not in ("queued", "ingesting", "running"):
-            return []
+            return False
         again = job.walking  # a redelivered ingest: the first walk's items stay
         kind, archive_blob = job.kind, job.archive_blob
         step = training_step(kind, job.options)
@@ -60,7 +72,7 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
 
     if sources:
         return _copy_items(rt, job_id, sources, holdout)
-    stream = Stream(rt, job_id, send_task)
+    stream = Stream(rt, job_id, send_task, again)
     try:
         # The walker seeks (zip directories): it reads a local file, the blob's own or a copy.
         with (_adopted(rt, job_id, archive_blob) if archive_blob.startswith(uploads.STAGED)
@@ -69,40 +81,42 @@ def ingest_job(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = 
                          ready=stream.take, chunk=rt.settings.batch_size)
     except ArchiveError as exc:
         _fail(rt, job_id, str(exc))
-        return []
+        return False
     except BlobNotFound:
         _fail(rt, job_id, "the job's archive is no longer in blob storage")
-        return []
+        return False
     if stream.stopped:
+        total = stream.count + stream.uncounted
         with rt.db.session() as s:  # cancelled while walking: it says how many items it had
-            jobs.set_total(s, job_id, len(found.items))
-        log.info("ingest_stopped job=%s items=%d of %d", job_id, stream.count, len(found.items))
-        return []
-    if not found.items:
-        _fail(rt, job_id, found.why_empty(), found.report())
-        return []
-    labels = {found.labels[k].label for k in found.items if k in found.labels}
+            jobs.set_total(s, job_id, total)
+        log.info("ingest_stopped job=%s items=%d of %d", job_id, stream.count, total)
+        return False
+    with rt.db.session() as s:  # the walk's items are the database's: counted there
+        stream.finish(s, found)
+        report = found.report(jobs.held(s, job_id, found.labels, MAX_REPORTED))
+        labels = jobs.classes(s, job_id)
+    if not report["items"]:
+        _fail(rt, job_id, found.why_empty(), report)
+        return False
     if kind == "train":
         if not found.labels:
             _fail(rt, job_id, "a train job needs labels.csv (key,label[,split]) at the archive "
-                              "root or in the one folder that holds everything", found.report())
-            return []
+                              "root or in the one folder that holds everything", report)
+            return False
         if len(labels) < 2:
             _fail(rt, job_id, "a train job needs labelled items of at least two classes; "
-                              f"found {len(labels)}", found.report())
-            return []
+                              f"found {len(labels)}", report)
+            return False
     warnings = class_warnings(labels, *known) if known else []
 
     with rt.db.session() as s:
-        late = stream.finish(s, found, again)
-        moved = jobs.walked(s, job_id, report=found.report(), warnings=warnings)
-        ids = jobs.item_ids(s, job_id) if moved else []
+        moved = jobs.walked(s, job_id, report=report, warnings=warnings)
         following = _next_step(s, job_id, step) if moved else None
     if moved:
-        log.info("ingest_done job=%s items=%d skipped=%d late=%d", job_id, len(ids),
-                 found.skipped_count, late)
+        log.info("ingest_done job=%s items=%d skipped=%d late=%d", job_id, report["items"],
+                 found.skipped_count, stream.late)
     stream.send(following)
-    return _batches(rt, job_id, ids)
+    return moved
 
 
 @contextlib.contextmanager
@@ -125,16 +139,22 @@ def _adopted(rt: Runtime, job_id: str, archive_blob: str) -> Iterator[Path]:
 
 class Stream:
     """The items a walk hands over as they are complete: inserted with their labels so far,
-    planned as batches and sent, a chunk at a time; what the walk learns later (labels.csv
-    after the media, a file whose key comes back) is joined by ``finish``."""
+    planned as batches and sent, a chunk at a time. Nothing of them stays in memory: a key
+    that comes back (a tar's late member) is known by its insert finding it there, and is
+    joined at once; labels.csv read after the media is joined by ``finish``."""
 
-    def __init__(self, rt: Runtime, job_id: str, send_task: Callable[..., Any] | None) -> None:
+    def __init__(self, rt: Runtime, job_id: str, send_task: Callable[..., Any] | None,
+                 again: bool = False) -> None:
         self.rt, self.job_id, self.send_task = rt, job_id, send_task
-        self.unlabelled: list[str] = []  # handed over before labels.csv was read
-        self.count = 0
+        self.again = again  # a redelivered walk: the first one's items are in
+        self.unlabelled = 0  # items handed over before labels.csv was read
+        self.count = 0  # items inserted
+        self.late = 0  # items that gained files after they were inserted: processed again
         # The job was cancelled while its archive was walked: the walk goes on only to count
-        # its items (the job's total), storing and inserting nothing more.
+        # its items (the job's total), storing and inserting nothing more. (A key that comes
+        # back after that counts twice.)
         self.stopped = False
+        self.uncounted = 0
 
     def store(self, f: IO[bytes]) -> str:
         if not self.stopped:
@@ -145,44 +165,55 @@ class Stream:
 
     def take(self, found: Walk, keys: list[str]) -> None:
         if self.stopped:
+            self.uncounted += len(keys)
             return
         rows = []
         for key in keys:
             row = found.label_of(key)
-            if not found.has_labels:
-                self.unlabelled.append(key)
             rows.append({"key": key, "media": found.media_of(key),
                          "label": row.label if row else None, "split": row.split if row else None,
                          "group": row.group if row else None})
         try:
             with self.rt.db.session() as s:
-                ids = jobs.insert_items(s, self.job_id, rows)
-                if not jobs.grow(s, self.job_id, len(ids)):
+                new = jobs.insert_new_items(s, self.job_id, rows)
+                if not jobs.grow(s, self.job_id, len(new)):
                     raise _Cancelled()  # (rolled back: nothing of this chunk is kept)
+                ids = sorted(new.values())
+                if len(new) < len(rows):
+                    ids += self.join(s, found, [r for r in rows if r["key"] not in new])
                 plans.plan(s, self.job_id, ids, self.rt.settings.batch_size)  # same commit
         except _Cancelled:
             self.stopped = True
+            self.uncounted += len(keys)
             return
-        self.count += len(ids)
+        self.count += len(new)
+        if not found.has_labels:
+            self.unlabelled += len(new)
         if self.send_task is not None:
             dispatch(self.rt, self.send_task)
 
-    def finish(self, s: Any, found: Walk, again: bool) -> int:
-        """Join what the walk learnt after handing items over; how many items go again."""
+    def join(self, s: Any, found: Walk, rows: list[dict[str, Any]]) -> list[int]:
+        """Items the job has already (a key that came back, or one a first walk inserted)
+        with the files handed over now: those that gained one go again; their ids."""
+        had = jobs.media_by_key(s, self.job_id, [r["key"] for r in rows])
+        changed = {}
+        for row in rows:
+            key = row["key"]
+            media, skipped = join_media(key, had[key], row["media"], self.again)
+            for name, reason in skipped:
+                found.skip(name, reason)
+            if media != had[key]:
+                changed[key] = media
+        self.late += len(changed)
+        return jobs.rejoin(s, self.job_id, changed) if changed else []
+
+    def finish(self, s: Any, found: Walk) -> None:
+        """Join what the walk learnt after handing items over: labels.csv."""
         if found.labels_revoked:
             jobs.unlabel_all(s, self.job_id)
-        elif again:  # the first walk may have labelled differently what it reached
-            jobs.relabel(s, self.job_id, {k: found.labels.get(k) for k in found.items})
-        elif found.has_labels and self.unlabelled:
-            jobs.relabel(s, self.job_id, {k: found.labels.get(k) for k in self.unlabelled})
-        late = set(found.late)
-        if again:
-            late |= {k for k, media in jobs.media_by_key(s, self.job_id).items()
-                     if k in found.items and media != found.items[k]}
-        if late:
-            ids = jobs.rejoin(s, self.job_id, {k: found.items[k] for k in sorted(late)})
-            plans.plan(s, self.job_id, ids, self.rt.settings.batch_size)
-        return len(late)
+        elif found.has_labels and (self.again or self.unlabelled):
+            # the first walk may have labelled differently what it reached
+            jobs.relabel(s, self.job_id, found.labels)
 
     def send(self, following: str | None) -> None:
         if self.send_task is None:
@@ -224,11 +255,11 @@ def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | Non
     if len(labels) < 2:
         _fail(rt, job_id, "a train job needs labelled items of at least two classes; the jobs "
                           f"named hold {len(labels)} ({', '.join(map(str, labels))})", report)
-        return []
+        return False
     if holdout == "verified" and not verified:
         _fail(rt, job_id, "holdout=verified needs items a person labelled (mmbatch label, or "
                           "POST /api/v1/items/<id>/label); the jobs named have none", report)
-        return []
+        return False
     with rt.db.session() as s:
         total = jobs.add_items(s, job_id, rows)
         moved = jobs.transition(s, job_id, ("ingesting",), "running", total=total,
@@ -237,7 +268,7 @@ def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | Non
         plans.plan(s, job_id, ids, rt.settings.batch_size)
     if moved:
         log.info("ingest_done job=%s items=%d from_jobs=%d", job_id, total, len(sources))
-    return _batches(rt, job_id, ids)
+    return bool(ids)
 
 
 def _batches(rt: Runtime, job_id: str, ids: list[int]) -> list[list[int]]:

@@ -17,7 +17,7 @@ from mmbatch.contract import (
 from store import jobs
 from worker.dispatch import dispatch
 from worker.index_merge import merge_all, merge_index
-from worker.ingest import ingest_job
+from worker.ingest import ingest as ingest_archive
 from worker.reprocess import reprocess_tenants, run_reprocess
 from worker.retries import MAX_RETRIES, TRANSIENT, retry
 from worker.runtime import runtime_for
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def ingest(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
     rt = runtime_for(self.app)
     try:
-        batches = ingest_job(rt, job_id, self.app.send_task)
+        planned = ingest_archive(rt, job_id, self.app.send_task)
     except TRANSIENT as exc:
         retry(self, exc)
     except Exception as exc:
@@ -40,10 +40,10 @@ def ingest(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
             jobs.fail_job(s, job_id, f"ingest failed: {type(exc).__name__}: {exc}")
         self.app.send_task(TASK_WEBHOOKS)
         raise
-    if not batches:
+    if not planned:
         self.app.send_task(TASK_WEBHOOKS)  # the job may have failed (no media, no labels)
     sent = dispatch(rt, self.app.send_task)
-    log.info("job_planned job=%s batches=%d sent=%d", job_id, len(batches), sent)
+    log.info("job_planned job=%s planned=%s sent=%d", job_id, planned, sent)
 
 
 @shared_task(name=TASK_REPROCESS, bind=True, max_retries=MAX_RETRIES)
