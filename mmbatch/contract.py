@@ -71,6 +71,9 @@ TASK_ALIGN = "mmbatch.align"
 TASK_INDEX_BUILD = "mmbatch.index_build"
 TASK_INDEX_MERGE = "mmbatch.index_merge"
 
+# The task that runs a job's step after its batches (mmbatch.contract.training_step names it).
+STEP_TASKS: dict[str, str] = {"train": TASK_TRAIN, "align": TASK_ALIGN}
+
 TASK_QUEUES: dict[str, str] = {
     TASK_INGEST: INGEST_QUEUE,
     TASK_PROCESS_BATCH: MODEL_QUEUE,

@@ -156,12 +156,7 @@ def cancel_job(session: Session, job_id: str) -> bool:
 
 def add_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) -> int:
     """Bulk-insert items (dicts with key, media, label, split); returns how many were new."""
-    return len(insert_items(session, job_id, items))
-
-
-def insert_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]) -> list[int]:
-    """Bulk-insert items; the ids of those that were new (a key the job has is left as it is)."""
-    return sorted(insert_new_items(session, job_id, items).values())
+    return len(insert_new_items(session, job_id, items))
 
 
 def insert_new_items(session: Session, job_id: str, items: Iterable[dict[str, Any]]
@@ -264,12 +259,13 @@ def classes(session: Session, job_id: str) -> set[str]:
                                                          Item.label.is_not(None)).distinct()))
 
 
-def _ids_by_key(session: Session, job_id: str, keys: Sequence[str]) -> dict[str, int]:
-    ids: dict[str, int] = {}
+def _by_key(session: Session, job_id: str, keys: Sequence[str], column: Any) -> dict[str, Any]:
+    """``column`` of the job's items by key, for those of ``keys`` it has."""
+    found: dict[str, Any] = {}
     for i in range(0, len(keys), INSERT_CHUNK):
-        ids.update(session.execute(select(Item.key, Item.id).where(
+        found.update(session.execute(select(Item.key, column).where(
             Item.job_id == job_id, Item.key.in_(list(keys[i:i + INSERT_CHUNK])))).all())
-    return ids
+    return found
 
 
 def unlabel_all(session: Session, job_id: str) -> None:
@@ -279,18 +275,14 @@ def unlabel_all(session: Session, job_id: str) -> None:
 
 def media_by_key(session: Session, job_id: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The media of the job's items by key, for those of ``keys`` it has."""
-    media: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(keys), INSERT_CHUNK):
-        media.update(session.execute(select(Item.key, Item.media).where(
-            Item.job_id == job_id, Item.key.in_(list(keys[i:i + INSERT_CHUNK])))).all())
-    return media
+    return _by_key(session, job_id, keys, Item.media)
 
 
 def rejoin(session: Session, job_id: str, media: dict[str, dict[str, Any]]) -> list[int]:
     """Items that gained files after they were handed to the workers: their media now, their
     results forgotten (the counters with them) so that they are processed again; their ids."""
     model = result_model(get_job(session, job_id))
-    ids = _ids_by_key(session, job_id, list(media))
+    ids = _by_key(session, job_id, list(media), Item.id)
     if not ids:
         return []
     session.execute(update(Item.__table__).where(Item.__table__.c.id == bindparam("item_id"))
@@ -487,6 +479,15 @@ def finish_job(session: Session, job_id: str) -> bool:
         joblog.note(session, job_id, "succeeded")
         _queue_webhook(session, job_id, "job.succeeded")
     return finished
+
+
+def move_on(session: Session, job_id: str, then: str | None) -> str | None:
+    """A job whose counters reached its total goes on: into its step ``then`` (a train job's
+    training, an adapting classify job's), or it finishes. ``then``, ``"finished"``, or None
+    when another got there first."""
+    if then:
+        return then if enter_stage(session, job_id, "extracting", "training") else None
+    return "finished" if finish_job(session, job_id) else None
 
 
 def enter_stage(session: Session, job_id: str, expected: str | None, stage: str) -> bool:

@@ -28,6 +28,7 @@ from mmbatch.contract import (
     AUDIO_SOURCE_VIDEO,
     DEFAULT_STRATEGY,
     MODALITIES,
+    STEP_TASKS,
     TRAINING_KINDS,
     training_step,
 )
@@ -474,14 +475,9 @@ def commit(s: Any, job_id: str, kind: str, then: str | None,
     on to the step ``then`` names (training: a train job's, an adapting classify job's)."""
     written = jobs.record_outcomes(s, job_id, model_version_id, outcomes,
                                    replace_failed=kind == "reprocess")
-    next_step = None
-    if written.completed:
-        if then:
-            if jobs.enter_stage(s, job_id, "extracting", "training"):
-                next_step = then
-        else:
-            jobs.finish_job(s, job_id)
-    return BatchReport(written.new_done, written.new_failed, written.completed, next_step)
+    moved = jobs.move_on(s, job_id, then) if written.completed else None
+    return BatchReport(written.new_done, written.new_failed, written.completed,
+                       moved if moved in STEP_TASKS else None)
 
 
 def fail_batch(rt: Runtime, job_id: str, item_ids: Sequence[int], error: str) -> BatchReport:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from media.archive import MAX_REPORTED, ArchiveError, Limits, Walk, join_media, walk
-from mmbatch.contract import TASK_ALIGN, TASK_TRAIN, TASK_WEBHOOKS, training_step
+from mmbatch.contract import STEP_TASKS, TASK_WEBHOOKS, training_step
 from store import dispatch as plans
 from store import jobs, uploads
 from store.blobs import BlobNotFound
@@ -111,7 +111,10 @@ def ingest(rt: Runtime, job_id: str, send_task: Callable[..., Any] | None = None
 
     with rt.db.session() as s:
         moved = jobs.walked(s, job_id, report=report, warnings=warnings)
-        following = _next_step(s, job_id, step) if moved else None
+        job = jobs.get_job(s, job_id)
+        # every batch finished before the walk did: what the last batch would have done
+        following = (jobs.move_on(s, job_id, step)
+                     if moved and job.done + job.failed >= job.total else None)
     if moved:
         log.info("ingest_done job=%s items=%d skipped=%d late=%d", job_id, report["items"],
                  found.skipped_count, stream.late)
@@ -225,26 +228,11 @@ class Stream:
             self.send_task(TASK_WEBHOOKS)
 
 
-STEP_TASKS = {"train": TASK_TRAIN, "align": TASK_ALIGN}
-
-
 class _Cancelled(Exception):
     """The job was stopped while its archive was walked."""
 
 
-def _next_step(s: Any, job_id: str, step: str | None) -> str | None:
-    """When every item's batch finished before the walk did, what the last batch would have
-    done: move the job on to its training step, or finish it."""
-    job = jobs.get_job(s, job_id)
-    if job.done + job.failed < job.total:
-        return None
-    if step:
-        return step if jobs.enter_stage(s, job_id, "extracting", "training") else None
-    return "finished" if jobs.finish_job(s, job_id) else None
-
-
-def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | None
-                ) -> list[list[int]]:
+def _copy_items(rt: Runtime, job_id: str, sources: list[str], holdout: str | None) -> bool:
     """A train job's items from earlier jobs: those with a label now, corrections included;
     their features are cached, so extraction runs no encoder."""
     with rt.db.session() as s:

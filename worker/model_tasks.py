@@ -13,6 +13,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 
 from mmbatch.contract import (
+    STEP_TASKS,
     TASK_ALIGN,
     TASK_INDEX_BUILD,
     TASK_INDEX_MERGE,
@@ -68,10 +69,8 @@ def _follow_up(task: Any, rt: Runtime, job_id: str, batch_id: int | None,
     dispatch(rt, task.app.send_task)
     if report.merge_index is not None:
         task.app.send_task(TASK_INDEX_MERGE, args=[report.merge_index])
-    if report.next_step == "train":
-        task.app.send_task(TASK_TRAIN, args=[job_id])
-    elif report.next_step == "align":
-        task.app.send_task(TASK_ALIGN, args=[job_id])
+    if report.next_step in STEP_TASKS:
+        task.app.send_task(STEP_TASKS[report.next_step], args=[job_id])
     elif report.completed:
         task.app.send_task(TASK_WEBHOOKS)
 
